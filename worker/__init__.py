@@ -1,0 +1,1 @@
+"""headrace worker: the Redis-facing service and the inference engine it drives."""

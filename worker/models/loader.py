@@ -1,0 +1,91 @@
+"""Weight loading: an HF-format directory's safetensors → our LlamaForCausalLM, fusing qkv and gate/up."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from worker.models.llama import LlamaForCausalLM, ModelArgs
+from worker.models.rope import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+# HF name suffix → (our fused parameter, index of the shard within it).
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def load_hf_config(model_dir: Path) -> Any:
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def load_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> LlamaForCausalLM:
+    """Build the model from `model_dir`'s config.json and load its *.safetensors weights."""
+    config = load_hf_config(model_dir)
+    args = ModelArgs.from_hf_config(config)
+    rope = RotaryEmbedding(config, args.head_dim, max_positions).to(device)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args, rope)
+    model = model.to_empty(device=device).to(dtype)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    _load_weights(model, sorted(model_dir.glob("*.safetensors")))
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
+    if not files:
+        raise FileNotFoundError("no *.safetensors files in the model directory")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    fused_parts: dict[str, dict[int, torch.Tensor]] = {}
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for hf_name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                name = hf_name.removeprefix("model.")
+                if "rotary_emb" in name:
+                    continue
+                target, shard = _fused_target(name)
+                tensor = f.get_tensor(hf_name)
+                if target is None:
+                    _copy(params, name, tensor)
+                    loaded.add(name)
+                else:
+                    fused_parts.setdefault(target, {})[shard] = tensor
+    for target, parts in fused_parts.items():
+        _copy(params, target, torch.cat([parts[i] for i in sorted(parts)], dim=0))
+        loaded.add(target)
+    if model.args.tie_word_embeddings:
+        loaded.add("lm_head.weight")
+    missing = [n for n in params if n not in loaded and not n.startswith("rope")]
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {missing[:5]}...")
+
+
+def _fused_target(name: str) -> tuple[str | None, int]:
+    for hf_part, (ours, shard) in _FUSED.items():
+        if f".{hf_part}." in name:
+            return name.replace(hf_part, ours), shard
+    return None, 0
+
+
+def _copy(params: dict[str, torch.nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+    if name not in params:
+        raise ValueError(f"unexpected weight {name!r} in checkpoint")
+    param = params[name]
+    if param.shape != tensor.shape:
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+    param.data.copy_(tensor)

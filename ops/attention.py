@@ -67,14 +67,18 @@ def prefill_attention(
             # No cached prefix: attend within the chunk, straight from this step's K/V.
             k = key[start:end].transpose(0, 1)
             v = value[start:end].transpose(0, 1)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=True
+            )
         else:
             k = gather_pages(key_cache, block_tables[i], context_len).transpose(0, 1)
             v = gather_pages(value_cache, block_tables[i], context_len).transpose(0, 1)
             # Bottom-right aligned causal mask: query j sits at position prefix + j.
             q_pos = torch.arange(context_len - chunk, context_len, device=query.device)
             mask = torch.arange(context_len, device=query.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+            )
         out[start:end] = o.transpose(0, 1)
     return out
 

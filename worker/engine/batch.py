@@ -49,7 +49,7 @@ def run_to_completion(engine: Engine, items: list[dict[str, Any] | Request]) -> 
                 continue
             index, state = entry
             if _apply(engine, state, out):
-                results[index] = _completion(state, out.finish_reason or "stop")
+                results[index] = _completion(state, out.finish_reason)
                 del pending[out.request_id]
     return [results[i] for i in range(len(items))]
 
@@ -64,14 +64,16 @@ def _apply(engine: Engine, state: _Pending, out: TokenOutput) -> bool:
     return out.finished
 
 
-def _completion(state: _Pending, finish_reason: str) -> Completion:
+def _completion(state: _Pending, finish_reason: str | None) -> Completion:
     state.text.finish()
+    if state.text.stopped:
+        finish_reason = "stop"  # a stop string matched in the same step the engine finished
     params = state.request.params
     return Completion(
         request_id=state.request.request_id,
         text=state.text.text,
         token_ids=tuple(state.token_ids),
-        finish_reason=finish_reason,
+        finish_reason=finish_reason or "stop",
         usage=Usage(len(state.request.prompt_token_ids), len(state.token_ids)),
         logprobs=tuple(state.logprobs) if params.logprobs is not None else None,
     )

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from ops.device import default_device
 from worker.config import EngineConfig
 from worker.engine.block_allocator import BlockAllocator
 from worker.engine.model_runner import ModelRunner
@@ -24,7 +25,6 @@ from worker.engine.sequence import Request, Sequence, SequenceStatus, TokenOutpu
 from worker.errors import RequestError
 from worker.models.loader import load_hf_config, load_model
 from worker.models.source import resolve_model
-from ops.device import default_device
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     block_size: int
+    num_preemptions: int  # cumulative since start
 
 
 class Engine:
@@ -94,9 +95,13 @@ class Engine:
                 f"(context length {self.max_model_len}, KV capacity {self.runner.capacity_tokens})",
             )
         if request.request_id in self._seqs:
-            raise RequestError("invalid_request", f"request id {request.request_id!r} is already running")
+            raise RequestError(
+                "invalid_request", f"request id {request.request_id!r} is already running"
+            )
         if any(t < 0 or t >= self.vocab_size for t in request.prompt_token_ids):
-            raise RequestError("invalid_request", f"prompt token ids must be in [0, {self.vocab_size})")
+            raise RequestError(
+                "invalid_request", f"prompt token ids must be in [0, {self.vocab_size})"
+            )
         seq = Sequence(request)
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -107,7 +112,9 @@ class Engine:
         if seq is None or seq.is_finished:
             return
         self.scheduler.finish(seq, reason)
-        self._aborted.append(TokenOutput(request_id, (), reason, num_prompt_tokens=seq.num_prompt_tokens))
+        self._aborted.append(
+            TokenOutput(request_id, (), reason, num_prompt_tokens=seq.num_prompt_tokens)
+        )
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._aborted) or self.scheduler.has_unfinished()
@@ -119,6 +126,7 @@ class Engine:
             num_free_blocks=self.allocator.num_free_blocks,
             num_total_blocks=self.allocator.num_blocks,
             block_size=self.allocator.block_size,
+            num_preemptions=self.scheduler.num_preemptions,
         )
 
     def step(self) -> list[TokenOutput]:
@@ -127,7 +135,9 @@ class Engine:
         plan = self.scheduler.schedule()
         for seq in plan.finished:
             self._seqs.pop(seq.request_id, None)
-            outputs.append(TokenOutput(seq.request_id, (), "length", num_prompt_tokens=seq.num_prompt_tokens))
+            outputs.append(
+                TokenOutput(seq.request_id, (), "length", num_prompt_tokens=seq.num_prompt_tokens)
+            )
         if not plan.chunks:
             return outputs
         logits, sampled = self.runner.execute(plan.chunks)

@@ -38,14 +38,19 @@ class ModelRunner:
         self.device = device
         self.block_size = cache_config.block_size
         per_block = kv_bytes_per_block(model, self.block_size, dtype)
-        self.num_blocks = cache_config.num_blocks or int(cache_config.memory_gib * 2**30 // per_block)
+        self.num_blocks = cache_config.num_blocks or int(
+            cache_config.memory_gib * 2**30 // per_block
+        )
         if self.num_blocks < 1:
             raise ValueError(f"KV cache memory too small for one block ({per_block} bytes)")
         args = model.args
         shape = (self.num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
         # [num_blocks, block_size, num_kv_heads, head_dim] per layer, K and V.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(args.num_layers)
         ]
         log.info(
@@ -76,9 +81,14 @@ class ModelRunner:
         for chunk in ordered:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
             end = start + chunk.num_new_tokens
-            input_ids.extend(seq.all_token_ids[start:end] if chunk.num_new_tokens > 1 else [seq.token_at(start)])
+            input_ids.extend(
+                seq.all_token_ids[start:end] if chunk.num_new_tokens > 1 else [seq.token_at(start)]
+            )
             positions.extend(range(start, end))
-            slots.extend(seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end))
+            slots.extend(
+                seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size
+                for p in range(start, end)
+            )
             if chunk.samples:
                 sample_rows.append(len(input_ids) - 1)
         meta = self._metadata(prefills, decodes, slots)
@@ -99,13 +109,17 @@ class ModelRunner:
             decode_tables = self._block_table([c.seq.block_ids for c in decodes])
             span = decode_tables.shape[1] * self.block_size
             lens = torch.tensor(decode_lens, device=self.device)
-            decode_mask = (torch.arange(span, device=self.device)[None, :] < lens[:, None]).view(len(decodes), 1, 1, span)
+            decode_mask = (torch.arange(span, device=self.device)[None, :] < lens[:, None]).view(
+                len(decodes), 1, 1, span
+            )
         return AttentionMetadata(
             slot_mapping=self._long(slots),
             num_prefill_tokens=cu_seqlens[-1],
             prefill_cu_seqlens=cu_seqlens,
             prefill_context_lens=context_lens,
-            prefill_block_tables=self._block_table([c.seq.block_ids for c in prefills]) if prefills else None,
+            prefill_block_tables=self._block_table([c.seq.block_ids for c in prefills])
+            if prefills
+            else None,
             decode_block_tables=decode_tables,
             decode_mask=decode_mask,
         )

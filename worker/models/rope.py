@@ -40,7 +40,9 @@ class RotaryEmbedding:
         self._cast.clear()
         return self
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] int64 → (cos, sin), each [T, 1, head_dim] in `dtype`."""
         key = (dtype, positions.device)
         if key not in self._cast:

@@ -1,0 +1,102 @@
+"""Scheduler: token budget, chunked prefill, admission and preemption, without a model."""
+
+from worker.config import SchedulerConfig
+from worker.engine.block_allocator import BlockAllocator
+from worker.engine.scheduler import Scheduler
+from worker.engine.sequence import Request, Sequence, SequenceStatus
+
+
+def _seq(name: str, num_prompt: int) -> Sequence:
+    return Sequence(Request(name, tuple(range(1, num_prompt + 1))))
+
+
+def _run(plan) -> None:
+    """Apply a plan as the engine would: tokens computed, one token sampled where due."""
+    for chunk in plan.chunks:
+        samples = chunk.samples
+        chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        if samples:
+            chunk.seq.output_token_ids.append(7)
+
+
+def test_prefill_is_chunked_under_the_token_budget() -> None:
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4), BlockAllocator(16, 4)
+    )
+    seq = _seq("a", 20)
+    sched.add(seq)
+    sizes = []
+    while seq.num_output_tokens == 0:
+        plan = sched.schedule()
+        sizes.append([c.num_new_tokens for c in plan.chunks])
+        _run(plan)
+    assert sizes == [[8], [8], [4]]
+
+
+def test_decodes_and_prefill_chunks_share_one_step() -> None:
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=6, max_num_seqs=4), BlockAllocator(32, 4)
+    )
+    a, b = _seq("a", 3), _seq("b", 10)
+    sched.add(a)
+    _run(sched.schedule())  # a's prefill, a samples
+    sched.add(b)
+    plan = sched.schedule()
+    assert [(c.seq.request_id, c.num_new_tokens) for c in plan.chunks] == [("a", 1), ("b", 5)]
+    assert plan.num_batched_tokens == 6
+
+
+def test_max_num_seqs_limits_admission() -> None:
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=2), BlockAllocator(32, 4)
+    )
+    for name in "abc":
+        sched.add(_seq(name, 2))
+    plan = sched.schedule()
+    assert [c.seq.request_id for c in plan.chunks] == ["a", "b"]
+    assert len(sched.waiting) == 1
+
+
+def test_newest_sequence_is_preempted_and_resumes_with_recompute() -> None:
+    alloc = BlockAllocator(4, 4)  # 16 tokens in all
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), alloc)
+    a, b = _seq("a", 7), _seq("b", 7)
+    sched.add(a)
+    sched.add(b)
+    preempted = []
+    for _ in range(6):
+        plan = sched.schedule()
+        preempted += plan.preempted
+        _run(plan)
+    assert b in preempted and a not in preempted
+    assert b.num_preemptions >= 1
+    # Every page is accounted for: held by running sequences or free.
+    held = sum(len(s.block_ids) for s in sched.running)
+    assert held + alloc.num_free_blocks == alloc.num_blocks
+
+
+def test_sequence_larger_than_the_pool_finishes_with_length() -> None:
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), BlockAllocator(2, 4)
+    )
+    seq = _seq("a", 7)
+    sched.add(seq)
+    finished = []
+    for _ in range(4):
+        plan = sched.schedule()
+        finished += plan.finished
+        _run(plan)
+    assert finished == [seq]
+    assert seq.status is SequenceStatus.FINISHED and seq.finish_reason == "length"
+    assert sched.allocator.num_free_blocks == 2
+
+
+def test_finish_frees_pages_at_once() -> None:
+    alloc = BlockAllocator(8, 4)
+    sched = Scheduler(SchedulerConfig(), alloc)
+    seq = _seq("a", 9)
+    sched.add(seq)
+    _run(sched.schedule())
+    assert alloc.num_free_blocks == 5
+    sched.finish(seq, "abort")
+    assert alloc.num_free_blocks == 8 and not sched.has_unfinished()

@@ -100,9 +100,20 @@ def paged_decode_attention(
     Returns:
         [num_seqs, num_heads, head_dim]
     """
-    num_seqs = query.shape[0]
-    k = key_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [S, kvh, L, D]
-    v = value_cache[block_tables].flatten(1, 2).transpose(1, 2)
-    q = query.view(num_seqs, query.shape[1], 1, query.shape[2])
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return o.view_as(query)
+    num_seqs, num_heads, head_dim = query.shape
+    k = key_cache[block_tables].flatten(1, 2)  # [S, L, kvh, D]
+    v = value_cache[block_tables].flatten(1, 2)
+    if query.dtype == torch.float32:
+        q = query.view(num_seqs, num_heads, 1, head_dim)
+        o = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        return o.view_as(query)
+    # NOTE: torch's CPU SDPA with a mask is several times slower than two batched
+    # matmuls in bf16/fp16 at decode shapes; softmax still runs in float32.
+    num_kv_heads = k.shape[2]
+    q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * scale  # [S, kvh, g, L]
+    scores.masked_fill_(~mask.view(num_seqs, 1, 1, -1), float("-inf"))
+    probs = scores.softmax(dim=-1).to(query.dtype)
+    return torch.matmul(probs, v.transpose(1, 2)).view_as(query)  # [S, kvh, g, D]

@@ -1,1 +1,7 @@
-"""headrace producer."""
+"""headrace producer: submit jobs to the request stream and read their results (protocol v1)."""
+
+from producer.client import AsyncClient, ClientClosedError
+from producer.sync import Client
+from worker.protocol import Result
+
+__all__ = ["AsyncClient", "Client", "ClientClosedError", "Result"]

@@ -31,3 +31,6 @@ def tiny_model_dir(
         return made[arch]
 
     return make
+
+
+from tests.redis_fixtures import redis_server, redis_url  # noqa: E402, F401

@@ -1,0 +1,294 @@
+"""AsyncClient (producer side of protocol v1): submit jobs to the request stream, read results.
+
+Each client owns one reply stream `{ns}:reply:{client_id}` and a single reader
+task that demultiplexes its results to waiting futures and per-id delta queues,
+so clients sharing a Redis never take each other's results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from producer.replies import ClientClosedError, ReplyRouter
+from worker.embedded import EmbeddedRedis, start_embedded_redis
+from worker.engine.params import SamplingParams
+from worker.keys import JOB_FIELD, Keys
+from worker.protocol import Job, Result, decode_result, encode_job, new_job_id
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "HEADRACE_REDIS_URL"
+_SUBMIT_CHUNK = 512
+_POLL_MAX_S = 0.5
+_JOB_ITEM_FIELDS = frozenset(
+    {"id", "prompt", "messages", "prompt_token_ids", "params", "stream", "deadline_ms", "priority"}
+)
+
+
+class AsyncClient:
+    """Producer client on redis.asyncio. Use `async with AsyncClient(url) as c:`.
+
+    redis_url: None → $HEADRACE_REDIS_URL, else an embedded redis-server owned by
+        this client (stopped on close; `.redis_url` tells workers where to join).
+    client_id: names the reply stream; reusing one resumes its unread results.
+    reply_ttl_s: TTL of the reply stream, refreshed while open and set on close.
+    max_buffered: final results kept for ids nobody waits on yet (oldest dropped
+        first; those stay fetchable from the result key for the worker's TTL).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        namespace: str = "headrace",
+        *,
+        client_id: str | None = None,
+        reply_ttl_s: int = 3600,
+        cancel_ttl_s: int = 3600,
+        max_buffered: int = 10_000,
+        block_ms: int = 1000,
+    ) -> None:
+        self.keys = Keys(namespace)
+        self.client_id = client_id or uuid.uuid4().hex
+        self.reply_stream = self.keys.reply(self.client_id)
+        self.redis_url = redis_url or os.environ.get(REDIS_URL_ENV) or None
+        self._reply_ttl_s = reply_ttl_s
+        self._cancel_ttl_s = cancel_ttl_s
+        self._max_buffered = max_buffered
+        self._block_ms = block_ms
+        self._embedded: EmbeddedRedis | None = None
+        self._redis: aioredis.Redis | None = None
+        self._router: ReplyRouter | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def connect(self) -> AsyncClient:
+        """Connect (starting embedded Redis if no URL) and start the reply reader."""
+        if self._redis is not None:
+            return self
+        if self.redis_url is None:
+            # Blocks the loop ~20 ms once; the server dies with this thread (see embedded).
+            self._embedded = start_embedded_redis()
+            self.redis_url = self._embedded.url
+            log.info("embedded Redis at %s (workers join with --redis-url)", self.redis_url)
+        self._redis = aioredis.Redis.from_url(self.redis_url)
+        await self._redis.ping()
+        self._router = ReplyRouter(
+            self._redis,
+            self.reply_stream,
+            ttl_s=self._reply_ttl_s,
+            max_buffered=self._max_buffered,
+            block_ms=self._block_ms,
+        )
+        self._router.start()
+        return self
+
+    async def close(self) -> None:
+        """Stop reading, give the reply stream its TTL, fail waiters, stop embedded Redis."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._router is not None:
+            await self._router.stop()
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._embedded is not None:
+            self._embedded.stop()
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- submitting --------------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        id: str | None = None,
+        stream: bool = False,
+        deadline_ms: int | None = None,
+        priority: int = 0,
+        params: Mapping[str, Any] | None = None,
+        **sampling: Any,
+    ) -> str:
+        """Queue one job; returns its id. `params` and keyword sampling params merge.
+
+        Raises:
+            RequestError("invalid_params") before anything is sent.
+        """
+        job = self._make_job(
+            {
+                "id": id,
+                "prompt": prompt,
+                "messages": messages,
+                "prompt_token_ids": prompt_token_ids,
+                "stream": stream,
+                "deadline_ms": deadline_ms,
+                "priority": priority,
+                "params": {**(params or {}), **sampling},
+            }
+        )
+        return (await self._send([job]))[0]
+
+    async def submit_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Queue many jobs, pipelined. Items: {"id"?, "prompt"|"messages"|"prompt_token_ids",
+        "params"?, "stream"?, "deadline_ms"?, "priority"?} (the JSONL line format)."""
+        jobs = [self._make_job(item) for item in items]
+        ids: list[str] = []
+        for start in range(0, len(jobs), _SUBMIT_CHUNK):
+            ids += await self._send(jobs[start : start + _SUBMIT_CHUNK])
+        return ids
+
+    def _make_job(self, item: Mapping[str, Any]) -> Job:
+        unknown = set(item) - _JOB_ITEM_FIELDS
+        if unknown:
+            raise ValueError(f"unknown job field(s): {sorted(unknown)}")
+        kinds = [k for k in ("prompt", "messages", "prompt_token_ids") if item.get(k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of prompt, messages, prompt_token_ids")
+        params = dict(item.get("params") or {})
+        SamplingParams.from_dict(params)  # fail here, not as an error result later
+        messages, token_ids = item.get("messages"), item.get("prompt_token_ids")
+        return Job(
+            id=item.get("id") or new_job_id(),
+            reply_to=self.reply_stream,
+            prompt=item.get("prompt"),
+            messages=tuple(dict(m) for m in messages) if messages is not None else None,
+            prompt_token_ids=tuple(token_ids) if token_ids is not None else None,
+            params=params,
+            stream=bool(item.get("stream", False)),
+            deadline_ms=item.get("deadline_ms"),
+            priority=int(item.get("priority") or 0),
+        )
+
+    async def _send(self, jobs: list[Job]) -> list[str]:
+        redis, router = self._require(), self._live_router()
+        # Registered before XADD: the reader must know an id before its result can exist.
+        for job in jobs:
+            router.expect(job.id, stream=job.stream)
+        async with redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.xadd(self.keys.requests, {JOB_FIELD: encode_job(job)})
+            await pipe.execute()
+        return [job.id for job in jobs]
+
+    # -- results -----------------------------------------------------------------
+
+    async def result(self, job_id: str, timeout: float | None = None) -> Result:
+        """The final result of a job (waits up to `timeout` seconds; None = forever).
+
+        Jobs of this client arrive on its reply stream; any other id (or one whose
+        buffered result was dropped) is read from the stored result key.
+        Raises:
+            TimeoutError if no final result within `timeout`.
+        """
+        router = self._live_router()
+        if router.is_streamed(job_id):
+            return await self._drain_stream(job_id, timeout)
+        buffered = router.take_buffered(job_id)
+        if buffered is not None:
+            return buffered
+        if not router.is_outstanding(job_id):
+            return await self._poll_stored(job_id, timeout)
+        try:
+            return await router.wait_final(job_id, timeout)
+        except asyncio.TimeoutError:
+            stored = await self.fetch_result(job_id)  # e.g. our reply stream was lost
+            if stored is None:
+                raise TimeoutError(f"no result for {job_id!r} within {timeout}s") from None
+            router.settle(job_id)
+            return stored
+
+    async def stream(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Result]:
+        """Yield `partial` deltas then the final result. `timeout` bounds each wait.
+
+        Deltas exist only for jobs submitted with stream=True by this client; for
+        others this yields just the final result. A job re-run after a worker crash
+        restarts its deltas (higher `attempt`): restart the text when attempt changes.
+        """
+        router = self._live_router()
+        if not router.is_streamed(job_id):
+            yield await self.result(job_id, timeout)
+            return
+        try:
+            while True:
+                item = await router.next_item(job_id, timeout)
+                yield item
+                if item.final:
+                    return
+        finally:
+            router.drop_stream(job_id)
+
+    async def fetch_result(self, job_id: str) -> Result | None:
+        """The stored final result of any job (None if unknown or past its TTL)."""
+        payload = await self._require().get(self.keys.result(job_id))
+        return decode_result(payload) if payload is not None else None
+
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> Result:
+        """Submit one job and wait for its final result."""
+        return await self.result(await self.submit(prompt, **kwargs), timeout)
+
+    async def cancel(self, job_id: str) -> None:
+        """Cancel a job: running → aborted (KV freed at once); queued → cancelled on pickup."""
+        async with self._require().pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.cancelled(job_id), 1, ex=self._cancel_ttl_s)
+            pipe.publish(self.keys.cancel_channel, job_id)
+            await pipe.execute()
+
+    async def _drain_stream(self, job_id: str, timeout: float | None) -> Result:
+        async def last() -> Result:
+            final = None
+            async for item in self.stream(job_id):
+                final = item
+            assert final is not None and final.final
+            return final
+
+        try:
+            return await asyncio.wait_for(last(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no result for {job_id!r} within {timeout}s") from None
+
+    async def _poll_stored(self, job_id: str, timeout: float | None) -> Result:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            stored = await self.fetch_result(job_id)
+            if stored is not None:
+                return stored
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"no stored result for {job_id!r} within {timeout}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
+
+    def _require(self) -> aioredis.Redis:
+        if self._closed:
+            raise ClientClosedError("client closed")
+        if self._redis is None:
+            raise RuntimeError("client not connected: use `async with` or `await connect()`")
+        return self._redis
+
+    def _live_router(self) -> ReplyRouter:
+        self._require()
+        assert self._router is not None
+        return self._router

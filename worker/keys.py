@@ -1,0 +1,69 @@
+"""Redis key names (protocol v1): every stream, key and channel headrace touches is named here.
+
+Producers and workers build names only through `Keys`, so a namespace change
+(several deployments sharing one Redis) can never miss a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Stream entry field names: one msgpack map per entry.
+JOB_FIELD = "job"
+RESULT_FIELD = "result"
+CONSUMER_GROUP = "headrace"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace (default "headrace")."""
+
+    namespace: str = "headrace"
+
+    def __post_init__(self) -> None:
+        # A ':' or space would make names ambiguous or break `{ns}:*` scans.
+        if not self.namespace or any(c in self.namespace for c in ": \t\r\n"):
+            raise ValueError(
+                f"namespace must be non-empty without ':' or spaces: {self.namespace!r}"
+            )
+
+    @property
+    def requests(self) -> str:
+        """Stream of jobs (field `job`), read by the worker consumer group."""
+        return f"{self.namespace}:requests"
+
+    @property
+    def group(self) -> str:
+        """Consumer group of the workers on `requests`."""
+        return CONSUMER_GROUP
+
+    @property
+    def dead_letter(self) -> str:
+        """Stream of jobs that failed `max_attempts` deliveries (fields `job`, `error`...)."""
+        return f"{self.namespace}:dead"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel: message = job id to cancel."""
+        return f"{self.namespace}:cancel"
+
+    @property
+    def workers(self) -> str:
+        """Hash consumer name → msgpack heartbeat/stats of live workers."""
+        return f"{self.namespace}:workers"
+
+    def result(self, job_id: str) -> str:
+        """String: the final result msgpack (SET NX EX ttl) — also the exactly-once marker."""
+        return f"{self.namespace}:result:{job_id}"
+
+    def cancelled(self, job_id: str) -> str:
+        """String with TTL: set by `cancel`, so a job not started yet is cancelled on pickup."""
+        return f"{self.namespace}:cancelled:{job_id}"
+
+    def reply(self, client_id: str) -> str:
+        """Stream of results (field `result`) for one client; expires after the client closes."""
+        return f"{self.namespace}:reply:{client_id}"
+
+    def worker(self, consumer: str) -> str:
+        """String with TTL: liveness marker of one worker consumer (refreshed by heartbeat)."""
+        return f"{self.namespace}:worker:{consumer}"

@@ -1,0 +1,98 @@
+"""The `headrace bench` verb: `headrace bench throughput` (our engine vs transformers, one run)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from worker.generate_cli import add_engine_args, engine_config_from_args
+
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks", description=__doc__.splitlines()[0])
+    benches = parser.add_subparsers(dest="bench", required=True)
+    tp = benches.add_parser(
+        "throughput",
+        help="output tokens/s of our engine and of transformers generate, same workload",
+        description="Output tokens/s of our engine and of transformers `generate` (static "
+        "left-padded batches) on the same requests and dtype, plus our TTFT/TPOT.",
+    )
+    add_engine_args(tp)
+    tp.add_argument("--workload", choices=("mixed", "uniform"), default="mixed")
+    tp.add_argument("--num-requests", type=int, default=64, help="mixed: number of requests")
+    tp.add_argument("--prompt-len", type=int, default=128, help="uniform: prompt tokens (P)")
+    tp.add_argument("--output-len", type=int, default=128, help="uniform: output tokens (O)")
+    tp.add_argument("--batch", type=int, default=16, help="uniform: number of requests (B)")
+    tp.add_argument("--baseline-batch-size", type=int, default=16)
+    tp.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
+    tp.add_argument("--json", action="store_true", help="print one JSON object")
+    tp.set_defaults(func=run_throughput)
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench import throughput
+    from bench.workloads import mixed_workload, sampleable_token_ids, uniform_workload
+    from worker.engine.engine import Engine
+    from worker.models.source import resolve_model
+
+    # Both engines get the same threads: set here, and passed to the engine's config.
+    num_threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    args.threads = num_threads
+    engine = Engine(engine_config_from_args(args))
+    vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)
+    if args.workload == "mixed":
+        workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
+    else:
+        workload = uniform_workload(
+            vocab, args.prompt_len, args.output_len, args.batch, seed=args.seed
+        )
+    warm_prompt = tuple(vocab[:8])
+    pad_token_id = _pad_token_id(engine)
+
+    log.info("headrace: %s", workload.name)
+    throughput.warm_up_engine(engine, warm_prompt)
+    ours = throughput.run_engine(engine, workload)
+    del engine  # frees the KV cache before the baseline loads
+    gc.collect()
+
+    baseline = None
+    if not args.no_baseline:
+        log.info("transformers generate: %s", workload.name)
+        model = throughput.load_transformers(resolve_model(args.model), args.dtype)
+        throughput.warm_up_transformers(model, warm_prompt, pad_token_id)
+        baseline = throughput.run_transformers(
+            model, workload, pad_token_id, batch_size=args.baseline_batch_size
+        )
+
+    report = throughput.BenchReport(
+        workload=workload.name,
+        model=args.model,
+        dtype=args.dtype,
+        num_threads=num_threads,
+        num_requests=len(workload.requests),
+        prompt_tokens=workload.num_prompt_tokens,
+        baseline_batch_size=args.baseline_batch_size,
+        headrace=ours,
+        transformers=baseline,
+    )
+    print(json.dumps(report.to_dict()) if args.json else report.format_table(), flush=True)
+    return 0
+
+
+def _pad_token_id(engine: Engine) -> int:
+    # Padded positions are masked out, so any id works; the tokenizer's own pad is tidiest.
+    tokenizer = engine.tokenizer
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return min(engine.eos_token_ids)

@@ -1,0 +1,92 @@
+"""`headrace bench throughput`: workload generation, baseline accounting, and a smoke run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from bench.throughput import load_transformers, run_transformers
+from bench.workloads import (
+    BenchRequest,
+    Workload,
+    mixed_workload,
+    sampleable_token_ids,
+    uniform_workload,
+)
+from worker.cli import main
+
+
+@pytest.fixture(scope="module")
+def vocab(smollm2_dir: Path) -> list[int]:
+    return sampleable_token_ids(AutoTokenizer.from_pretrained(smollm2_dir))
+
+
+def test_sampleable_ids_exclude_special_tokens(smollm2_dir: Path, vocab: list[int]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    special = set(tokenizer.all_special_ids)
+    assert special and not special & set(vocab)
+    assert len(vocab) > 49000 and max(vocab) < len(tokenizer)
+
+
+def test_mixed_workload_is_log_uniform_and_reproducible(vocab: list[int]) -> None:
+    work = mixed_workload(vocab, num_requests=64, seed=0)
+    prompts = [len(r.prompt_token_ids) for r in work.requests]
+    outputs = [r.output_len for r in work.requests]
+    assert len(work.requests) == 64
+    assert all(32 <= n <= 512 for n in prompts) and all(16 <= n <= 256 for n in outputs)
+    # Log-uniform: the median sits near the geometric mean of the range (128 and 64),
+    # far below the arithmetic midpoints (272 and 136).
+    assert 80 <= statistics.median(prompts) <= 200
+    assert 40 <= statistics.median(outputs) <= 100
+    assert work.num_output_tokens == sum(outputs)
+    assert mixed_workload(vocab, num_requests=64, seed=0) == work
+    assert mixed_workload(vocab, num_requests=64, seed=1) != work
+
+
+def test_uniform_workload_has_exact_shapes(vocab: list[int]) -> None:
+    work = uniform_workload(vocab, prompt_len=33, output_len=7, batch=5)
+    assert [(len(r.prompt_token_ids), r.output_len) for r in work.requests] == [(33, 7)] * 5
+    assert work.num_prompt_tokens == 165
+    with pytest.raises(ValueError):
+        uniform_workload(vocab, prompt_len=0, output_len=7, batch=5)
+
+
+def test_baseline_counts_only_requested_tokens(tiny_model_dir) -> None:
+    model = load_transformers(tiny_model_dir("llama"), "float32")
+    # One padded batch: both rows generate 5 tokens, but only 2 + 5 were asked for.
+    work = Workload("t", (BenchRequest((504, 3575, 282), 2), BenchRequest((314, 28), 5)))
+    result = run_transformers(model, work, pad_token_id=0, batch_size=16)
+    assert result.output_tokens == 7 and result.elapsed_s > 0
+
+
+def test_bench_throughput_smoke(tiny_model_dir, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--dtype", "float32"]
+    argv += ["--workload", "uniform", "--prompt-len", "8", "--output-len", "4", "--batch", "4"]
+    argv += ["--kv-cache-memory", "0.01", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    ours, base = report["headrace"], report["transformers"]
+    assert report["num_requests"] == 4 and report["prompt_tokens"] == 32
+    assert ours["output_tokens"] == 16 and base["output_tokens"] == 16
+    assert ours["output_tokens_per_s"] > 0 and base["output_tokens_per_s"] > 0
+    assert report["ratio"] == pytest.approx(
+        ours["output_tokens_per_s"] / base["output_tokens_per_s"]
+    )
+    assert 0 < ours["ttft_p50_s"] <= ours["ttft_p99_s"] <= ours["elapsed_s"]
+    assert 0 < ours["tpot_p50_s"] <= ours["tpot_p99_s"]
+
+
+def test_bench_throughput_table_without_baseline(
+    tiny_model_dir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--dtype", "float32"]
+    argv += ["--workload", "uniform", "--prompt-len", "5", "--output-len", "3", "--batch", "2"]
+    argv += ["--kv-cache-memory", "0.01", "--no-baseline"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "headrace" in table and "TTFT" in table and "TPOT" in table
+    assert "transformers" not in table and "ratio" not in table

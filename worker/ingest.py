@@ -1,0 +1,203 @@
+"""Ingest stage: XREADGROUP with backpressure, decode and validate at the boundary, tokenize off-loop.
+
+Reads only as many entries as the caller has room for, so un-started jobs held
+in memory stay bounded. Decoding is cheap and synchronous; tokenization (chat
+templates included) runs in a thread pool, one call per read batch, on private
+tokenizer copies (a fast tokenizer must not be shared with the publish stage's
+decoding across threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from worker.engine.prompts import encode_prompt
+from worker.errors import RequestError
+from worker.keys import Keys
+from worker.protocol import Job, JobDecodeError, decode_job
+from worker.recovery import Entry, entry_from_fields
+
+log = logging.getLogger(__name__)
+
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_RETRY_S = 0.5
+
+# Screening verdicts for a decoded job, before it costs any tokenization.
+RUN = "run"
+ALREADY_DONE = "done"
+CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Prompt token ids of one job, or why it cannot run."""
+
+    token_ids: tuple[int, ...] = ()
+    error: RequestError | None = None
+
+
+class Ingest:
+    """Reads and prepares jobs for one consumer of the requests group."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        consumer: str,
+        *,
+        tokenizer: Any,
+        max_model_len: int,
+        vocab_size: int,
+        max_payload_bytes: int,
+        threads: int = 1,
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self._consumer = consumer
+        self._tokenizer = tokenizer
+        self._max_model_len = max_model_len
+        self._vocab_size = vocab_size
+        self._max_payload_bytes = max_payload_bytes
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="headrace-tokenize")
+        self._local = threading.local()
+        self.num_read = 0
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) unless it exists."""
+        try:
+            await self._redis.xgroup_create(
+                self._keys.requests, self._keys.group, id="0", mkstream=True
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, count: int, block_ms: int) -> list[Entry]:
+        """Up to `count` never-delivered entries, waiting at most `block_ms` for the first."""
+        if count <= 0:
+            return []
+        try:
+            reply = await self._redis.xreadgroup(
+                self._keys.group,
+                self._consumer,
+                {self._keys.requests: ">"},
+                count=count,
+                block=block_ms,
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Someone deleted the stream or the group (FLUSHALL, ops mistake): recreate it.
+            log.warning("consumer group missing; recreating it")
+            await self.ensure_group()
+            return []
+        entries = [
+            entry_from_fields(entry_id, fields, attempt=1)
+            for _, messages in reply or ()
+            for entry_id, fields in messages
+            if entry_id is not None
+        ]
+        self.num_read += len(entries)
+        return entries
+
+    def decode(self, entry: Entry) -> Job:
+        """Validate one entry's job. Raises JobDecodeError (with whatever ids were salvaged)."""
+        if entry.payload is None:
+            missing = RequestError("invalid_request", "stream entry has no `job` field")
+            raise JobDecodeError(missing, entry.entry_id, None)
+        job = decode_job(
+            entry.payload, max_bytes=self._max_payload_bytes, default_id=entry.entry_id
+        )
+        if job.reply_to in (self._keys.requests, self._keys.dead_letter):
+            # Answering there would feed results back into the worker's own queues.
+            bad = RequestError("invalid_request", "reply_to must not be a headrace queue")
+            raise JobDecodeError(bad, job.id, None)
+        return job
+
+    async def screen(self, jobs: Sequence[Job]) -> list[str]:
+        """RUN, ALREADY_DONE (its final result exists) or CANCELLED, per job; one round trip."""
+        if not jobs:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for job in jobs:
+            pipe.exists(self._keys.result(job.id))
+            pipe.exists(self._keys.cancelled(job.id))
+        flags = await pipe.execute()
+        verdicts = []
+        for i in range(len(jobs)):
+            done, cancelled = flags[2 * i], flags[2 * i + 1]
+            verdicts.append(ALREADY_DONE if done else CANCELLED if cancelled else RUN)
+        return verdicts
+
+    @staticmethod
+    def expired(job: Job) -> RequestError | None:
+        if job.deadline_ms is not None and time.time() * 1000 > job.deadline_ms:
+            return RequestError("deadline_exceeded", "the job's deadline passed before it started")
+        return None
+
+    async def tokenize(self, jobs: Sequence[Job]) -> list[Tokenized]:
+        """Prompt token ids for each job, computed in the thread pool in one batch."""
+        if not jobs:
+            return []
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._tokenize_batch, list(jobs))
+
+    def _tokenize_batch(self, jobs: list[Job]) -> list[Tokenized]:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._local.tokenizer = copy.deepcopy(self._tokenizer)
+        out = []
+        for job in jobs:
+            try:
+                ids = encode_prompt(
+                    tokenizer,
+                    prompt=job.prompt,
+                    messages=list(job.messages) if job.messages is not None else None,
+                    prompt_token_ids=list(job.prompt_token_ids)
+                    if job.prompt_token_ids is not None
+                    else None,
+                    max_model_len=self._max_model_len,
+                    vocab_size=self._vocab_size,
+                )
+                out.append(Tokenized(tuple(ids)))
+            except RequestError as err:
+                out.append(Tokenized(error=err))
+            except Exception as exc:  # a tokenizer bug on one job must not fail the batch
+                log.exception("tokenizing job %s failed", job.id)
+                out.append(
+                    Tokenized(error=RequestError("internal", f"tokenization failed: {exc!r}"))
+                )
+        return out
+
+    async def listen_cancels(
+        self, on_cancel: Callable[[str], None], subscribed: asyncio.Event
+    ) -> None:
+        """Call `on_cancel(job_id)` for each message on the cancel channel, until cancelled."""
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._keys.cancel_channel)
+                subscribed.set()
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        on_cancel(message["data"].decode(errors="replace"))
+            except _REDIS_ERRORS as exc:
+                # Cancels sent meanwhile are not lost for queued jobs: their key is checked on pickup.
+                log.warning("cancel subscription lost (%r); resubscribing", exc)
+                await asyncio.sleep(_RETRY_S)
+            finally:
+                await pubsub.aclose()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,335 @@
+"""Publish stage: incremental detokenization, stop strings, deltas, final results + XACK to Redis.
+
+Each engine step's outputs become queued Redis operations; one flusher task
+writes everything queued so far in a single pipeline, shielded from
+cancellation so a shutdown never leaves a half-written batch. A final result is
+published by one Lua script (SET NX result key, XADD reply_to, XACK), so a job
+run twice after a crash still yields exactly one final result, and the entry is
+acked only once its result is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from worker.engine.detokenizer import TextStream
+from worker.engine.sequence import Request, TokenLogprobs, TokenOutput
+from worker.errors import RequestError
+from worker.keys import RESULT_FIELD, Keys
+from worker.protocol import (
+    STATUS_CANCELLED,
+    STATUS_OK,
+    STATUS_PARTIAL,
+    Job,
+    Result,
+    encode_result,
+    error_result,
+)
+
+log = logging.getLogger(__name__)
+
+# KEYS: result key, reply stream ('' = nobody to answer), requests stream.
+# ARGV: payload, ttl s, reply maxlen, group, entry id.
+# Returns 1 if this call published the final result, 0 if one already existed.
+_PUBLISH_FINAL_LUA = """
+local first = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+if first and KEYS[2] ~= '' then
+  -- pcall: a reply_to that is not a stream must not keep the entry pending forever
+  redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'result', ARGV[1])
+end
+redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+if first then return 1 end
+return 0
+"""
+
+_RETRY_MAX_S = 2.0
+DEAD_LETTER_MAXLEN = 100_000
+_TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def entry_time_ms(entry_id: str) -> int:
+    """Unix ms at which Redis appended the entry (the first half of its id)."""
+    return int(entry_id.split("-", 1)[0])
+
+
+@dataclass(eq=False)
+class JobState:
+    """One job this worker holds, from XREADGROUP until its final result is acked."""
+
+    entry_id: str
+    job: Job
+    attempt: int
+    request: Request | None = None
+    text: TextStream | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    started_ms: float | None = None
+    first_token_ms: float | None = None
+    cancel_requested: bool = False
+    text_flushed: bool = False
+    done: bool = False  # final result queued: later engine outputs are ignored
+
+    @property
+    def running(self) -> bool:
+        return self.started_ms is not None and not self.done
+
+
+class Publisher:
+    """Turns engine outputs into results and writes them to Redis in pipelined batches.
+
+    on_acked: called (on the event loop) with each JobState whose final result
+    and XACK have been written, so the service can release its in-flight slot.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        worker: str,
+        result_ttl_s: int,
+        reply_maxlen: int,
+        on_acked: Callable[[JobState], None],
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self._worker = worker
+        self._ttl = result_ttl_s
+        self._maxlen = reply_maxlen
+        self._on_acked = on_acked
+        self._script = client.register_script(_PUBLISH_FINAL_LUA)
+        self._ops: list[_Op] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.num_published = 0
+        self.num_duplicates = 0
+
+    # -- engine outputs → results -----------------------------------------------
+
+    def on_output(self, state: JobState, out: TokenOutput) -> bool:
+        """Apply one TokenOutput; True when a stop string matched (caller aborts the request)."""
+        if state.done or state.text is None:
+            return False
+        if state.first_token_ms is None and out.new_token_ids:
+            state.first_token_ms = now_ms()
+        state.token_ids.extend(out.new_token_ids)
+        state.logprobs.extend(out.logprobs)
+        delta = state.text.append(out.new_token_ids)
+        text = delta.text
+        if out.finished and not delta.stopped:
+            text += flush_text(state)
+        if state.job.stream and (text or out.new_token_ids):
+            self.partial(state, text, out.new_token_ids)
+        if delta.stopped:
+            self.final(state, STATUS_OK, "stop")
+            return True
+        if out.finished:
+            status = STATUS_CANCELLED if out.finish_reason == "abort" else STATUS_OK
+            self.final(state, status, out.finish_reason)
+        return False
+
+    def partial(self, state: JobState, delta: str, token_ids: tuple[int, ...]) -> None:
+        result = Result(
+            id=state.job.id,
+            status=STATUS_PARTIAL,
+            delta=delta,
+            token_ids=tuple(token_ids),
+            worker=self._worker,
+            attempt=state.attempt,
+        )
+        payload = encode_result(result)
+        reply_to = state.job.reply_to
+        self._queue(
+            lambda pipe: pipe.xadd(
+                reply_to, {RESULT_FIELD: payload}, maxlen=self._maxlen, approximate=True
+            )
+        )
+
+    def final(self, state: JobState, status: str, finish_reason: str | None) -> None:
+        """Queue the final ok/cancelled result of a job that ran (or started running)."""
+        flush_text(state)
+        text = state.text.text if state.text is not None else ""
+        usage = {
+            "prompt_tokens": len(state.request.prompt_token_ids) if state.request else 0,
+            "completion_tokens": len(state.token_ids),
+        }
+        result = Result(
+            id=state.job.id,
+            status=status,
+            text=text,
+            token_ids=tuple(state.token_ids),
+            finish_reason=finish_reason,
+            usage=usage,
+            timings=self._timings(state),
+            worker=self._worker,
+            attempt=state.attempt,
+            logprobs=_logprobs_wire(state.logprobs) if state.logprobs else None,
+        )
+        self._finish(state, result)
+
+    def fail(self, state: JobState, error: RequestError) -> None:
+        """Queue the final error result of a job (invalid, expired, engine failure...)."""
+        result = error_result(
+            state.job.id,
+            error,
+            timings=self._timings(state),
+            worker=self._worker,
+            attempt=state.attempt,
+        )
+        self._finish(state, result)
+
+    def refuse(
+        self,
+        entry_id: str,
+        job_id: str,
+        reply_to: str | None,
+        error: RequestError,
+        attempt: int,
+        dead_letter: dict[str, Any] | None,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        """Answer (if reply_to is known) and ack an entry that will not run.
+
+        dead_letter: fields of a dead-letter entry to write first (max attempts,
+        or nobody to answer), so the job is kept for operators.
+        """
+        if dead_letter is not None:
+            stream = self._keys.dead_letter
+            self._queue(
+                lambda pipe: pipe.xadd(
+                    stream, dead_letter, maxlen=DEAD_LETTER_MAXLEN, approximate=True
+                )
+            )
+        result = error_result(job_id, error, worker=self._worker, attempt=attempt)
+        self._queue_final(entry_id, job_id, reply_to, encode_result(result), on_done)
+
+    def _finish(self, state: JobState, result: Result) -> None:
+        state.done = True
+        self._queue_final(
+            state.entry_id,
+            state.job.id,
+            state.job.reply_to,
+            encode_result(result),
+            lambda: self._on_acked(state),
+        )
+
+    def _queue_final(
+        self,
+        entry_id: str,
+        job_id: str,
+        reply_to: str | None,
+        payload: bytes,
+        on_done: Callable[[], None] | None,
+    ) -> None:
+        keys = [self._keys.result(job_id), reply_to or "", self._keys.requests]
+        args = [payload, self._ttl, self._maxlen, self._keys.group, entry_id]
+        self._queue(lambda pipe: self._eval_final(pipe, keys, args), on_done, final=True)
+
+    def _eval_final(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
+        # The pipeline loads registered scripts before it runs (once per Redis restart).
+        pipe.scripts.add(self._script)
+        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+
+    def _timings(self, state: JobState) -> dict[str, float]:
+        enqueued = entry_time_ms(state.entry_id)
+        end = now_ms()
+        timings = {"total_ms": round(max(0.0, end - enqueued), 1)}
+        if state.started_ms is not None:
+            timings["queued_ms"] = round(max(0.0, state.started_ms - enqueued), 1)
+        if state.first_token_ms is not None:
+            timings["ttft_ms"] = round(max(0.0, state.first_token_ms - enqueued), 1)
+        return timings
+
+    # -- batching and writing ------------------------------------------------------
+
+    def _queue(
+        self,
+        apply: Callable[[Any], None],
+        on_done: Callable[[], None] | None = None,
+        *,
+        final: bool = False,
+    ) -> None:
+        self._ops.append(_Op(apply, on_done, final))
+        self._idle.clear()
+        self._wake.set()
+
+    def ack(self, entry_id: str, on_done: Callable[[], None] | None = None) -> None:
+        """Ack an entry that needs no result (its job's final result already exists)."""
+        stream, group = self._keys.requests, self._keys.group
+        self._queue(lambda pipe: pipe.xack(stream, group, entry_id), on_done)
+
+    async def run(self) -> None:
+        """Flusher: write everything queued, in one pipeline per wake-up, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._ops = self._ops, []
+            if batch:
+                # Shielded: cancelling the service must not cut a batch of results + acks in half.
+                await asyncio.shield(self._write(batch))
+            if not self._ops:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once everything queued so far is written."""
+        await self._idle.wait()
+
+    async def _write(self, batch: list[_Op]) -> None:
+        delay = 0.05
+        while True:
+            pipe = self._redis.pipeline(transaction=False)
+            for op in batch:
+                op.apply(pipe)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+                break
+            except _TRANSIENT as exc:
+                log.warning("redis write failed (%r); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+        for op, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                # Not acked: once released it goes idle, is reclaimed and retried (or dead-lettered).
+                log.error("redis command failed: %r", reply)
+            elif op.final:
+                self.num_published += reply == 1
+                self.num_duplicates += reply != 1
+            if op.on_done is not None:
+                op.on_done()
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One queued pipeline command; `final` ops are the publish-and-ack script."""
+
+    apply: Callable[[Any], None]
+    on_done: Callable[[], None] | None
+    final: bool = False
+
+
+def flush_text(state: JobState) -> str:
+    """Release text the detokenizer held back (once); the sequence has ended."""
+    if state.text is None or state.text_flushed:
+        return ""
+    state.text_flushed = True
+    return state.text.finish()
+
+
+def _logprobs_wire(logprobs: list[TokenLogprobs]) -> list[dict[str, Any]]:
+    return [
+        {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
+        for lp in logprobs
+    ]

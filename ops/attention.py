@@ -83,6 +83,54 @@ def prefill_attention(
     return out
 
 
+class DecodeWorkspace:
+    """Reusable buffers for gathering pages in `paged_decode_attention` on CPU.
+
+    NOTE: allocating a fresh multi-MB tensor per layer costs more than the gather
+    itself on CPU (page faults), so the gathered K/V land in buffers reused across
+    layers and steps. The gather index depends only on the block tables, so it is
+    computed once per step (the same `block_tables` object is passed to every layer).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._index_key: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
+
+    def buffer(
+        self, name: str, numel: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[(name, dtype)] = buf
+        return buf[:numel]
+
+    def gather_index(
+        self, block_tables: torch.Tensor, num_kv_heads: int, block_size: int
+    ) -> torch.Tensor:
+        if self._index_key is not block_tables:
+            self._index = _head_major_index(block_tables, num_kv_heads, block_size)
+            self._index_key = block_tables
+        assert self._index is not None
+        return self._index
+
+
+def _head_major_index(
+    block_tables: torch.Tensor, num_kv_heads: int, block_size: int
+) -> torch.Tensor:
+    """Row ids into a cache viewed as [num_blocks * block_size * num_kv_heads, head_dim].
+
+    Ordered [num_seqs, num_kv_heads, max_blocks * block_size] so the gather yields
+    per-head contiguous K/V ready for batched matmuls.
+    """
+    num_seqs = block_tables.shape[0]
+    offsets = torch.arange(block_size, device=block_tables.device)
+    token_rows = (block_tables[:, :, None] * block_size + offsets).view(num_seqs, 1, -1)
+    heads = torch.arange(num_kv_heads, device=block_tables.device).view(1, -1, 1)
+    return (token_rows * num_kv_heads + heads).view(-1)
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -90,6 +138,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     mask: torch.Tensor,
     scale: float,
+    workspace: DecodeWorkspace | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to all of its cached tokens.
 
@@ -97,23 +146,34 @@ def paged_decode_attention(
         query: [num_seqs, num_heads, head_dim]
         block_tables: [num_seqs, max_blocks] int64 (padding entries may be any valid id).
         mask: [num_seqs, 1, 1, max_blocks * block_size] bool, True where position < context_len.
+        workspace: reusable gather buffers (the engine passes one; tests may not).
     Returns:
         [num_seqs, num_heads, head_dim]
     """
+    workspace = workspace or DecodeWorkspace()
     num_seqs, num_heads, head_dim = query.shape
-    k = key_cache[block_tables].flatten(1, 2)  # [S, L, kvh, D]
-    v = value_cache[block_tables].flatten(1, 2)
-    if query.dtype == torch.float32:
-        q = query.view(num_seqs, num_heads, 1, head_dim)
-        o = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        return o.view_as(query)
-    # NOTE: torch's CPU SDPA with a mask is several times slower than two batched
-    # matmuls in bf16/fp16 at decode shapes; softmax still runs in float32.
-    num_kv_heads = k.shape[2]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    span = block_tables.shape[1] * block_size
+    index = workspace.gather_index(block_tables, num_kv_heads, block_size)
+    shape = (num_seqs, num_kv_heads, span, head_dim)
+    k = _gather(
+        key_cache,
+        index,
+        workspace.buffer("k", index.numel() * head_dim, key_cache.dtype, query.device),
+    )
+    v = _gather(
+        value_cache,
+        index,
+        workspace.buffer("v", index.numel() * head_dim, value_cache.dtype, query.device),
+    )
+    k, v = k.view(shape), v.view(shape)
     q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).float() * scale  # [S, kvh, g, L]
-    scores.masked_fill_(~mask.view(num_seqs, 1, 1, -1), float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [S, kvh, g, L]
+    scores.masked_fill_(~mask.view(num_seqs, 1, 1, span), float("-inf"))
     probs = scores.softmax(dim=-1).to(query.dtype)
-    return torch.matmul(probs, v.transpose(1, 2)).view_as(query)  # [S, kvh, g, D]
+    return torch.matmul(probs, v).view_as(query)  # [S, kvh, g, D]
+
+
+def _gather(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    head_dim = cache.shape[-1]
+    return torch.index_select(cache.view(-1, head_dim), 0, index, out=out.view(-1, head_dim))

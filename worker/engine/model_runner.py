@@ -11,6 +11,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from ops.attention import DecodeWorkspace
 from worker.config import CacheConfig
 from worker.engine.scheduler import ScheduledChunk
 from worker.models.attention import AttentionMetadata
@@ -53,6 +54,7 @@ class ModelRunner:
             )
             for _ in range(args.num_layers)
         ]
+        self.workspace = DecodeWorkspace()
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %d KiB per block)",
             self.num_blocks,
@@ -122,6 +124,7 @@ class ModelRunner:
             else None,
             decode_block_tables=decode_tables,
             decode_mask=decode_mask,
+            workspace=self.workspace,
         )
 
     def _block_table(self, tables: list[list[int]]) -> torch.Tensor:

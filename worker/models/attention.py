@@ -33,6 +33,7 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor | None
     decode_block_tables: torch.Tensor | None
     decode_mask: torch.Tensor | None
+    workspace: attn_ops.DecodeWorkspace | None = None
 
 
 class PagedAttention(torch.nn.Module):
@@ -81,6 +82,7 @@ class PagedAttention(torch.nn.Module):
                     meta.decode_block_tables,
                     meta.decode_mask,
                     self.scale,
+                    meta.workspace,
                 )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts)

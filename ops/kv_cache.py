@@ -1,0 +1,232 @@
+"""Paged KV cache ops with an optional int8 cache, dispatched to Triton on CUDA.
+
+int8 scheme: symmetric, one scale per (token, kv head), kept in scale pools laid out like the
+pages without the head_dim axis:
+
+    key_cache, value_cache:             [num_blocks, block_size, num_kv_heads, head_dim] int8
+    key_scale_cache, value_scale_cache: [num_blocks, block_size, num_kv_heads] float16/bf16/fp32
+
+A cached value dequantizes to `q * scale`. The scale is rounded to the pool's dtype before the
+codes are computed, so codes and stored scale agree. float16 pools are the recommended choice:
+with head_dim 64, a token's K and V take 2 * (64 + 2) bytes per kv head, 1.94x fewer than bf16.
+
+With full-precision caches (no scale pools) every op falls back to `ops.attention` on CPU.
+The int8 CPU paths dequantize the gathered pages of a step (fine on CPU; the kernels instead
+fold the scales into the scores and probabilities tile by tile).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ops import attention as fp_ops
+from ops.dispatch import use_triton
+from ops.quant import INT8_MAX, MIN_SCALE, round_half_up
+
+
+def quantize_kv(
+    x: torch.Tensor, scale_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, KVH, D] float → (int8 [T, KVH, D], scale [T, KVH] in scale_dtype)."""
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=-1) / INT8_MAX).clamp_min(MIN_SCALE).to(scale_dtype)
+    q = round_half_up(x32 / scale.float().unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scale
+
+
+def reshape_and_cache_int8(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale_cache: torch.Tensor,
+    value_scale_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Quantize new K/V per (token, kv head) and scatter codes and scales into their pages.
+
+    key, value: [T, KVH, D]; slot_mapping: [T] int64, `block_id * block_size + offset`.
+    """
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    for x, cache, scales in ((key, key_cache, key_scale_cache), (value, value_cache, value_scale_cache)):
+        q, s = quantize_kv(x, scales.dtype)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, q)
+        scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, s)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key_scale_cache: torch.Tensor | None = None,
+    value_scale_cache: torch.Tensor | None = None,
+) -> None:
+    """Write new K/V into the pages; int8 caches (with their scale pools) quantize on write."""
+    if use_triton(key):
+        from kernels.kv_cache import reshape_and_cache as kernel
+
+        kernel(key, value, key_cache, value_cache, slot_mapping, key_scale_cache, value_scale_cache)
+    elif key_scale_cache is None or value_scale_cache is None:
+        fp_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        reshape_and_cache_int8(
+            key, value, key_cache, value_cache, key_scale_cache, value_scale_cache, slot_mapping
+        )
+
+
+def decode_mask(context_lens: torch.Tensor, span: int) -> torch.Tensor:
+    """context_lens: [S] → [S, 1, 1, span] bool, True where position < context_len."""
+    positions = torch.arange(span, device=context_lens.device)
+    return (positions[None, :] < context_lens[:, None]).view(-1, 1, 1, span)
+
+
+def paged_decode_attention_int8(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale_cache: torch.Tensor,
+    value_scale_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over its int8 pages (torch; the reference of the kernel).
+
+    query: [S, H, D]; block_tables: [S, max_blocks]; context_lens: [S] → [S, H, D].
+    int8 codes convert exactly to query.dtype; the K scales multiply the scores and the V
+    scales the probabilities, as in the kernel.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    dtype = query.dtype
+    k = key_cache[block_tables].flatten(1, 2)  # [S, L, KVH, D] int8
+    v = value_cache[block_tables].flatten(1, 2)
+    k_scale = key_scale_cache[block_tables].flatten(1, 2).permute(0, 2, 1).float()  # [S, KVH, L]
+    v_scale = value_scale_cache[block_tables].flatten(1, 2).permute(0, 2, 1).float()
+    q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1).to(dtype)).float()  # [S, KVH, G, L]
+    scores = scores * (k_scale.unsqueeze(2) * scale)
+    mask = decode_mask(context_lens, k.shape[1]).view(num_seqs, 1, 1, -1)
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1) * v_scale.unsqueeze(2)
+    out = torch.matmul(probs.to(dtype), v.transpose(1, 2).to(dtype))  # [S, KVH, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    key_scale_cache: torch.Tensor | None = None,
+    value_scale_cache: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """query: [S, H, D] → [S, H, D]; int8 caches when the scale pools are given."""
+    if use_triton(query):
+        from kernels.paged_attention import paged_decode_attention as kernel
+
+        return kernel(
+            query, key_cache, value_cache, block_tables, context_lens, scale,
+            key_scale_cache, value_scale_cache,
+        )
+    if key_scale_cache is None or value_scale_cache is None:
+        mask = decode_mask(context_lens, block_tables.shape[1] * key_cache.shape[1])
+        return fp_ops.paged_decode_attention(
+            query, key_cache, value_cache, block_tables, mask, scale
+        )
+    return paged_decode_attention_int8(
+        query, key_cache, value_cache, key_scale_cache, value_scale_cache,
+        block_tables, context_lens, scale,
+    )
+
+
+def _dequantized_prefix(
+    cache: torch.Tensor, scales: torch.Tensor, block_table: torch.Tensor, length: int, dtype
+) -> torch.Tensor:
+    """The first `length` cached tokens of a sequence in `dtype`: [length, KVH, D]."""
+    codes = fp_ops.gather_pages(cache, block_table, length).float()
+    scale = fp_ops.gather_pages(scales, block_table, length).float()
+    return (codes * scale.unsqueeze(-1)).to(dtype)
+
+
+def prefill_attention_int8(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale_cache: torch.Tensor,
+    value_scale_cache: torch.Tensor,
+    cu_seqlens: list[int],
+    context_lens: list[int],
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal prefill chunks over an int8 cache (torch; the reference of the kernel).
+
+    The cached prefix (context_len - chunk tokens) is read from the int8 pages; the chunk
+    attends to itself in full precision from `key`/`value`, as in the kernel.
+    query: [T, H, D]; key, value: [T, KVH, D] → [T, H, D].
+    """
+    out = torch.empty_like(query)
+    for i, context_len in enumerate(context_lens):
+        start, end = cu_seqlens[i], cu_seqlens[i + 1]
+        chunk, prefix = end - start, context_len - (end - start)
+        k, v = key[start:end], value[start:end]
+        mask = None
+        if prefix:
+            k_pre = _dequantized_prefix(key_cache, key_scale_cache, block_tables[i], prefix, k.dtype)
+            v_pre = _dequantized_prefix(
+                value_cache, value_scale_cache, block_tables[i], prefix, v.dtype
+            )
+            k, v = torch.cat((k_pre, k)), torch.cat((v_pre, v))
+            # Bottom-right aligned causal mask: query j sits at position prefix + j.
+            q_pos = torch.arange(prefix, context_len, device=query.device)
+            mask = torch.arange(context_len, device=query.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(
+            query[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    cu_seqlens: list[int],
+    context_lens: list[int],
+    block_tables: torch.Tensor,
+    scale: float,
+    key_scale_cache: torch.Tensor | None = None,
+    value_scale_cache: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Varlen causal prefill (see `ops.attention.prefill_attention`); int8 with scale pools."""
+    if use_triton(query):
+        from kernels.prefill_attention import prefill_attention as kernel
+
+        device = query.device
+        return kernel(
+            query, key, value, key_cache, value_cache,
+            torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
+            torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_tables, scale, max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
+            key_scale_cache, value_scale_cache,
+        )
+    if key_scale_cache is None or value_scale_cache is None:
+        return fp_ops.prefill_attention(
+            query, key, value, key_cache, value_cache, cu_seqlens, context_lens,
+            block_tables, scale,
+        )
+    return prefill_attention_int8(
+        query, key, value, key_cache, value_cache, key_scale_cache, value_scale_cache,
+        cu_seqlens, context_lens, block_tables, scale,
+    )

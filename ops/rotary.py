@@ -1,0 +1,32 @@
+"""Rotary position embedding in the rotate-half convention of HF Llama (`worker.models.rope`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ops.dispatch import use_triton
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by their tokens' angles; returns new tensors.
+
+    q: [T, H, D]; k: [T, KVH, D] (views with a unit last stride are fine);
+    cos, sin: [T, D] or [T, 1, D], the gathered rows of `RotaryEmbedding`'s tables.
+    The CPU path computes in q.dtype (as `RotaryEmbedding.apply`); the Triton kernel
+    computes in float32 and rounds once.
+    """
+    cos = cos.reshape(cos.shape[0], -1)
+    sin = sin.reshape(sin.shape[0], -1)
+    if use_triton(q):
+        from kernels.rotary import apply_rotary as kernel
+
+        return kernel(q, k, cos, sin)
+    cos, sin = cos.to(q.dtype).unsqueeze(1), sin.to(q.dtype).unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -10,6 +10,26 @@ import torch
 import torch.nn.functional as F
 
 
+def allocate_kv_cache(
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """One layer's K (or V) pool, zeroed.
+
+    Returns a `[num_blocks, block_size, num_kv_heads, head_dim]` view whose storage
+    is head-major pages `[num_blocks, num_kv_heads, block_size, head_dim]`: decode
+    attention then gathers whole per-head pages (block_size * head_dim contiguous
+    elements) instead of head_dim-sized rows, several times faster on CPU. Kernels
+    address the pool through its strides, so either storage order works for them.
+    """
+    pages = torch.zeros(num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype, device=device)
+    return pages.permute(0, 2, 1, 3)
+
+
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -21,12 +41,13 @@ def reshape_and_cache(
 
     Args:
         key, value: [num_tokens, num_kv_heads, head_dim]
-        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim] (any strides)
         slot_mapping: [num_tokens] int64, `block_id * block_size + offset` of each token.
     """
-    num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    block_size = key_cache.shape[1]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    key_cache[blocks, offsets] = key
+    value_cache[blocks, offsets] = value
 
 
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -119,16 +140,13 @@ class DecodeWorkspace:
 def _head_major_index(
     block_tables: torch.Tensor, num_kv_heads: int, block_size: int
 ) -> torch.Tensor:
-    """Row ids into a cache viewed as [num_blocks * block_size * num_kv_heads, head_dim].
+    """Page ids into head-major storage viewed as [num_blocks * num_kv_heads, block_size * head_dim].
 
-    Ordered [num_seqs, num_kv_heads, max_blocks * block_size] so the gather yields
-    per-head contiguous K/V ready for batched matmuls.
+    Ordered [num_seqs, num_kv_heads, max_blocks] so the gather yields per-head
+    contiguous K/V `[num_seqs, num_kv_heads, max_blocks * block_size, head_dim]`.
     """
-    num_seqs = block_tables.shape[0]
-    offsets = torch.arange(block_size, device=block_tables.device)
-    token_rows = (block_tables[:, :, None] * block_size + offsets).view(num_seqs, 1, -1)
     heads = torch.arange(num_kv_heads, device=block_tables.device).view(1, -1, 1)
-    return (token_rows * num_kv_heads + heads).view(-1)
+    return (block_tables[:, None, :] * num_kv_heads + heads).view(-1)
 
 
 def paged_decode_attention(
@@ -156,17 +174,11 @@ def paged_decode_attention(
     span = block_tables.shape[1] * block_size
     index = workspace.gather_index(block_tables, num_kv_heads, block_size)
     shape = (num_seqs, num_kv_heads, span, head_dim)
-    k = _gather(
-        key_cache,
-        index,
-        workspace.buffer("k", index.numel() * head_dim, key_cache.dtype, query.device),
-    )
-    v = _gather(
-        value_cache,
-        index,
-        workspace.buffer("v", index.numel() * head_dim, value_cache.dtype, query.device),
-    )
-    k, v = k.view(shape), v.view(shape)
+    numel = num_seqs * num_kv_heads * span * head_dim
+    k_buf = workspace.buffer("k", numel, key_cache.dtype, query.device)
+    v_buf = workspace.buffer("v", numel, value_cache.dtype, query.device)
+    k = _gather_pages(key_cache, index, k_buf).view(shape)
+    v = _gather_pages(value_cache, index, v_buf).view(shape)
     q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [S, kvh, g, L]
     scores.masked_fill_(~mask.view(num_seqs, 1, 1, span), float("-inf"))
@@ -174,6 +186,9 @@ def paged_decode_attention(
     return torch.matmul(probs, v).view_as(query)  # [S, kvh, g, D]
 
 
-def _gather(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    head_dim = cache.shape[-1]
-    return torch.index_select(cache.view(-1, head_dim), 0, index, out=out.view(-1, head_dim))
+def _gather_pages(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Copy head-major pages `index` of `cache` into `out` ([len(index), block_size * head_dim])."""
+    # A no-op for pools from `allocate_kv_cache`; other layouts pay for a full copy.
+    pages = cache.permute(0, 2, 1, 3).contiguous()
+    rows = pages.view(-1, pages.shape[2] * pages.shape[3])
+    return torch.index_select(rows, 0, index, out=out.view(-1, rows.shape[1]))

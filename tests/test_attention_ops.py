@@ -20,12 +20,24 @@ def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> to
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def _paged(lengths: list[int], block_size: int, kvh: int, dim: int, dtype: torch.dtype):
+def _paged(
+    lengths: list[int],
+    block_size: int,
+    kvh: int,
+    dim: int,
+    dtype: torch.dtype,
+    head_major: bool = True,
+):
     """Random K/V for each sequence written to shuffled pages; returns caches, tables, contiguous K/V."""
     gen = torch.Generator().manual_seed(0)
     num_blocks = sum(-(-n // block_size) for n in lengths) + 3
     shape = (num_blocks, block_size, kvh, dim)
-    k_cache, v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+    if head_major:
+        cpu = torch.device("cpu")
+        k_cache = ops.allocate_kv_cache(*shape, dtype, cpu)
+        v_cache = ops.allocate_kv_cache(*shape, dtype, cpu)
+    else:
+        k_cache, v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables, ks, vs = [], [], []
     for n in lengths:
@@ -47,18 +59,28 @@ def _paged(lengths: list[int], block_size: int, kvh: int, dim: int, dtype: torch
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("heads,kvh", [(4, 4), (6, 2), (8, 1)])
-def test_paged_decode_attention(dtype: torch.dtype, tol: float, heads: int, kvh: int) -> None:
+@pytest.mark.parametrize("head_major", [True, False])
+def test_paged_decode_attention(
+    dtype: torch.dtype, tol: float, heads: int, kvh: int, head_major: bool
+) -> None:
     lengths, block_size, dim = [1, 17, 40, 5], 16, 32
-    k_cache, v_cache, tables, ks, vs = _paged(lengths, block_size, kvh, dim, dtype)
-    q = torch.randn(len(lengths), heads, dim).to(dtype)
-    span = tables.shape[1] * block_size
-    mask = (torch.arange(span)[None, :] < torch.tensor(lengths)[:, None]).view(
-        len(lengths), 1, 1, span
-    )
-    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, mask, dim**-0.5)
-    for i, n in enumerate(lengths):
-        expected = _naive(q[i : i + 1], ks[i], vs[i], offset=n - 1)
-        torch.testing.assert_close(out[i : i + 1].float(), expected, atol=tol, rtol=tol)
+    k_cache, v_cache, tables, ks, vs = _paged(lengths, block_size, kvh, dim, dtype, head_major)
+    workspace = ops.DecodeWorkspace()
+    # Two steps with different tables through one workspace: buffers and index are reused safely.
+    for rows in ([0, 1, 2, 3], [2, 0]):
+        q = torch.randn(len(rows), heads, dim).to(dtype)
+        lens = [lengths[r] for r in rows]
+        step_tables = tables[rows][:, : -(-max(lens) // block_size)].clone()
+        span = step_tables.shape[1] * block_size
+        mask = (torch.arange(span)[None, :] < torch.tensor(lens)[:, None]).view(
+            len(rows), 1, 1, span
+        )
+        out = ops.paged_decode_attention(
+            q, k_cache, v_cache, step_tables, mask, dim**-0.5, workspace
+        )
+        for i, r in enumerate(rows):
+            expected = _naive(q[i : i + 1], ks[r], vs[r], offset=lengths[r] - 1)
+            torch.testing.assert_close(out[i : i + 1].float(), expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("heads,kvh", [(4, 4), (6, 2)])

@@ -12,7 +12,14 @@ import logging
 import sys
 
 # Verb modules, imported lazily so `headrace --help` stays fast (no torch import).
-VERB_MODULES: tuple[str, ...] = ("worker.generate_cli", "bench.cli", "producer.cli", "worker.service_cli")
+VERB_MODULES: tuple[str, ...] = (
+    "worker.generate_cli",
+    "bench.cli",
+    "producer.cli",
+    "worker.service_cli",
+    "producer.bulk_cli",
+    "worker.stats_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

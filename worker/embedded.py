@@ -157,6 +157,9 @@ def _spawn(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+        # Own session: a terminal's Ctrl-C must reach the worker (which drains and still
+        # needs Redis to publish), not kill the server under it.
+        start_new_session=True,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from worker.engine.sequence import Request, TokenOutput
 from worker.errors import RequestError
+from worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,12 @@ class EngineLoop:
         engine: Any,
         loop: asyncio.AbstractEventLoop,
         on_event: Callable[[EngineEvent], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self._loop = loop
         self._on_event = on_event
+        self._metrics = metrics if metrics is not None else Metrics()
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._active: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="headrace-engine", daemon=True)
@@ -157,6 +160,7 @@ class EngineLoop:
             self._active.clear()
             return
         self.num_steps += 1
+        self._metrics.observe_step(self.engine.stats(), sum(len(o.new_token_ids) for o in outputs))
         for out in outputs:
             if out.finished:
                 self._active.discard(out.request_id)

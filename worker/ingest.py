@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _RETRY_S = 0.5
+_POLL_S = 0.5
 
 # Screening verdicts for a decoded job, before it costs any tokenization.
 RUN = "run"
@@ -181,16 +182,20 @@ class Ingest:
         return out
 
     async def listen_cancels(
-        self, on_cancel: Callable[[str], None], subscribed: asyncio.Event
+        self,
+        on_cancel: Callable[[str], None],
+        subscribed: asyncio.Event,
+        closing: asyncio.Event,
     ) -> None:
-        """Call `on_cancel(job_id)` for each message on the cancel channel, until cancelled."""
-        while True:
+        """Call `on_cancel(job_id)` for each message on the cancel channel until `closing`."""
+        while not closing.is_set():
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._keys.cancel_channel)
                 subscribed.set()
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                while not closing.is_set():
+                    message = await pubsub.get_message(timeout=_POLL_S)
+                    if message is not None and message.get("type") == "message":
                         on_cancel(message["data"].decode(errors="replace"))
             except _REDIS_ERRORS as exc:
                 # Cancels sent meanwhile are not lost for queued jobs: their key is checked on pickup.

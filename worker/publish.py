@@ -24,6 +24,7 @@ from worker.engine.detokenizer import TextStream
 from worker.engine.sequence import Request, TokenLogprobs, TokenOutput
 from worker.errors import RequestError
 from worker.keys import RESULT_FIELD, Keys
+from worker.metrics import Metrics
 from worker.protocol import (
     STATUS_CANCELLED,
     STATUS_OK,
@@ -71,8 +72,8 @@ class JobState:
     entry_id: str
     job: Job
     attempt: int
-    request: Request | None = None
-    text: TextStream | None = None
+    request: Request | None = None  # set once it is handed to the engine
+    text: TextStream | None = None  # incremental text, for stream jobs and stop strings only
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     started_ms: float | None = None
@@ -97,18 +98,22 @@ class Publisher:
         self,
         client: aioredis.Redis,
         keys: Keys,
+        tokenizer: Any,
         *,
         worker: str,
         result_ttl_s: int,
         reply_maxlen: int,
         on_acked: Callable[[JobState], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
+        self._tokenizer = tokenizer
         self._worker = worker
         self._ttl = result_ttl_s
         self._maxlen = reply_maxlen
         self._on_acked = on_acked
+        self._metrics = metrics if metrics is not None else Metrics()
         self._script = client.register_script(_PUBLISH_FINAL_LUA)
         self._ops: list[_Op] = []
         self._wake = asyncio.Event()
@@ -121,19 +126,22 @@ class Publisher:
 
     def on_output(self, state: JobState, out: TokenOutput) -> bool:
         """Apply one TokenOutput; True when a stop string matched (caller aborts the request)."""
-        if state.done or state.text is None:
+        if state.done or state.request is None:
             return False
         if state.first_token_ms is None and out.new_token_ids:
             state.first_token_ms = now_ms()
         state.token_ids.extend(out.new_token_ids)
         state.logprobs.extend(out.logprobs)
-        delta = state.text.append(out.new_token_ids)
-        text = delta.text
-        if out.finished and not delta.stopped:
-            text += flush_text(state)
-        if state.job.stream and (text or out.new_token_ids):
-            self.partial(state, text, out.new_token_ids)
-        if delta.stopped:
+        self._metrics.add_generation_tokens(len(out.new_token_ids))
+        stopped = False
+        if state.text is not None:
+            delta = state.text.append(out.new_token_ids)
+            stopped, text = delta.stopped, delta.text
+            if out.finished and not stopped:
+                text += flush_text(state)
+            if state.job.stream and (text or out.new_token_ids):
+                self.partial(state, text, out.new_token_ids)
+        if stopped:
             self.final(state, STATUS_OK, "stop")
             return True
         if out.finished:
@@ -160,8 +168,6 @@ class Publisher:
 
     def final(self, state: JobState, status: str, finish_reason: str | None) -> None:
         """Queue the final ok/cancelled result of a job that ran (or started running)."""
-        flush_text(state)
-        text = state.text.text if state.text is not None else ""
         usage = {
             "prompt_tokens": len(state.request.prompt_token_ids) if state.request else 0,
             "completion_tokens": len(state.token_ids),
@@ -169,7 +175,7 @@ class Publisher:
         result = Result(
             id=state.job.id,
             status=status,
-            text=text,
+            text=self._final_text(state),
             token_ids=tuple(state.token_ids),
             finish_reason=finish_reason,
             usage=usage,
@@ -179,6 +185,16 @@ class Publisher:
             logprobs=_logprobs_wire(state.logprobs) if state.logprobs else None,
         )
         self._finish(state, result)
+
+    def _final_text(self, state: JobState) -> str:
+        if state.text is not None:
+            flush_text(state)
+            return state.text.text
+        if not state.token_ids or state.request is None:
+            return ""
+        # No deltas and no stop strings: one decode at the end equals the incremental text.
+        skip = state.request.params.skip_special_tokens
+        return self._tokenizer.decode(state.token_ids, skip_special_tokens=skip)
 
     def fail(self, state: JobState, error: RequestError) -> None:
         """Queue the final error result of a job (invalid, expired, engine failure...)."""
@@ -214,10 +230,12 @@ class Publisher:
                 )
             )
         result = error_result(job_id, error, worker=self._worker, attempt=attempt)
+        self._metrics.observe_result(result)
         self._queue_final(entry_id, job_id, reply_to, encode_result(result), on_done)
 
     def _finish(self, state: JobState, result: Result) -> None:
         state.done = True
+        self._metrics.observe_result(result)
         self._queue_final(
             state.entry_id,
             state.job.id,

@@ -26,6 +26,7 @@ from worker.engine.sequence import Request
 from worker.engine_loop import EngineEvent, EngineLoop
 from worker.errors import RequestError
 from worker.ingest import ALREADY_DONE, CANCELLED, Ingest
+from worker.metrics import Health, Metrics, MetricsServer, monitor
 from worker.protocol import STATUS_CANCELLED, JobDecodeError
 from worker.publish import JobState, Publisher, now_ms
 from worker.recovery import Entry, Recovery
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _RETRY_S = 0.5
+_TASK_EXIT_S = 2.0
 
 
 class WorkerService:
@@ -57,10 +59,14 @@ class WorkerService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
+        self._closing: asyncio.Event | None = None
         self._force = False
         self.exit_code = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.ready = threading.Event()  # set once reading; for embedding programs and tests
+        self.metrics = Metrics()
+        self.health = Health()
+        self.metrics_server: MetricsServer | None = None
 
     # -- public control -------------------------------------------------------------
 
@@ -73,6 +79,7 @@ class WorkerService:
     def _stop_now(self, force: bool) -> None:
         assert self._stopping is not None and self._changed is not None
         self._force = self._force or force or self._stopping.is_set()
+        self.health.stopping = True  # not ready while draining: send no new traffic here
         self._stopping.set()
         self._changed.set()
 
@@ -93,6 +100,7 @@ class WorkerService:
             "dead_lettered": self.num_dead_lettered,
             "steps": self.engine_loop.num_steps,
             "time": time.time(),
+            **self.metrics.snapshot(),
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -100,10 +108,16 @@ class WorkerService:
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._stopping, self._changed = asyncio.Event(), asyncio.Event()
+        self._closing = asyncio.Event()
         if self.engine is None:
             from worker.engine.engine import Engine
 
             self.engine = await asyncio.to_thread(Engine, self.config.engine)
+        self.health.model_loaded = True
+        if self.config.metrics_port:
+            self.metrics_server = MetricsServer(
+                self.metrics, self.health, self.config.metrics_host, self.config.metrics_port
+            ).start()
         self._install_signals()
         self.redis = aioredis.Redis.from_url(self.config.redis_url)
         self._build_stages()
@@ -113,7 +127,15 @@ class WorkerService:
         for coro in (
             self.publisher.run(),
             self._heartbeat_loop(),
-            self.ingest.listen_cancels(self._cancel, subscribed),
+            self.ingest.listen_cancels(self._cancel, subscribed, self._closing),
+            monitor(
+                self.metrics,
+                self.health,
+                self.redis.ping,
+                lambda: len(self.inflight),
+                self._closing,
+                log_every_s=self.config.throughput_log_s,
+            ),
         ):
             self._spawn(coro)
         await subscribed.wait()
@@ -154,13 +176,15 @@ class WorkerService:
         self.publisher = Publisher(
             self.redis,
             self.keys,
+            engine.tokenizer,
             worker=cfg.consumer,
             result_ttl_s=cfg.result_ttl_s,
             reply_maxlen=cfg.reply_maxlen,
             on_acked=self._release,
+            metrics=self.metrics,
         )
         assert self._loop is not None
-        self.engine_loop = EngineLoop(engine, self._loop, self._on_engine_event)
+        self.engine_loop = EngineLoop(engine, self._loop, self._on_engine_event, self.metrics)
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -202,14 +226,23 @@ class WorkerService:
             await self.recovery.release([s.entry_id for s in states])
 
     async def _shutdown(self) -> None:
+        assert self._closing is not None
+        self._closing.set()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: redis-py can swallow a cancel that lands mid-command; the loops also
+        # watch _closing, so they end on their own right after.
+        if self._tasks:
+            _, stuck = await asyncio.wait(list(self._tasks), timeout=_TASK_EXIT_S)
+            if stuck:
+                log.warning("%d background tasks did not stop in time", len(stuck))
         await asyncio.to_thread(self.engine_loop.stop)
         self.ingest.close()
         with contextlib.suppress(*_REDIS_ERRORS):
             await self.recovery.leave()
         await self.redis.aclose()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         log.info("worker %s stopped: %s", self.config.consumer, self.stats())
 
     # -- ingest -------------------------------------------------------------------------
@@ -301,8 +334,10 @@ class WorkerService:
     def _start(self, state: JobState, token_ids: tuple[int, ...]) -> None:
         params = state.job.sampling_params()  # validated by decode_job, cannot raise here
         state.request = Request(state.job.id, token_ids, params)
-        state.text = TextStream(self.engine.tokenizer, token_ids, params)
+        if state.job.stream or params.stop:
+            state.text = TextStream(self.engine.tokenizer, token_ids, params)
         state.started_ms = now_ms()
+        self.metrics.add_prompt_tokens(len(token_ids))
         self.engine_loop.add(state.request)
 
     def _reject(self, entry: Entry, err: JobDecodeError) -> None:
@@ -374,13 +409,15 @@ class WorkerService:
     # -- background loops -------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        assert self._closing is not None
+        while not self._closing.is_set():
             try:
                 entry_ids = [s.entry_id for s in self.inflight.values()]
                 await self.recovery.heartbeat(entry_ids, self.stats())
             except _REDIS_ERRORS as exc:
                 log.warning("heartbeat failed: %r", exc)
-            await asyncio.sleep(self.config.heartbeat_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.config.heartbeat_s)
 
     def _cancel(self, job_id: str) -> None:
         state = self.inflight.get(job_id)

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
+from worker.logs import use_log_format
 from worker.settings import WorkerConfig, add_arguments
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_worker(WorkerConfig.from_args(args))
+    config = WorkerConfig.from_args(args)
+    use_log_format(config.log_format)
+    return run_worker(config)
 
 
 def run_worker(config: WorkerConfig, engine: Any | None = None) -> int:

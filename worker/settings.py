@@ -17,6 +17,7 @@ from typing import Any
 
 from worker.config import DTYPES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.keys import Keys
+from worker.logs import LOG_FORMATS
 from worker.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 
 ENV_PREFIX = "HEADRACE_"
@@ -38,6 +39,8 @@ class WorkerConfig:
     heartbeat_interval_s: how often live claims are refreshed; None → claim_idle_ms / 3.
     max_attempts: deliveries after which a job goes to the dead-letter stream.
     burst: process what is queued (and reclaimable), then exit.
+    metrics_port: serve /metrics, /healthz and /readyz on this port; 0 → no HTTP server.
+    log_format: "text" or "json" (one object a line, for log collectors).
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -55,6 +58,10 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     burst: bool = False
     tokenizer_threads: int = 1
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    log_format: str = "text"
+    throughput_log_s: float = 10.0
 
     def __post_init__(self) -> None:
         Keys(self.namespace)  # validates the namespace
@@ -69,6 +76,10 @@ class WorkerConfig:
             raise ValueError("heartbeat interval must be shorter than claim_idle_ms")
         if self.result_ttl_s < 1 or self.max_payload_bytes < 1 or self.drain_timeout_s < 0:
             raise ValueError("result_ttl, max_payload_bytes must be >= 1 and drain_timeout >= 0")
+        if not 0 <= self.metrics_port <= 65535 or self.throughput_log_s <= 0:
+            raise ValueError("metrics_port must be in [0, 65535] and throughput_log_s > 0")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {LOG_FORMATS}")
 
     @property
     def inflight_limit(self) -> int:
@@ -152,6 +163,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("drain_timeout", float, "seconds to finish in-flight jobs on SIGTERM"),
     Option("burst", _parse_bool, "process what is queued, then exit"),
     Option("tokenizer_threads", int, "threads that tokenize prompts"),
+    Option("metrics_port", int, "Prometheus /metrics, /healthz, /readyz port (0 = off)"),
+    Option("metrics_host", str, "address the metrics server binds (default 0.0.0.0)"),
+    Option("log_format", str, "text, or json for one JSON object a line", LOG_FORMATS),
 )
 
 # Option dest → WorkerConfig field, for the knobs that are not engine settings.
@@ -169,6 +183,9 @@ _WORKER_FIELDS = {
     "drain_timeout": "drain_timeout_s",
     "burst": "burst",
     "tokenizer_threads": "tokenizer_threads",
+    "metrics_port": "metrics_port",
+    "metrics_host": "metrics_host",
+    "log_format": "log_format",
 }
 
 

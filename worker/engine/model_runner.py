@@ -11,7 +11,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from ops.attention import DecodeWorkspace
+from ops.attention import DecodeWorkspace, allocate_kv_cache
 from worker.config import CacheConfig
 from worker.engine.scheduler import ScheduledChunk
 from worker.models.attention import AttentionMetadata
@@ -48,10 +48,7 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
         # [num_blocks, block_size, num_kv_heads, head_dim] per layer, K and V.
         self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
+            (allocate_kv_cache(*shape, dtype, device), allocate_kv_cache(*shape, dtype, device))
             for _ in range(args.num_layers)
         ]
         self.workspace = DecodeWorkspace()

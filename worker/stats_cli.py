@@ -1,0 +1,231 @@
+"""The `headrace stats` verb (operations, read-only): queue depth, pending per consumer, dead letters, throughput.
+
+Reads only what Redis already holds: XINFO on the requests stream and its group,
+XLEN of the dead-letter stream, and the per-worker stats hash that each worker
+refreshes every heartbeat (recent tok/s and req/s, engine occupancy) together
+with its liveness key, so stats of a crashed worker are shown but not summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgpack
+import redis
+
+from worker.keys import Keys
+
+REDIS_URL_ENV = "HEADRACE_REDIS_URL"
+NAMESPACE_ENV = "HEADRACE_NAMESPACE"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"  # what the compose stack publishes
+
+
+@dataclass(frozen=True)
+class ConsumerStats:
+    """One consumer of the requests group and, if it is a live worker, its own report.
+
+    idle_s: since its last read or claim (XINFO CONSUMERS); None if it never read.
+    worker: the stats hash entry (running, waiting, recent_tok_s...); None if it has none.
+    """
+
+    name: str
+    pending: int
+    idle_s: float | None
+    alive: bool
+    worker: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What `headrace stats` reports for one namespace.
+
+    lag: entries not yet delivered to any worker (None before the group exists).
+    oldest_waiting_s / oldest_pending_s: age of the oldest undelivered / unacked entry.
+    """
+
+    namespace: str
+    stream: str
+    length: int
+    lag: int | None
+    pending: int
+    oldest_waiting_s: float | None
+    oldest_pending_s: float | None
+    dead_letter: int
+    consumers: tuple[ConsumerStats, ...]
+    live_workers: int
+    recent_tok_s: float
+    recent_req_s: float
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "stats",
+        help="queue length, pending jobs per consumer, dead letters, recent throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL,
+        help=f"the workers' Redis (default ${REDIS_URL_ENV}, else {DEFAULT_REDIS_URL})",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get(NAMESPACE_ENV) or "headrace",
+        help=f"key namespace (default ${NAMESPACE_ENV}, else headrace)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        keys = Keys(args.namespace)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    client = redis.Redis.from_url(args.redis_url, socket_timeout=10)
+    try:
+        stats = collect(client, keys)
+    except redis.exceptions.RedisError as exc:
+        print(f"error: cannot read stats from {args.redis_url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(json.dumps(asdict(stats)) if args.json else render(stats, args.redis_url))
+    return 0
+
+
+def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> QueueStats:
+    """Gather the stats of `keys.namespace` (a handful of round trips, whatever the queue size)."""
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
+    length = int(client.xlen(keys.requests))
+    group = _group(client, keys) if length or client.exists(keys.requests) else None
+    rows = client.xinfo_consumers(keys.requests, keys.group) if group else []
+    reports = {_text(k): msgpack.unpackb(v) for k, v in client.hgetall(keys.workers).items()}
+    names = sorted({_text(r["name"]) for r in rows} | set(reports))
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.exists(keys.worker(name))
+    alive = dict(zip(names, (bool(x) for x in pipe.execute()), strict=True))
+    by_name = {_text(r["name"]): r for r in rows}
+    consumers = tuple(
+        ConsumerStats(
+            name=name,
+            pending=int(by_name[name]["pending"]) if name in by_name else 0,
+            idle_s=int(by_name[name]["idle"]) / 1000 if name in by_name else None,
+            alive=alive[name],
+            worker=reports.get(name),
+        )
+        for name in names
+    )
+    live = [c.worker for c in consumers if c.alive and c.worker is not None]
+    pending = int(group["pending"]) if group else 0
+    return QueueStats(
+        namespace=keys.namespace,
+        stream=keys.requests,
+        length=length,
+        lag=_lag(group, length),
+        pending=pending,
+        oldest_waiting_s=_oldest_waiting(client, keys, group, now_ms),
+        oldest_pending_s=_oldest_pending(client, keys, now_ms) if pending else None,
+        dead_letter=int(client.xlen(keys.dead_letter)),
+        consumers=consumers,
+        live_workers=len(live),
+        recent_tok_s=round(sum(float(w.get("recent_tok_s", 0)) for w in live), 2),
+        recent_req_s=round(sum(float(w.get("recent_req_s", 0)) for w in live), 3),
+    )
+
+
+def _group(client: redis.Redis, keys: Keys) -> dict[str, Any] | None:
+    for row in client.xinfo_groups(keys.requests):
+        if _text(row["name"]) == keys.group:
+            return row
+    return None
+
+
+def _lag(group: dict[str, Any] | None, length: int) -> int | None:
+    """Undelivered entries: all of them before any worker made the group; None if Redis can't tell."""
+    if group is None:
+        return length
+    return None if group.get("lag") is None else int(group["lag"])
+
+
+def _oldest_waiting(
+    client: redis.Redis, keys: Keys, group: dict[str, Any] | None, now_ms: float
+) -> float | None:
+    # The first entry after the group's last delivered id is the oldest one nobody took yet.
+    start = "-" if group is None else "(" + _text(group["last-delivered-id"])
+    first = client.xrange(keys.requests, min=start, count=1)
+    return _age_s(first[0][0], now_ms) if first else None
+
+
+def _oldest_pending(client: redis.Redis, keys: Keys, now_ms: float) -> float | None:
+    summary = client.xpending(keys.requests, keys.group)
+    return _age_s(summary["min"], now_ms) if summary.get("min") else None
+
+
+def _age_s(entry_id: bytes | str, now_ms: float) -> float:
+    return round(max(0.0, now_ms - int(_text(entry_id).split("-", 1)[0])) / 1000, 1)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def render(stats: QueueStats, redis_url: str) -> str:
+    """The human-readable report: a summary block, then one row per consumer."""
+    lag = "?" if stats.lag is None else str(stats.lag)
+    lines = [
+        f"headrace stats: namespace {stats.namespace} on {redis_url}",
+        f"  requests    {stats.stream}: {stats.length} entries, {lag} waiting, "
+        f"{stats.pending} pending (delivered, not acked yet)",
+        f"  oldest      waiting {_age(stats.oldest_waiting_s)}, pending {_age(stats.oldest_pending_s)}",
+        f"  dead-letter {Keys(stats.namespace).dead_letter}: {stats.dead_letter} entries",
+        f"  throughput  {stats.recent_tok_s:.1f} tok/s, {stats.recent_req_s:.2f} req/s "
+        f"(last minute, live workers: {stats.live_workers})",
+    ]
+    if not stats.consumers:
+        return "\n".join([*lines, "  no consumers yet"])
+    header = ("consumer", "alive", "pending", "idle", "running", "waiting", "kv", "tok/s", "req/s")
+    table = [header] + [_row(c) for c in stats.consumers]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines.append("")
+    for row in table:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _row(c: ConsumerStats) -> tuple[str, ...]:
+    w = c.worker or {}
+    kv = "-"
+    if w.get("kv_total_blocks"):
+        kv = f"{100 * w['kv_used_blocks'] / w['kv_total_blocks']:.0f}%"
+    return (
+        c.name,
+        "yes" if c.alive else "no",
+        str(c.pending),
+        _age(c.idle_s),
+        str(w.get("running", "-")),
+        str(w.get("waiting", "-")),
+        kv,
+        f"{w['recent_tok_s']:.1f}" if "recent_tok_s" in w else "-",
+        f"{w['recent_req_s']:.2f}" if "recent_req_s" in w else "-",
+    )
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.1f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"

@@ -115,8 +115,12 @@ class DecodeWorkspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self._index_key: torch.Tensor | None = None
-        self._index: torch.Tensor | None = None
+        # id(block_tables) → (block_tables, index); the tensor is kept so its id stays unique.
+        self._indexes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def new_step(self) -> None:
+        """Forget the previous step's gather indexes (buffers are kept)."""
+        self._indexes.clear()
 
     def buffer(
         self, name: str, numel: int, dtype: torch.dtype, device: torch.device
@@ -130,11 +134,11 @@ class DecodeWorkspace:
     def gather_index(
         self, block_tables: torch.Tensor, num_kv_heads: int, block_size: int
     ) -> torch.Tensor:
-        if self._index_key is not block_tables:
-            self._index = _head_major_index(block_tables, num_kv_heads, block_size)
-            self._index_key = block_tables
-        assert self._index is not None
-        return self._index
+        entry = self._indexes.get(id(block_tables))
+        if entry is None or entry[0] is not block_tables:
+            entry = (block_tables, _head_major_index(block_tables, num_kv_heads, block_size))
+            self._indexes[id(block_tables)] = entry
+        return entry[1]
 
 
 def _head_major_index(

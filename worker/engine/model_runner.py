@@ -14,7 +14,7 @@ import torch
 from ops.attention import DecodeWorkspace, allocate_kv_cache
 from worker.config import CacheConfig
 from worker.engine.scheduler import ScheduledChunk
-from worker.models.attention import AttentionMetadata
+from worker.models.attention import AttentionMetadata, DecodeGroup
 from worker.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,9 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dt
 
 
 class ModelRunner:
+    # A decode group closes once the next context is this much longer than its shortest.
+    GROUP_SPREAD = 1.5
+
     def __init__(
         self,
         model: LlamaForCausalLM,
@@ -74,7 +77,11 @@ class ModelRunner:
             (those that reach their sequence's last token), in that row order.
         """
         prefills = [c for c in chunks if c.num_new_tokens > 1]
-        decodes = [c for c in chunks if c.num_new_tokens == 1]
+        # Decodes sorted by context length so that groups of similar length share a padding.
+        decodes = sorted(
+            (c for c in chunks if c.num_new_tokens == 1), key=lambda c: c.seq.num_computed_tokens
+        )
+        self.workspace.new_step()
         ordered = prefills + decodes
         input_ids, positions, slots, sample_rows = [], [], [], []
         for chunk in ordered:
@@ -102,15 +109,6 @@ class ModelRunner:
         for chunk in prefills:
             cu_seqlens.append(cu_seqlens[-1] + chunk.num_new_tokens)
             context_lens.append(chunk.seq.num_computed_tokens + chunk.num_new_tokens)
-        decode_tables = decode_mask = None
-        if decodes:
-            decode_lens = [c.seq.num_computed_tokens + 1 for c in decodes]
-            decode_tables = self._block_table([c.seq.block_ids for c in decodes])
-            span = decode_tables.shape[1] * self.block_size
-            lens = torch.tensor(decode_lens, device=self.device)
-            decode_mask = (torch.arange(span, device=self.device)[None, :] < lens[:, None]).view(
-                len(decodes), 1, 1, span
-            )
         return AttentionMetadata(
             slot_mapping=self._long(slots),
             num_prefill_tokens=cu_seqlens[-1],
@@ -119,10 +117,28 @@ class ModelRunner:
             prefill_block_tables=self._block_table([c.seq.block_ids for c in prefills])
             if prefills
             else None,
-            decode_block_tables=decode_tables,
-            decode_mask=decode_mask,
+            decode_groups=self._decode_groups(decodes),
             workspace=self.workspace,
         )
+
+    def _decode_groups(self, decodes: list[ScheduledChunk]) -> tuple[DecodeGroup, ...]:
+        """Split length-sorted decodes where padding to the group's longest would waste most."""
+        groups, start = [], 0
+        lens = [c.seq.num_computed_tokens + 1 for c in decodes]
+        for i in range(1, len(decodes) + 1):
+            if i == len(decodes) or (i - start >= 8 and lens[i] > self.GROUP_SPREAD * lens[start]):
+                groups.append(self._decode_group(decodes, lens, start, i))
+                start = i
+        return tuple(groups)
+
+    def _decode_group(
+        self, decodes: list[ScheduledChunk], lens: list[int], start: int, end: int
+    ) -> DecodeGroup:
+        tables = self._block_table([c.seq.block_ids for c in decodes[start:end]])
+        span = tables.shape[1] * self.block_size
+        valid = torch.tensor(lens[start:end], device=self.device)
+        mask = torch.arange(span, device=self.device)[None, :] < valid[:, None]
+        return DecodeGroup(start, end, tables, mask.view(end - start, 1, 1, span))
 
     def _block_table(self, tables: list[list[int]]) -> torch.Tensor:
         """Pad page lists to one [num_seqs, max_blocks] int64 tensor (padding: page 0, masked out)."""

@@ -15,6 +15,19 @@ from ops import attention as attn_ops
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decode sequences [start, end) of the decode part, of similar context length.
+
+    block_tables: [n, max_blocks] int64; mask: [n, 1, 1, max_blocks * block_size] bool.
+    """
+
+    start: int
+    end: int
+    block_tables: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Everything attention needs about a step; built once per step by the ModelRunner.
 
@@ -22,8 +35,8 @@ class AttentionMetadata:
     prefill_cu_seqlens: [num_prefills + 1] offsets of prefill chunks (python ints).
     prefill_context_lens: [num_prefills] cached tokens after this step (python ints).
     prefill_block_tables: [num_prefills, max_blocks] int64.
-    decode_block_tables: [num_decodes, max_blocks] int64.
-    decode_mask: [num_decodes, 1, 1, max_blocks * block_size] bool, True on valid positions.
+    decode_groups: decode sequences split by context length, so a short context is
+        not padded to the longest one in the batch.
     """
 
     slot_mapping: torch.Tensor
@@ -31,8 +44,7 @@ class AttentionMetadata:
     prefill_cu_seqlens: list[int]
     prefill_context_lens: list[int]
     prefill_block_tables: torch.Tensor | None
-    decode_block_tables: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decode_groups: tuple[DecodeGroup, ...]
     workspace: attn_ops.DecodeWorkspace | None = None
 
 
@@ -73,14 +85,15 @@ class PagedAttention(torch.nn.Module):
                     self.scale,
                 )
             )
-        if meta.decode_block_tables is not None:
+        decode_q = q[num_prefill:]
+        for group in meta.decode_groups:
             parts.append(
                 attn_ops.paged_decode_attention(
-                    q[num_prefill:],
+                    decode_q[group.start : group.end],
                     key_cache,
                     value_cache,
-                    meta.decode_block_tables,
-                    meta.decode_mask,
+                    group.block_tables,
+                    group.mask,
                     self.scale,
                     meta.workspace,
                 )

@@ -1,18 +1,21 @@
 """Paged KV cache ops with an optional int8 cache, dispatched to Triton on CUDA.
 
-int8 scheme: symmetric, one scale per (token, kv head), kept in scale pools laid out like the
+int8 scheme: symmetric, one scale per (token, kv head), kept in scale pools shaped like the
 pages without the head_dim axis:
 
     key_cache, value_cache:             [num_blocks, block_size, num_kv_heads, head_dim] int8
     key_scale_cache, value_scale_cache: [num_blocks, block_size, num_kv_heads] float16/bf16/fp32
 
-A cached value dequantizes to `q * scale`. The scale is rounded to the pool's dtype before the
-codes are computed, so codes and stored scale agree. float16 pools are the recommended choice:
-with head_dim 64, a token's K and V take 2 * (64 + 2) bytes per kv head, 1.94x fewer than bf16.
+Pools may be token-major or head-major in storage (`allocate_kv_cache`,
+`allocate_kv_scales`); every op here and every kernel addresses them through their strides.
+A cached value dequantizes to `code * scale`. The scale is rounded to the pool's dtype before
+the codes are computed, so codes and stored scale agree. float16 pools are the recommended
+choice: with head_dim 64, a token's K and V take 2 * (64 + 2) bytes per kv head, 1.94x fewer
+than bf16.
 
-With full-precision caches (no scale pools) every op falls back to `ops.attention` on CPU.
-The int8 CPU paths dequantize the gathered pages of a step (fine on CPU; the kernels instead
-fold the scales into the scores and probabilities tile by tile).
+With full-precision caches (no scale pools) the CPU paths are `ops.attention`'s. The int8 CPU
+paths convert the gathered codes of a step to the query dtype (exact) and fold the scales into
+the scores and probabilities, as the kernels do tile by tile.
 """
 
 from __future__ import annotations
@@ -23,6 +26,19 @@ import torch.nn.functional as F
 from ops import attention as fp_ops
 from ops.dispatch import use_triton
 from ops.quant import INT8_MAX, MIN_SCALE, round_half_up
+
+
+def allocate_kv_scales(
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """One layer's K (or V) scale pool, zeroed: a [num_blocks, block_size, KVH] view of
+    head-major storage, matching `ops.attention.allocate_kv_cache`'s pages."""
+    pages = torch.zeros(num_blocks, num_kv_heads, block_size, dtype=dtype, device=device)
+    return pages.permute(0, 2, 1)
 
 
 def quantize_kv(
@@ -48,11 +64,15 @@ def reshape_and_cache_int8(
 
     key, value: [T, KVH, D]; slot_mapping: [T] int64, `block_id * block_size + offset`.
     """
-    num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    for x, cache, scales in ((key, key_cache, key_scale_cache), (value, value_cache, value_scale_cache)):
-        q, s = quantize_kv(x, scales.dtype)
-        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, q)
-        scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, s)
+    block_size = key_cache.shape[1]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    for x, cache, scales in (
+        (key, key_cache, key_scale_cache),
+        (value, value_cache, value_scale_cache),
+    ):
+        codes, scale = quantize_kv(x, scales.dtype)
+        cache[blocks, offsets] = codes
+        scales[blocks, offsets] = scale
 
 
 def reshape_and_cache(
@@ -83,6 +103,17 @@ def decode_mask(context_lens: torch.Tensor, span: int) -> torch.Tensor:
     return (positions[None, :] < context_lens[:, None]).view(-1, 1, 1, span)
 
 
+def _gather_head_major(
+    pool: torch.Tensor, index: torch.Tensor, workspace: fp_ops.DecodeWorkspace, name: str
+) -> torch.Tensor:
+    """Rows `index` (from `DecodeWorkspace.gather_index`) of a [num_blocks, block_size, KVH, X]
+    pool read head-major → [len(index), block_size * X], in a reused buffer."""
+    pages = pool.permute(0, 2, 1, 3).contiguous()  # a no-op for head-major storage
+    rows = pages.view(-1, pages.shape[2] * pages.shape[3])
+    out = workspace.buffer(name, index.numel() * rows.shape[1], pool.dtype, pool.device)
+    return torch.index_select(rows, 0, index, out=out.view(-1, rows.shape[1]))
+
+
 def paged_decode_attention_int8(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -92,6 +123,7 @@ def paged_decode_attention_int8(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    workspace: fp_ops.DecodeWorkspace | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its int8 pages (torch; the reference of the kernel).
 
@@ -99,21 +131,28 @@ def paged_decode_attention_int8(
     int8 codes convert exactly to query.dtype; the K scales multiply the scores and the V
     scales the probabilities, as in the kernel.
     """
+    workspace = workspace or fp_ops.DecodeWorkspace()
     num_seqs, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    dtype = query.dtype
-    k = key_cache[block_tables].flatten(1, 2)  # [S, L, KVH, D] int8
-    v = value_cache[block_tables].flatten(1, 2)
-    k_scale = key_scale_cache[block_tables].flatten(1, 2).permute(0, 2, 1).float()  # [S, KVH, L]
-    v_scale = value_scale_cache[block_tables].flatten(1, 2).permute(0, 2, 1).float()
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    span = block_tables.shape[1] * block_size
+    index = workspace.gather_index(block_tables, num_kv_heads, block_size)
+    shape = (num_seqs, num_kv_heads, span, head_dim)
+    gathered = {}
+    for name, pool in (("k", key_cache), ("v", value_cache)):
+        codes = _gather_head_major(pool, index, workspace, f"{name}_codes").view(shape)
+        converted = workspace.buffer(f"{name}_int8", codes.numel(), query.dtype, query.device)
+        gathered[name] = converted.view(shape).copy_(codes)
+    k_scale, v_scale = (
+        _gather_head_major(s.unsqueeze(-1), index, workspace, f"{n}_scales").view(shape[:3])
+        for n, s in (("k", key_scale_cache), ("v", value_scale_cache))
+    )
     q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1).to(dtype)).float()  # [S, KVH, G, L]
-    scores = scores * (k_scale.unsqueeze(2) * scale)
-    mask = decode_mask(context_lens, k.shape[1]).view(num_seqs, 1, 1, -1)
-    scores.masked_fill_(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1) * v_scale.unsqueeze(2)
-    out = torch.matmul(probs.to(dtype), v.transpose(1, 2).to(dtype))  # [S, KVH, G, D]
-    return out.reshape(num_seqs, num_heads, head_dim)
+    scores = torch.matmul(q, gathered["k"].transpose(-1, -2)).float()  # [S, KVH, G, L]
+    scores *= k_scale.float().unsqueeze(2) * scale
+    scores.masked_fill_(~decode_mask(context_lens, span), float("-inf"))
+    probs = scores.softmax(dim=-1) * v_scale.float().unsqueeze(2)
+    out = torch.matmul(probs.to(query.dtype), gathered["v"])  # [S, KVH, G, D]
+    return out.view_as(query)
 
 
 def paged_decode_attention(
@@ -125,28 +164,49 @@ def paged_decode_attention(
     scale: float,
     key_scale_cache: torch.Tensor | None = None,
     value_scale_cache: torch.Tensor | None = None,
+    workspace: fp_ops.DecodeWorkspace | None = None,
 ) -> torch.Tensor:
-    """query: [S, H, D] → [S, H, D]; int8 caches when the scale pools are given."""
+    """query: [S, H, D] → [S, H, D]; int8 caches when the scale pools are given.
+
+    context_lens: [S] int32/int64; workspace: the CPU paths' reusable gather buffers.
+    """
     if use_triton(query):
         from kernels.paged_attention import paged_decode_attention as kernel
 
         return kernel(
-            query, key_cache, value_cache, block_tables, context_lens, scale,
-            key_scale_cache, value_scale_cache,
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            context_lens,
+            scale,
+            key_scale_cache,
+            value_scale_cache,
         )
     if key_scale_cache is None or value_scale_cache is None:
         mask = decode_mask(context_lens, block_tables.shape[1] * key_cache.shape[1])
         return fp_ops.paged_decode_attention(
-            query, key_cache, value_cache, block_tables, mask, scale
+            query, key_cache, value_cache, block_tables, mask, scale, workspace
         )
     return paged_decode_attention_int8(
-        query, key_cache, value_cache, key_scale_cache, value_scale_cache,
-        block_tables, context_lens, scale,
+        query,
+        key_cache,
+        value_cache,
+        key_scale_cache,
+        value_scale_cache,
+        block_tables,
+        context_lens,
+        scale,
+        workspace,
     )
 
 
 def _dequantized_prefix(
-    cache: torch.Tensor, scales: torch.Tensor, block_table: torch.Tensor, length: int, dtype
+    cache: torch.Tensor,
+    scales: torch.Tensor,
+    block_table: torch.Tensor,
+    length: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """The first `length` cached tokens of a sequence in `dtype`: [length, KVH, D]."""
     codes = fp_ops.gather_pages(cache, block_table, length).float()
@@ -176,21 +236,25 @@ def prefill_attention_int8(
     out = torch.empty_like(query)
     for i, context_len in enumerate(context_lens):
         start, end = cu_seqlens[i], cu_seqlens[i + 1]
-        chunk, prefix = end - start, context_len - (end - start)
+        prefix = context_len - (end - start)
         k, v = key[start:end], value[start:end]
         mask = None
         if prefix:
-            k_pre = _dequantized_prefix(key_cache, key_scale_cache, block_tables[i], prefix, k.dtype)
-            v_pre = _dequantized_prefix(
-                value_cache, value_scale_cache, block_tables[i], prefix, v.dtype
-            )
+            table = block_tables[i]
+            k_pre = _dequantized_prefix(key_cache, key_scale_cache, table, prefix, k.dtype)
+            v_pre = _dequantized_prefix(value_cache, value_scale_cache, table, prefix, v.dtype)
             k, v = torch.cat((k_pre, k)), torch.cat((v_pre, v))
             # Bottom-right aligned causal mask: query j sits at position prefix + j.
             q_pos = torch.arange(prefix, context_len, device=query.device)
             mask = torch.arange(context_len, device=query.device)[None, :] <= q_pos[:, None]
         o = F.scaled_dot_product_attention(
-            query[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+            query[start:end].transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
         )
         out[start:end] = o.transpose(0, 1)
     return out
@@ -214,19 +278,35 @@ def prefill_attention(
         from kernels.prefill_attention import prefill_attention as kernel
 
         device = query.device
+        chunks = [end - start for start, end in zip(cu_seqlens, cu_seqlens[1:], strict=False)]
         return kernel(
-            query, key, value, key_cache, value_cache,
+            query,
+            key,
+            value,
+            key_cache,
+            value_cache,
             torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
             torch.tensor(context_lens, dtype=torch.int32, device=device),
-            block_tables, scale, max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
-            key_scale_cache, value_scale_cache,
+            block_tables,
+            scale,
+            max(chunks, default=0),
+            key_scale_cache,
+            value_scale_cache,
         )
     if key_scale_cache is None or value_scale_cache is None:
         return fp_ops.prefill_attention(
-            query, key, value, key_cache, value_cache, cu_seqlens, context_lens,
-            block_tables, scale,
+            query, key, value, key_cache, value_cache, cu_seqlens, context_lens, block_tables, scale
         )
     return prefill_attention_int8(
-        query, key, value, key_cache, value_cache, key_scale_cache, value_scale_cache,
-        cu_seqlens, context_lens, block_tables, scale,
+        query,
+        key,
+        value,
+        key_cache,
+        value_cache,
+        key_scale_cache,
+        value_scale_cache,
+        cu_seqlens,
+        context_lens,
+        block_tables,
+        scale,
     )

@@ -1,0 +1,146 @@
+"""Triton W4A16 GEMM: fp16/bf16 activations × group-wise asymmetric int4 weights packed two per byte.
+
+Byte i of a weight row holds k = 2i (low nibble) and k = 2i + 1 (high nibble), so a K tile
+is computed as two dots: the even columns of x against the low nibbles and the odd columns
+against the high ones, each dequantized in registers as `(q - zero) * scale`. A K tile never
+straddles two groups (BLOCK_K divides group_size), so it needs one scale and zero per column.
+
+Reference: `ops.quant.w4a16_gemm` (`x @ dequantize_int4(w)ᵀ`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    scales_ptr,
+    zeros_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_sn,
+    stride_sg,
+    stride_zn,
+    stride_zg,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % group_size_m)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_K // 2)  # byte (k pair) index within the tile
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        pair = k0 // 2 + offs_b
+        b_mask = pair < K // 2
+        x_mask = m_mask[:, None] & b_mask[None, :]
+        x_even = tl.load(x_rows + (2 * pair)[None, :] * stride_xk, mask=x_mask, other=0.0)
+        x_odd = tl.load(x_rows + (2 * pair + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
+        packed = tl.load(
+            w_cols + pair[:, None] * stride_wk, mask=b_mask[:, None] & n_mask[None, :], other=0
+        )  # [BLOCK_K // 2, BLOCK_N] uint8
+        group = k0 // group_size
+        scale = tl.load(scales_ptr + offs_n * stride_sn + group * stride_sg, mask=n_mask, other=0.0)
+        zero = tl.load(zeros_ptr + offs_n * stride_zn + group * stride_zg, mask=n_mask, other=0)
+        scale = scale.to(tl.float32)[None, :]
+        zero = zero.to(tl.float32)[None, :]
+        # Padded rows hold zero codes but x is 0 there, so they add nothing.
+        w_low = ((packed & 0xF).to(tl.float32) - zero) * scale
+        w_high = ((packed >> 4).to(tl.float32) - zero) * scale
+        acc += tl.dot(x_even, w_low.to(x_even.dtype))
+        acc += tl.dot(x_odd, w_high.to(x_odd.dtype))
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def w4a16_config(m: int, n: int, group_size: int) -> dict[str, int]:
+    """Tile sizes: BLOCK_K must divide the group size."""
+    block_k = 64 if group_size % 64 == 0 else 32
+    return {
+        "BLOCK_M": min(64, max(16, triton.next_power_of_2(m))),
+        "BLOCK_N": 128 if n >= 128 else max(16, triton.next_power_of_2(n)),
+        "BLOCK_K": block_k,
+        "GROUP_M": 8,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
+
+
+def w4a16_gemm(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """x @ dequant(W)ᵀ + bias.
+
+    Args:
+        x: [M, K] fp16/bf16 (fp32 works too), K even.
+        packed: [N, K // 2] uint8; scales: [N, ceil(K / group_size)] float;
+        zeros: [N, ceil(K / group_size)] uint8.
+        bias: [N] float or None.
+    Returns:
+        [M, N] in x's dtype.
+    """
+    m, k = x.shape
+    n = packed.shape[0]
+    num_groups = triton.cdiv(k, group_size)
+    if packed.dtype != torch.uint8 or packed.shape != (n, k // 2) or k % 2:
+        raise ValueError(f"packed must be uint8 [N, K/2] for x {tuple(x.shape)}")
+    if scales.shape != (n, num_groups) or zeros.shape != (n, num_groups):
+        raise ValueError(f"scales and zeros must be [{n}, {num_groups}]")
+    if zeros.dtype != torch.uint8:
+        raise ValueError("zeros must be uint8")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError("bias must be a contiguous [N]")
+    config = config or w4a16_config(m, n, group_size)
+    if group_size % config["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {config['BLOCK_K']} must divide group_size {group_size}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    _w4a16_gemm_kernel[grid](
+        x, packed, scales, zeros, bias, out, m, n, k, group_size,
+        x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
+        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, **config,
+    )  # fmt: skip
+    return out

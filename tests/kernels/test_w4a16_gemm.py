@@ -1,0 +1,61 @@
+"""Triton W4A16 GEMM against the torch path (x @ dequantized weightᵀ)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ops import quant
+from tests.kernels.conftest import BF16_DOT
+
+kernels = pytest.importorskip("kernels.w4a16_gemm", reason="triton is not installed")
+
+
+def _case(m: int, k: int, n: int, group_size: int, dtype, scale_dtype, device):
+    gen = torch.Generator().manual_seed(8)
+    weight = quant.quantize_weight_int4(
+        torch.randn(n, k, generator=gen) * 0.05, group_size, scale_dtype
+    )
+    weight = quant.Int4Weight(
+        weight.packed.to(device), weight.scales.to(device), weight.zeros.to(device), group_size
+    )
+    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    # The torch path computed directly (the op dispatches to the kernel on CUDA).
+    w = quant.dequantize_int4(weight, torch.float32)
+    expected = (x.float() @ w.t() + bias.float()).to(dtype)
+    return x, weight, bias, expected
+
+
+# K = 320 and 576 with groups of 128: the last group is short (64). M: 1, and ragged 19.
+@pytest.mark.parametrize(
+    "m,k,n,group_size", [(1, 320, 70, 128), (19, 576, 40, 128), (5, 96, 33, 32)]
+)
+@pytest.mark.parametrize("dtype", [torch.float16, BF16_DOT])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_matches_torch(device, m, k, n, group_size, dtype, scale_dtype) -> None:
+    x, weight, bias, expected = _case(m, k, n, group_size, dtype, scale_dtype, device)
+    actual = kernels.w4a16_gemm(x, weight.packed, weight.scales, weight.zeros, group_size, bias)
+    # Weights dequantize to x.dtype in the kernel, float32 in the reference.
+    torch.testing.assert_close(actual, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_matches_the_cpu_op(device) -> None:
+    x, weight, _, _ = _case(3, 256, 64, 128, torch.float16, torch.float16, device)
+    kernel_out = kernels.w4a16_gemm(x, weight.packed, weight.scales, weight.zeros, 128)
+    cpu_weight = quant.Int4Weight(
+        *(t.cpu() for t in (weight.packed, weight.scales, weight.zeros)), 128
+    )
+    torch.testing.assert_close(
+        kernel_out.cpu().float(),
+        quant.w4a16_gemm(x.cpu().float(), cpu_weight),
+        atol=1e-2,
+        rtol=1e-2,
+    )
+
+
+def test_block_k_must_divide_group(device) -> None:
+    x, weight, _, _ = _case(2, 96, 16, 32, torch.float16, torch.float16, device)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 1}
+    with pytest.raises(ValueError, match="divide"):
+        kernels.w4a16_gemm(x, weight.packed, weight.scales, weight.zeros, 32, config=config)

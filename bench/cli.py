@@ -1,4 +1,4 @@
-"""The `headrace bench` verb: `headrace bench throughput` (our engine vs transformers, one run)."""
+"""The `headrace bench` verb: `throughput` (our engine vs transformers) and `e2e` (through Redis vs the engine alone)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tp.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
     tp.add_argument("--json", action="store_true", help="print one JSON object")
     tp.set_defaults(func=run_throughput)
+
+    e2e = benches.add_parser(
+        "e2e",
+        help="producer → Redis → worker → results vs the engine alone, same run",
+        description="Throughput through Redis against the engine alone on the mixed workload, "
+        "in the same process, and TTFT including queueing.",
+    )
+    add_engine_args(e2e)
+    e2e.add_argument("--num-requests", type=int, default=64)
+    e2e.add_argument("--json", action="store_true", help="print one JSON object")
+    e2e.set_defaults(func=run_e2e_bench)
+
+
+def run_e2e_bench(args: argparse.Namespace) -> int:
+    from bench import throughput
+    from bench.e2e import run_e2e
+    from bench.workloads import mixed_workload, sampleable_token_ids
+    from worker.engine.engine import Engine
+
+    engine = Engine(engine_config_from_args(args))
+    vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)
+    workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
+    throughput.warm_up_engine(engine, tuple(vocab[:8]))
+    report = run_e2e(engine, workload)
+    if args.json:
+        print(json.dumps(report.to_dict()), flush=True)
+        return 0
+    for name, run in (("engine alone", report.engine_alone), ("via Redis", report.via_redis)):
+        d = run.to_dict()
+        print(
+            f"{name:13s} {run.tokens_per_s:8.1f} tok/s  TTFT p50/p99 "
+            f"{d['ttft_p50_s']:.2f}/{d['ttft_p99_s']:.2f} s  TPOT p50/p99 "
+            f"{d['tpot_p50_s'] * 1000:.0f}/{d['tpot_p99_s'] * 1000:.0f} ms"
+        )
+    print(
+        f"overhead {report.overhead * 100:+.1f}% of throughput; queue wait p50 {report.queued_ms_p50:.0f} ms"
+    )
+    return 0
 
 
 def run_throughput(args: argparse.Namespace) -> int:

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import msgpack
-import pytest
-import redis
 
 from tests.worker_harness import (
     KEYS,
     MAX_MODEL_LEN,
     REPLY,
     InProcessWorker,
-    engine_config,
     finals,
     pending_count,
     push,
     wait_for,
     worker_config,
 )
-from worker.engine.engine import Engine
 from worker.keys import JOB_FIELD
 
 MAX_PAYLOAD = 16384
@@ -74,14 +69,7 @@ UNANSWERABLE = {
 }
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir) -> Engine:
-    model_dir: Path = tiny_model_dir("llama")
-    return Engine(engine_config(model_dir))
-
-
-def test_malformed_jobs_get_error_results_and_the_worker_keeps_serving(engine, redis_url):
-    client = redis.Redis.from_url(redis_url)
+def test_malformed_jobs_get_error_results_and_the_worker_keeps_serving(engine, redis_url, client):
     config = worker_config(redis_url, engine.config, max_payload_bytes=MAX_PAYLOAD)
     with InProcessWorker(config, engine) as worker:
         push(client, [payload for payload, _ in ANSWERED.values()])

@@ -16,17 +16,13 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.worker_harness import (
     MAX_MODEL_LEN,
     REPO_ROOT,
     InProcessWorker,
-    engine_config,
     finals,
     job,
     push,
@@ -34,28 +30,10 @@ from tests.worker_harness import (
     worker_config,
 )
 from worker.cli import main as cli_main
-from worker.engine.engine import Engine
 from worker.logs import JsonFormatter
 from worker.metrics import Health, Metrics, MetricsServer
 
 GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir: Path) -> Engine:
-    return Engine(engine_config(model_dir))
-
-
-@pytest.fixture
-def client(redis_url: str):
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
 
 
 def free_port() -> int:

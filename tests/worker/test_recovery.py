@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -21,7 +20,6 @@ from tests.worker_harness import (
     KEYS,
     InProcessWorker,
     consumer_alive,
-    engine_config,
     finals,
     job,
     pending_count,
@@ -31,27 +29,15 @@ from tests.worker_harness import (
     wait_for,
     worker_config,
 )
-from worker.engine.engine import Engine
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0, "stream": True}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir: Path) -> Engine:
-    return Engine(engine_config(model_dir))
-
-
 @pytest.fixture
-def client(redis_url: str):
-    conn = redis.Redis.from_url(redis_url)
-    conn.xgroup_create(KEYS.requests, KEYS.group, id="0", mkstream=True)
-    yield conn
-    conn.close()
+def client(client: redis.Redis) -> redis.Redis:
+    # The group exists before any child worker starts, so entries are never missed.
+    client.xgroup_create(KEYS.requests, KEYS.group, id="0", mkstream=True)
+    return client
 
 
 def streamed_by(client: redis.Redis, consumer: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -29,23 +28,6 @@ from worker.protocol import Job, decode_result
 from worker.settings import WorkerConfig, add_arguments
 
 GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir) -> Path:
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir: Path) -> Engine:
-    return Engine(engine_config(model_dir))
-
-
-@pytest.fixture
-def client(redis_url: str):
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
 
 
 def run_burst(redis_url: str, engine: Engine, **overrides) -> InProcessWorker:

@@ -58,7 +58,22 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
     vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)
     workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
     throughput.warm_up_engine(engine, tuple(vocab[:8]))
-    report = run_e2e(engine, workload)
+    worker_args = [
+        f"--{name.replace('_', '-')}={value}"
+        for name, value in (
+            ("model", args.model),
+            ("dtype", args.dtype),
+            ("max_model_len", args.max_model_len),
+            ("kv_cache_memory", args.kv_cache_memory),
+            ("block_size", args.block_size),
+            ("max_num_seqs", args.max_num_seqs),
+            ("max_num_batched_tokens", args.max_num_batched_tokens),
+            ("seed", args.seed),
+            ("num_threads", args.threads),
+        )
+        if value is not None
+    ]
+    report = run_e2e(engine, worker_args, workload)
     if args.json:
         print(json.dumps(report.to_dict()), flush=True)
         return 0

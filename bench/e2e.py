@@ -1,14 +1,17 @@
 """End-to-end benchmark: producer → Redis → worker → results against the engine alone, one run.
 
-Both sides use the same Engine object and workload; the engine alone is stepped
-from a background thread, as the worker's engine thread does, so the difference
-is what the service layer (ingest, publish, Redis round trips) costs.
+The engine alone is stepped in this process; the service path is a real `headrace
+worker` process (same engine flags) on an embedded Redis, fed by an AsyncClient
+that submits the whole workload at t=0. The difference is what the service layer
+(ingest, tokenize, publish, Redis round trips, a second process) costs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,38 +45,41 @@ class E2EReport:
         }
 
 
-def run_engine_in_thread(engine: Engine, workload: Workload) -> RunResult:
-    box: dict[str, RunResult] = {}
-    thread = threading.Thread(target=lambda: box.update(r=run_engine(engine, workload)))
-    thread.start()
-    thread.join()
-    return box["r"]
+def run_via_redis(worker_args: list[str], workload: Workload) -> tuple[RunResult, float]:
+    """`headrace worker <worker_args>` on an embedded Redis; every job submitted at t=0.
 
-
-def run_via_redis(engine: Engine, workload: Workload) -> tuple[RunResult, float]:
-    """One worker (sharing `engine`) on an embedded Redis; a client submits every job at t=0.
-
-    TTFT here includes queueing: it is measured by the worker from the job's
-    enqueue time. Returns the run and the median queue wait in ms.
+    TTFT here includes queueing: the worker measures it from the job's enqueue time.
+    Returns the run and the median queue wait in ms.
     """
     from worker.embedded import start_embedded_redis
-    from worker.service import WorkerService
-    from worker.service_cli import run_event_loop
-    from worker.settings import WorkerConfig
 
     with start_embedded_redis() as redis_server:
-        service = WorkerService(
-            WorkerConfig(engine=engine.config, redis_url=redis_server.url), engine
-        )
-        thread = threading.Thread(target=lambda: run_event_loop(service.run()), daemon=True)
-        thread.start()
-        if not service.ready.wait(60):
-            raise RuntimeError("the worker did not start")
+        cmd = [sys.executable, "-m", "worker.cli", "worker", "--redis-url", redis_server.url]
+        worker = subprocess.Popen([*cmd, *worker_args], stdout=subprocess.DEVNULL)
         try:
+            asyncio.run(_wait_ready(redis_server.url, worker))
             return asyncio.run(_submit_all(redis_server.url, workload))
         finally:
-            service.request_stop()
-            thread.join(60)
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+
+
+async def _wait_ready(redis_url: str, worker: subprocess.Popen[bytes]) -> None:
+    """Until the worker's first heartbeat (it is reading by then)."""
+    import redis.asyncio as aioredis
+
+    from worker.keys import Keys
+
+    keys = Keys()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        while worker.poll() is None:
+            if await client.hlen(keys.workers):
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the worker exited with {worker.returncode}")
+    finally:
+        await client.aclose()
 
 
 async def _submit_all(redis_url: str, workload: Workload) -> tuple[RunResult, float]:
@@ -105,7 +111,7 @@ async def _submit_all(redis_url: str, workload: Workload) -> tuple[RunResult, fl
     return RunResult(tokens, elapsed, ttft, tpot), queued
 
 
-def run_e2e(engine: Engine, workload: Workload) -> E2EReport:
-    alone = run_engine_in_thread(engine, workload)
-    via_redis, queued = run_via_redis(engine, workload)
+def run_e2e(engine: Engine, worker_args: list[str], workload: Workload) -> E2EReport:
+    alone = run_engine(engine, workload)
+    via_redis, queued = run_via_redis(worker_args, workload)
     return E2EReport(alone, via_redis, queued)

@@ -67,6 +67,7 @@ class EngineLoop:
         loop: asyncio.AbstractEventLoop,
         on_event: Callable[[EngineEvent], None],
         metrics: Metrics | None = None,
+        host: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         self.engine = engine
         self._loop = loop
@@ -74,11 +75,18 @@ class EngineLoop:
         self._metrics = metrics if metrics is not None else Metrics()
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._active: set[str] = set()
-        self._thread = threading.Thread(target=self._run, name="headrace-engine", daemon=True)
+        self._host = host
+        self._started = False
+        self._finished = threading.Event()
         self.num_steps = 0
 
     def start(self) -> None:
-        self._thread.start()
+        """Run the loop on its own thread, or hand it to `host` (e.g. the main thread)."""
+        self._started = True
+        if self._host is not None:
+            self._host(self._run)
+        else:
+            threading.Thread(target=self._run, name="headrace-engine", daemon=True).start()
 
     def add(self, request: Request) -> None:
         self._inbox.put(_Add(request))
@@ -89,12 +97,12 @@ class EngineLoop:
     def stop(self, timeout: float | None = None) -> None:
         """Abort whatever still runs (freeing its KV blocks) and join the thread."""
         self._inbox.put(_Stop())
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if self._started:
+            self._finished.wait(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._started and not self._finished.is_set()
 
     # -- engine thread ------------------------------------------------------------
 
@@ -106,6 +114,8 @@ class EngineLoop:
             log.critical("engine thread crashed", exc_info=True)
             with contextlib.suppress(RuntimeError):  # the event loop may be gone already
                 self._loop.call_soon_threadsafe(self._on_event, EngineEvent(crashed=True))
+        finally:
+            self._finished.set()
 
     def _serve(self) -> None:
         while True:

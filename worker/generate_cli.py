@@ -76,7 +76,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="engine seed: requests without a `seed` param sample from a generator seeded by it",
     )
-    group.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    group.add_argument(
+        "--num-threads",
+        "--threads",
+        dest="threads",
+        type=int,
+        default=None,
+        help="torch threads (default: all)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -43,14 +44,22 @@ class WorkerService:
     """One worker process's pipeline. `run()` returns the exit code (0 on a clean stop).
 
     engine: a ready Engine (tests share one); None → built from config.engine.
+    engine_host: runs the engine loop somewhere else than a thread of its own (the
+        `headrace worker` process hands it to its main thread); None → its own thread.
     """
 
-    def __init__(self, config: WorkerConfig, engine: Any | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        engine: Any | None = None,
+        engine_host: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         if config.redis_url is None:
             raise ValueError("WorkerService needs a redis_url (run_worker starts an embedded one)")
         self.config = config
         self.keys = config.keys
         self.engine = engine
+        self._engine_host = engine_host
         self.inflight: dict[str, JobState] = {}
         self.peak_inflight = 0
         self.num_dead_lettered = 0
@@ -184,7 +193,9 @@ class WorkerService:
             metrics=self.metrics,
         )
         assert self._loop is not None
-        self.engine_loop = EngineLoop(engine, self._loop, self._on_engine_event, self.metrics)
+        self.engine_loop = EngineLoop(
+            engine, self._loop, self._on_engine_event, self.metrics, host=self._engine_host
+        )
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

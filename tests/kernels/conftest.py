@@ -1,9 +1,9 @@
 """Kernel tests run the Triton kernels on CPU tensors under the Triton interpreter by default.
 
 `TRITON_INTERPRET` is read when `@triton.jit` decorates a kernel, so it is set here, before any
-test module imports `kernels`. On a GPU machine, run with `TRITON_INTERPRET=0` to compile the
-kernels and run them on CUDA instead (the same tests, with the bf16 cases that the
-interpreter cannot run).
+test module imports `kernels`, and only where there is no GPU: on a GPU machine the kernels
+are compiled and run on CUDA (the same tests, with the bf16 cases that the interpreter cannot
+run); `TRITON_INTERPRET=1` forces the interpreter there too.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if any(name.startswith("kernels.") for name in sys.modules):
     # A kernels module imported before this conftest was decorated in the other mode.

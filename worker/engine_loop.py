@@ -170,7 +170,7 @@ class EngineLoop:
             self._active.clear()
             return
         self.num_steps += 1
-        self._metrics.observe_step(self.engine.stats(), sum(len(o.new_token_ids) for o in outputs))
+        self._metrics.observe_step(self.engine.stats())
         for out in outputs:
             if out.finished:
                 self._active.discard(out.request_id)

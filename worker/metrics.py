@@ -111,7 +111,9 @@ class Metrics:
         self.kv_used = Gauge("headrace_kv_blocks_used", "KV cache blocks in use", registry=reg)
         self.kv_free = Gauge("headrace_kv_blocks_free", "KV cache blocks free", registry=reg)
         self.step_tokens = Gauge(
-            "headrace_step_tokens", "Tokens sampled by the last engine step", registry=reg
+            "headrace_step_tokens",
+            "Tokens (prefill + decode) in the last engine step's forward pass",
+            registry=reg,
         )
         # Plain totals, written on the event loop thread only.
         self.total_generation_tokens = 0
@@ -219,10 +221,10 @@ class Metrics:
 
     # -- engine thread side ----------------------------------------------------------
 
-    def observe_step(self, stats: Any, step_tokens: int) -> None:
+    def observe_step(self, stats: Any) -> None:
         """After one engine step: occupancy gauges from `Engine.stats()` (EngineStats)."""
         self.steps.inc()
-        self.step_tokens.set(step_tokens)
+        self.step_tokens.set(stats.num_batched_tokens)
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_free.set(stats.num_free_blocks)

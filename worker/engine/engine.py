@@ -39,6 +39,7 @@ class EngineStats:
     num_total_blocks: int
     block_size: int
     num_preemptions: int  # cumulative since start
+    num_batched_tokens: int  # prefill + decode tokens in the last step's forward pass
 
 
 class Engine:
@@ -67,6 +68,7 @@ class Engine:
         self.sampler = Sampler(self.vocab_size, seed=config.seed)
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[TokenOutput] = []
+        self._last_batched_tokens = 0
         log.info(
             "engine ready: %s (%s, %s), max_model_len=%d, KV capacity %d tokens",
             model_dir.name,
@@ -127,12 +129,14 @@ class Engine:
             num_total_blocks=self.allocator.num_blocks,
             block_size=self.allocator.block_size,
             num_preemptions=self.scheduler.num_preemptions,
+            num_batched_tokens=self._last_batched_tokens,
         )
 
     def step(self) -> list[TokenOutput]:
         """Schedule, run one forward pass, sample, and apply the new tokens."""
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
+        self._last_batched_tokens = plan.num_batched_tokens
         for seq in plan.finished:
             self._seqs.pop(seq.request_id, None)
             outputs.append(

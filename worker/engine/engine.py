@@ -7,7 +7,6 @@ engine thread drives; `generate` drives it to completion in-process.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from worker.engine.block_allocator import BlockAllocator
 from worker.engine.model_runner import ModelRunner
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import Scheduler
-from worker.engine.sequence import Request, Sequence, SequenceStatus, TokenOutput
+from worker.engine.sequence import Request, Sequence, TokenOutput
 from worker.errors import RequestError
 from worker.models.loader import load_hf_config, load_model
 from worker.models.source import resolve_model
@@ -114,9 +113,7 @@ class Engine:
         if seq is None or seq.is_finished:
             return
         self.scheduler.finish(seq, reason)
-        self._aborted.append(
-            TokenOutput(request_id, (), reason, num_prompt_tokens=seq.num_prompt_tokens)
-        )
+        self._aborted.append(_final_output(seq, reason))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._aborted) or self.scheduler.has_unfinished()
@@ -139,9 +136,7 @@ class Engine:
         self._last_batched_tokens = plan.num_batched_tokens
         for seq in plan.finished:
             self._seqs.pop(seq.request_id, None)
-            outputs.append(
-                TokenOutput(seq.request_id, (), "length", num_prompt_tokens=seq.num_prompt_tokens)
-            )
+            outputs.append(_final_output(seq, "length"))
         if not plan.chunks:
             return outputs
         logits, sampled = self.runner.execute(plan.chunks)
@@ -149,15 +144,12 @@ class Engine:
             chunk.seq.num_computed_tokens += chunk.num_new_tokens
         seqs = [c.seq for c in sampled]
         result = self.sampler(logits, seqs, self.eos_token_ids)
-        now = time.monotonic()
         for seq, token, logprobs in zip(seqs, result.token_ids, result.logprobs, strict=True):
-            outputs.append(self._append_token(seq, token, logprobs, now))
+            outputs.append(self._append_token(seq, token, logprobs))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprobs: Any, now: float) -> TokenOutput:
+    def _append_token(self, seq: Sequence, token: int, logprobs: Any) -> TokenOutput:
         seq.output_token_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
         reason = self._stop_reason(seq, token)
         if reason is not None:
             self.scheduler.finish(seq, reason)
@@ -193,9 +185,10 @@ class Engine:
 
         return run_to_completion(self, list(items))
 
-    def is_running(self, request_id: str) -> bool:
-        seq = self._seqs.get(request_id)
-        return seq is not None and seq.status is not SequenceStatus.FINISHED
+
+def _final_output(seq: Sequence, reason: str) -> TokenOutput:
+    """A request that ends without a new token (aborted, or too long for the KV pool)."""
+    return TokenOutput(seq.request_id, (), reason, num_prompt_tokens=seq.num_prompt_tokens)
 
 
 def _max_model_len(hf_config: Any, override: int | None) -> int:

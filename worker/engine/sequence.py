@@ -94,7 +94,6 @@ class Sequence:
         self.block_ids: list[int] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
-        self.first_token_time: float | None = None
         self.num_preemptions = 0
 
     @property

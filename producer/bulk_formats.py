@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from worker.engine.params import SamplingParams
+from worker.engine.params import PARAM_NAMES, SamplingParams, merge_line_params
 from worker.errors import RequestError
 from worker.protocol import STATUS_CANCELLED, STATUS_OK, Result
 
@@ -26,7 +26,7 @@ FORMATS = (SIMPLE, OPENAI)
 CHAT_URL = "/v1/chat/completions"
 TEXT_URL = "/v1/completions"
 
-_PARAM_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+_PARAM_FIELDS = PARAM_NAMES
 _PROMPT_KINDS = ("prompt", "messages", "prompt_token_ids")
 _SIMPLE_FIELDS = frozenset({"id", "custom_id", "params", *_PROMPT_KINDS})
 _OPENAI_FIELDS = frozenset({"custom_id", "method", "url", "body"})
@@ -129,16 +129,7 @@ def _simple_job(obj: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, A
         raise RequestError("invalid_request", f"unknown field {unknown[0]!r}")
     if "id" in obj and "custom_id" in obj:
         raise RequestError("invalid_request", "give id or custom_id, not both")
-    nested = obj.get("params") or {}
-    if not isinstance(nested, dict):
-        raise RequestError("invalid_params", "params must be a map")
-    top = {k: v for k, v in obj.items() if k in _PARAM_FIELDS}
-    both = sorted(set(top) & set(nested))
-    if both:
-        raise RequestError(
-            "invalid_params", f"{both[0]!r} is given both at top level and in params"
-        )
-    return _job(obj, {**defaults, **nested, **top})
+    return _job(obj, merge_line_params(obj, defaults))
 
 
 def _job(prompt: Mapping[str, Any], params: dict[str, Any]) -> dict[str, Any]:

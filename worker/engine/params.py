@@ -6,6 +6,7 @@ Names and meanings follow vLLM / the OpenAI API so that payloads port unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -93,6 +94,32 @@ class SamplingParams:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+PARAM_NAMES = frozenset(f.name for f in fields(SamplingParams))
+
+
+def merge_line_params(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Params of a JSONL line: `defaults`, then its `params` map, then top-level param names.
+
+    Returns the merged, not yet validated map (`SamplingParams.from_dict` validates).
+
+    Raises:
+        RequestError(code="invalid_params"): `params` is not a map, or a name is given
+            both at top level and in `params`.
+    """
+    nested = raw.get("params")
+    if nested is None:
+        nested = {}
+    if not isinstance(nested, Mapping):
+        raise RequestError("invalid_params", "params must be a map")
+    top = {k: v for k, v in raw.items() if k in PARAM_NAMES}
+    both = sorted(set(top) & set(nested))
+    if both:
+        raise RequestError(
+            "invalid_params", f"{both[0]!r} is given both at top level and in params"
+        )
+    return {**defaults, **nested, **top}
 
 
 def _check(ok: bool, message: str) -> None:

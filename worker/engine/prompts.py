@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from worker.engine.params import SamplingParams
+from worker.engine.params import PARAM_NAMES, SamplingParams, merge_line_params
 from worker.engine.sequence import Request
 from worker.errors import RequestError
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
-PARAM_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+PARAM_FIELDS = PARAM_NAMES
 _LINE_FIELDS = frozenset({"id", "params", *PROMPT_FIELDS})
 
 
@@ -117,21 +116,8 @@ def _request_id(line_id: Any, fallback: str | None) -> str:
 
 
 def _merge_params(raw: Mapping[str, Any], defaults: SamplingParams | None) -> SamplingParams:
-    nested = raw.get("params")
-    if nested is None:
-        nested = {}
-    if not isinstance(nested, Mapping):
-        raise RequestError("invalid_params", "params must be a map")
-    top = {k: v for k, v in raw.items() if k in PARAM_FIELDS}
-    both = sorted(set(top) & set(nested))
-    if both:
-        raise RequestError(
-            "invalid_params", f"{both[0]!r} is given both at top level and in params"
-        )
-    merged = defaults.to_dict() if defaults is not None else {}
-    merged.update(nested)
-    merged.update(top)
-    return SamplingParams.from_dict(merged)
+    base = defaults.to_dict() if defaults is not None else {}
+    return SamplingParams.from_dict(merge_line_params(raw, base))
 
 
 def _encode_text(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> list[int]:

@@ -6,11 +6,13 @@ import argparse
 import gc
 import json
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from worker.generate_cli import add_engine_args, engine_config_from_args
 
 if TYPE_CHECKING:
+    from worker.config import EngineConfig
     from worker.engine.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
             ("dtype", args.dtype),
             ("max_model_len", args.max_model_len),
             ("kv_cache_memory", args.kv_cache_memory),
+            ("kv_cache_dtype", args.kv_cache_dtype),
+            ("quantization", args.quantization),
             ("block_size", args.block_size),
             ("max_num_seqs", args.max_num_seqs),
             ("max_num_batched_tokens", args.max_num_batched_tokens),
@@ -102,7 +106,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     num_threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(num_threads)
     args.threads = num_threads
-    engine = Engine(engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    engine = Engine(config)
     vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)
     if args.workload == "mixed":
         workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
@@ -113,16 +118,32 @@ def run_throughput(args: argparse.Namespace) -> int:
     warm_prompt = tuple(vocab[:8])
     pad_token_id = _pad_token_id(engine)
 
-    log.info("headrace: %s", workload.name)
+    log.info("headrace (%s): %s", _config_label(config), workload.name)
     throughput.warm_up_engine(engine, warm_prompt)
     ours = throughput.run_engine(engine, workload)
-    del engine  # frees the KV cache before the baseline loads
+    device = engine.device
+    del engine  # frees the KV cache before the next engine or the baseline loads
     gc.collect()
+
+    reference = None
+    if _config_label(config) != "unquantized":
+        # Quantized configurations are also measured against the unquantized engine.
+        plain = replace(
+            config,
+            model=replace(config.model, quantization="none"),
+            cache=replace(config.cache, dtype="auto"),
+        )
+        log.info("headrace (unquantized): %s", workload.name)
+        engine = Engine(plain)
+        throughput.warm_up_engine(engine, warm_prompt)
+        reference = throughput.run_engine(engine, workload)
+        del engine
+        gc.collect()
 
     baseline = None
     if not args.no_baseline:
         log.info("transformers generate: %s", workload.name)
-        model = throughput.load_transformers(resolve_model(args.model), args.dtype)
+        model = throughput.load_transformers(resolve_model(args.model), args.dtype, device)
         throughput.warm_up_transformers(model, warm_prompt, pad_token_id)
         baseline = throughput.run_transformers(
             model, workload, pad_token_id, batch_size=args.baseline_batch_size
@@ -132,15 +153,24 @@ def run_throughput(args: argparse.Namespace) -> int:
         workload=workload.name,
         model=args.model,
         dtype=args.dtype,
+        config=_config_label(config),
         num_threads=num_threads,
         num_requests=len(workload.requests),
         prompt_tokens=workload.num_prompt_tokens,
         baseline_batch_size=args.baseline_batch_size,
         headrace=ours,
         transformers=baseline,
+        unquantized=reference,
     )
     print(json.dumps(report.to_dict()) if args.json else report.format_table(), flush=True)
     return 0
+
+
+def _config_label(config: EngineConfig) -> str:
+    """ "unquantized", or the quantized parts: "int8-kv", "w8a8", "w8a8+int8-kv", ..."""
+    parts = [config.model.quantization] if config.model.quantization != "none" else []
+    parts += ["int8-kv"] if config.cache.dtype == "int8" else []
+    return "+".join(parts) or "unquantized"
 
 
 def _pad_token_id(engine: Engine) -> int:

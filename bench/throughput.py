@@ -57,24 +57,31 @@ class BenchReport:
     workload: str
     model: str
     dtype: str
+    config: str  # "unquantized", or e.g. "w8a8+int8-kv"
     num_threads: int
     num_requests: int
     prompt_tokens: int
     baseline_batch_size: int
     headrace: RunResult
     transformers: RunResult | None
+    unquantized: RunResult | None = None  # our engine without quantization, same run
 
     @property
     def ratio(self) -> float | None:
-        if self.transformers is None or self.transformers.tokens_per_s == 0:
-            return None
-        return self.headrace.tokens_per_s / self.transformers.tokens_per_s
+        return _ratio(self.headrace, self.transformers)
+
+    @property
+    def ratio_vs_unquantized(self) -> float | None:
+        return _ratio(self.headrace, self.unquantized)
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("headrace", "transformers")}
-        out["headrace"] = self.headrace.to_dict()
-        out["transformers"] = None if self.transformers is None else self.transformers.to_dict()
+        runs = ("headrace", "transformers", "unquantized")
+        out = {k: v for k, v in asdict(self).items() if k not in runs}
+        for name in runs:
+            run = getattr(self, name)
+            out[name] = None if run is None else run.to_dict()
         out["ratio"] = self.ratio
+        out["ratio_vs_unquantized"] = self.ratio_vs_unquantized
         return out
 
     def format_table(self) -> str:
@@ -82,11 +89,14 @@ class BenchReport:
         rows = [
             f"workload   {self.workload}: {self.num_requests} requests, "
             f"{self.prompt_tokens} prompt tokens",
-            f"model      {self.model} ({self.dtype}, {self.num_threads} threads)",
+            f"model      {self.model} ({self.dtype}, {self.config}, {self.num_threads} threads)",
             "",
             f"{'':28}{'output tok/s':>14}{'output tokens':>15}{'elapsed s':>11}",
-            _row("headrace", ours),
+            _row(f"headrace ({self.config})", ours),
         ]
+        if self.unquantized is not None:
+            rows.append(_row("headrace (unquantized)", self.unquantized))
+            rows.append(f"{'ratio vs unquantized':28}{self.ratio_vs_unquantized:>13.2f}x")
         if base is not None:
             rows.append(_row(f"transformers (batch {self.baseline_batch_size})", base))
             rows.append(f"{'ratio':28}{self.ratio:>13.2f}x")
@@ -132,11 +142,12 @@ def warm_up_engine(engine: Engine, token_ids: tuple[int, ...]) -> None:
     engine.generate([Request("bench-warmup", token_ids, _bench_params(2))])
 
 
-def load_transformers(model_dir: Path, dtype: str) -> torch.nn.Module:
+def load_transformers(model_dir: Path, dtype: str, device: torch.device) -> torch.nn.Module:
+    """The baseline on the engine's device (a GPU engine is compared with a GPU baseline)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def run_transformers(
@@ -182,13 +193,21 @@ def _generate_padded(
     )
     with torch.inference_mode():
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            generation_config=config,
         )
     return out.shape[1] - width
 
 
 def _bench_params(output_len: int) -> SamplingParams:
     return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+
+def _ratio(run: RunResult, base: RunResult | None) -> float | None:
+    if base is None or base.tokens_per_s == 0:
+        return None
+    return run.tokens_per_s / base.tokens_per_s
 
 
 def _percentile(values: tuple[float, ...], q: float) -> float | None:

@@ -91,7 +91,9 @@ def attend_tile(
     The int8 scales are folded into the scores (K) and the probabilities (V), so the
     dequantized tile is never materialized.
     """
-    qk = tl.dot(q, k_t.to(q.dtype))  # [BLOCK_M, BLOCK_N] float32
+    # "ieee": float32 inputs (the exactness tests) are multiplied in full float32, not
+    # TF32; fp16/bf16 tiles take the tensor cores either way.
+    qk = tl.dot(q, k_t.to(q.dtype), input_precision="ieee")  # [BLOCK_M, BLOCK_N] float32
     if QUANT:
         qk = qk * k_scale[None, :]
     qk = tl.where(mask, qk * qk_scale, float("-inf"))
@@ -101,7 +103,7 @@ def attend_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if QUANT:
         p = p * v_scale[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
     return acc, m_new, l_i
 
 

@@ -53,8 +53,11 @@ def _write_token(
         x = x.to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
         # Round the scale to the pool's dtype first: the codes must match the stored scale.
-        scale = tl.maximum(amax / INT8_MAX, min_scale).to(scale_ptr.dtype.element_ty)
-        codes = tl.floor(x / scale.to(tl.float32)[:, None] + 0.5)
+        # div_rn: IEEE division as in torch (the default `/` is approximate on GPUs and can
+        # flip codes that sit exactly on .5, common with half-precision inputs).
+        scale = tl.maximum(tl.math.div_rn(amax, INT8_MAX), min_scale)
+        scale = scale.to(scale_ptr.dtype.element_ty)
+        codes = tl.floor(tl.math.div_rn(x, scale.to(tl.float32)[:, None]) + 0.5)
         codes = tl.minimum(tl.maximum(codes, -INT8_MAX), INT8_MAX)
         tl.store(dst, codes.to(tl.int8), mask=mask)
         scale_dst = scale_ptr + block * stride_sb + offset * stride_st + offs_h * stride_sh

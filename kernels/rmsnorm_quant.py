@@ -38,8 +38,10 @@ def _quant_row_kernel(
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
         weight = tl.load(weight_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         x = x * rstd * weight
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / INT8_MAX, min_scale)
-    codes = tl.floor(x / scale + 0.5)
+    # div_rn: IEEE division as in torch. The default `/` is approximate on GPUs, and with
+    # bf16/fp16 inputs `x / scale` often lands exactly on .5, where an ulp flips the code.
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), INT8_MAX), min_scale)
+    codes = tl.floor(tl.math.div_rn(x, scale) + 0.5)
     codes = tl.minimum(tl.maximum(codes, -INT8_MAX), INT8_MAX)
     tl.store(out_ptr + row * stride_om + offs_k, codes.to(tl.int8), mask=k_mask)
     tl.store(scale_ptr + row, scale)

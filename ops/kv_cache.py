@@ -165,10 +165,13 @@ def paged_decode_attention(
     key_scale_cache: torch.Tensor | None = None,
     value_scale_cache: torch.Tensor | None = None,
     workspace: fp_ops.DecodeWorkspace | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query: [S, H, D] → [S, H, D]; int8 caches when the scale pools are given.
 
-    context_lens: [S] int32/int64; workspace: the CPU paths' reusable gather buffers.
+    context_lens: [S] int32/int64; workspace: the CPU paths' reusable gather buffers;
+    mask: [S, 1, 1, max_blocks * block_size] bool, `decode_mask(context_lens, span)` when the
+    caller already has it (the CPU full-precision path needs it; built here otherwise).
     """
     if use_triton(query):
         from kernels.paged_attention import paged_decode_attention as kernel
@@ -184,7 +187,8 @@ def paged_decode_attention(
             value_scale_cache,
         )
     if key_scale_cache is None or value_scale_cache is None:
-        mask = decode_mask(context_lens, block_tables.shape[1] * key_cache.shape[1])
+        if mask is None:
+            mask = decode_mask(context_lens, block_tables.shape[1] * key_cache.shape[1])
         return fp_ops.paged_decode_attention(
             query, key_cache, value_cache, block_tables, mask, scale, workspace
         )
@@ -198,6 +202,16 @@ def paged_decode_attention(
         context_lens,
         scale,
         workspace,
+    )
+
+
+def device_lens(
+    cu_seqlens: list[int], context_lens: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill kernel's int32 copies of cu_seqlens [P + 1] and context_lens [P]."""
+    return (
+        torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
+        torch.tensor(context_lens, dtype=torch.int32, device=device),
     )
 
 
@@ -272,12 +286,18 @@ def prefill_attention(
     scale: float,
     key_scale_cache: torch.Tensor | None = None,
     value_scale_cache: torch.Tensor | None = None,
+    lens_on_device: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Varlen causal prefill (see `ops.attention.prefill_attention`); int8 with scale pools."""
+    """Varlen causal prefill (see `ops.attention.prefill_attention`); int8 with scale pools.
+
+    lens_on_device: `cu_seqlens` and `context_lens` as int32 tensors on query's device, when
+    the caller built them once for all layers (else built here: a host-to-device copy).
+    """
     if use_triton(query):
         from kernels.prefill_attention import prefill_attention as kernel
 
-        device = query.device
+        if lens_on_device is None:
+            lens_on_device = device_lens(cu_seqlens, context_lens, query.device)
         chunks = [end - start for start, end in zip(cu_seqlens, cu_seqlens[1:], strict=False)]
         return kernel(
             query,
@@ -285,8 +305,7 @@ def prefill_attention(
             value,
             key_cache,
             value_cache,
-            torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
-            torch.tensor(context_lens, dtype=torch.int32, device=device),
+            *lens_on_device,
             block_tables,
             scale,
             max(chunks, default=0),

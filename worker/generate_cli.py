@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from worker.config import (
     DEFAULT_MODEL,
     DTYPES,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -65,6 +67,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-cache-memory", type=float, default=CacheConfig.memory_gib, help="KV cache GiB"
     )
+    group.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=CacheConfig.dtype,
+        help="auto: the model dtype; int8: int8 codes + a scale per (token, kv head)",
+    )
+    group.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=ModelConfig.quantization,
+        help="weight quantization applied at load",
+    )
     group.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     group.add_argument(
         "--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens
@@ -88,8 +102,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(source=args.model, dtype=args.dtype, max_model_len=args.max_model_len),
-        cache=CacheConfig(block_size=args.block_size, memory_gib=args.kv_cache_memory),
+        model=ModelConfig(
+            source=args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            quantization=args.quantization,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size, memory_gib=args.kv_cache_memory, dtype=args.kv_cache_dtype
+        ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
         ),

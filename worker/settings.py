@@ -15,7 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.config import DTYPES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from worker.config import (
+    DTYPES,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from worker.keys import Keys
 from worker.logs import LOG_FORMATS
 from worker.protocol import DEFAULT_MAX_PAYLOAD_BYTES
@@ -146,7 +154,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", str, "model directory, hub id, .gguf file or alias (default smollm2)"),
     Option("dtype", str, "weights and KV cache dtype", DTYPES),
     Option("max_model_len", int, "context length (default: the model's)"),
+    Option("quantization", str, "weight quantization applied at load", QUANTIZATIONS),
     Option("kv_cache_memory", float, "KV cache size in GiB"),
+    Option("kv_cache_dtype", str, "KV cache storage: auto (model dtype) or int8", KV_CACHE_DTYPES),
     Option("num_kv_blocks", int, "KV cache size in blocks (overrides --kv-cache-memory)"),
     Option("block_size", int, "tokens per KV cache block"),
     Option("max_num_seqs", int, "sequences per batch"),
@@ -230,10 +240,20 @@ def _engine_config(values: Mapping[str, Any]) -> EngineConfig:
         return {field_: values[dest] for field_, dest in names.items() if dest in values}
 
     return EngineConfig(
-        model=ModelConfig(**pick(source="model", dtype="dtype", max_model_len="max_model_len")),
+        model=ModelConfig(
+            **pick(
+                source="model",
+                dtype="dtype",
+                max_model_len="max_model_len",
+                quantization="quantization",
+            )
+        ),
         cache=CacheConfig(
             **pick(
-                block_size="block_size", memory_gib="kv_cache_memory", num_blocks="num_kv_blocks"
+                block_size="block_size",
+                memory_gib="kv_cache_memory",
+                num_blocks="num_kv_blocks",
+                dtype="kv_cache_dtype",
             )
         ),
         scheduler=SchedulerConfig(

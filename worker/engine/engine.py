@@ -18,8 +18,9 @@ from ops.device import default_device
 from worker.config import EngineConfig
 from worker.engine.block_allocator import BlockAllocator
 from worker.engine.model_runner import ModelRunner
+from worker.engine.params import SamplingParams
 from worker.engine.sampler import Sampler
-from worker.engine.scheduler import Scheduler
+from worker.engine.scheduler import ScheduledChunk, Scheduler
 from worker.engine.sequence import Request, Sequence, TokenOutput
 from worker.errors import RequestError
 from worker.models.loader import load_hf_config, load_model
@@ -171,6 +172,33 @@ class Engine:
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    # -- scoring -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], chunk_size: int = 256) -> torch.Tensor:
+        """Teacher-forced logits of every position: [len(token_ids), vocab] float32.
+
+        The text runs as consecutive prefill chunks through the paged cache, so every chunk
+        attends to the cached (with an int8 cache: quantized) prefix, as served requests
+        do. Needs an idle engine and a KV cache that holds the whole text.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("score() needs an idle engine")
+        if not token_ids or len(token_ids) > min(self.max_model_len, self.runner.capacity_tokens):
+            raise ValueError(f"score() takes 1..{self.max_model_len} tokens")
+        seq = Sequence(Request("__score__", tuple(token_ids), SamplingParams(max_tokens=1)))
+        seq.block_ids = self.allocator.allocate(self.allocator.blocks_for(len(token_ids)))
+        rows = []
+        try:
+            while seq.num_computed_tokens < len(token_ids):
+                n = min(chunk_size, len(token_ids) - seq.num_computed_tokens)
+                logits, _ = self.runner.execute([ScheduledChunk(seq, n)], all_logits=True)
+                rows.append(logits)
+                seq.num_computed_tokens += n
+        finally:
+            self.allocator.free(seq.block_ids)
+        return torch.cat(rows)
 
     # -- whole-batch API --------------------------------------------------------
 

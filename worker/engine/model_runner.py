@@ -12,19 +12,29 @@ from collections.abc import Sequence as Seq
 import torch
 
 from ops.attention import DecodeWorkspace, allocate_kv_cache
+from ops.kv_cache import allocate_kv_scales, decode_mask, device_lens
 from worker.config import CacheConfig
 from worker.engine.scheduler import ScheduledChunk
-from worker.models.attention import AttentionMetadata, DecodeGroup
+from worker.models.attention import AttentionMetadata, DecodeGroup, LayerKVCache
 from worker.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of all layers for one page of `block_size` tokens."""
+# int8 caches keep one float16 scale per (token, kv head) beside the codes.
+SCALE_DTYPE = torch.float16
+
+
+def kv_bytes_per_block(
+    model: LlamaForCausalLM, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+) -> int:
+    """K and V of all layers for one page of `block_size` tokens (int8: codes + scales)."""
     args = model.args
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
+    if kv_cache_dtype == "int8":
+        per_head = args.head_dim + SCALE_DTYPE.itemsize
+    else:
+        per_head = args.head_dim * dtype.itemsize
+    return 2 * args.num_layers * block_size * args.num_kv_heads * per_head
 
 
 class ModelRunner:
@@ -41,22 +51,19 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = cache_config.block_size
-        per_block = kv_bytes_per_block(model, self.block_size, dtype)
+        per_block = kv_bytes_per_block(model, self.block_size, dtype, cache_config.dtype)
         self.num_blocks = cache_config.num_blocks or int(
             cache_config.memory_gib * 2**30 // per_block
         )
         if self.num_blocks < 1:
             raise ValueError(f"KV cache memory too small for one block ({per_block} bytes)")
-        args = model.args
-        shape = (self.num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
-        # [num_blocks, block_size, num_kv_heads, head_dim] per layer, K and V.
         self.kv_caches = [
-            (allocate_kv_cache(*shape, dtype, device), allocate_kv_cache(*shape, dtype, device))
-            for _ in range(args.num_layers)
+            self._allocate_layer(cache_config.dtype, dtype) for _ in range(model.args.num_layers)
         ]
         self.workspace = DecodeWorkspace()
         log.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %d KiB per block)",
+            "KV cache (%s): %d blocks x %d tokens = %d tokens (%.1f MiB, %d KiB per block)",
+            "int8" if cache_config.dtype == "int8" else str(dtype).removeprefix("torch."),
             self.num_blocks,
             self.block_size,
             self.num_blocks * self.block_size,
@@ -64,17 +71,38 @@ class ModelRunner:
             per_block // 1024,
         )
 
+    def _allocate_layer(self, kv_cache_dtype: str, dtype: torch.dtype) -> LayerKVCache:
+        """Head-major K/V pools [num_blocks, block_size, KVH, D] (+ scale pools for int8)."""
+        args = self.model.args
+        shape = (self.num_blocks, self.block_size, args.num_kv_heads)
+        if kv_cache_dtype != "int8":
+            key, value = (
+                allocate_kv_cache(*shape, args.head_dim, dtype, self.device) for _ in range(2)
+            )
+            return LayerKVCache(key, value)
+        key, value = (
+            allocate_kv_cache(*shape, args.head_dim, torch.int8, self.device) for _ in range(2)
+        )
+        key_scale, value_scale = (
+            allocate_kv_scales(*shape, SCALE_DTYPE, self.device) for _ in range(2)
+        )
+        return LayerKVCache(key, value, key_scale, value_scale)
+
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
     @torch.inference_mode()
-    def execute(self, chunks: Seq[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+    def execute(
+        self, chunks: Seq[ScheduledChunk], all_logits: bool = False
+    ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run one forward pass over `chunks`.
 
         Returns:
             logits [num_sampled, vocab] float32 and the chunks they belong to
             (those that reach their sequence's last token), in that row order.
+            With `all_logits` (teacher-forced scoring): logits of every token of the step,
+            [num_tokens, vocab], prefill chunks first in their given order, then decodes.
         """
         prefills = [c for c in chunks if c.num_new_tokens > 1]
         # Decodes sorted by context length so that groups of similar length share a padding.
@@ -99,6 +127,8 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         meta = self._metadata(prefills, decodes, slots)
         hidden = self.model(self._long(input_ids), self._long(positions), self.kv_caches, meta)
+        if all_logits:
+            return self.model.compute_logits(hidden), ordered
         logits = self.model.compute_logits(hidden[self._long(sample_rows)])
         return logits, [c for c in ordered if c.samples]
 
@@ -119,6 +149,9 @@ class ModelRunner:
             else None,
             decode_groups=self._decode_groups(decodes),
             workspace=self.workspace,
+            prefill_lens_on_device=device_lens(cu_seqlens, context_lens, self.device)
+            if prefills and self.device.type == "cuda"
+            else None,
         )
 
     def _decode_groups(self, decodes: list[ScheduledChunk]) -> tuple[DecodeGroup, ...]:
@@ -135,10 +168,12 @@ class ModelRunner:
         self, decodes: list[ScheduledChunk], lens: list[int], start: int, end: int
     ) -> DecodeGroup:
         tables = self._block_table([c.seq.block_ids for c in decodes[start:end]])
-        span = tables.shape[1] * self.block_size
-        valid = torch.tensor(lens[start:end], device=self.device)
-        mask = torch.arange(span, device=self.device)[None, :] < valid[:, None]
-        return DecodeGroup(start, end, tables, mask.view(end - start, 1, 1, span))
+        context_lens = torch.tensor(lens[start:end], dtype=torch.int32, device=self.device)
+        # The kernels read context_lens; the CPU paths mask with it once per step, not per layer.
+        mask = None
+        if self.device.type != "cuda":
+            mask = decode_mask(context_lens, tables.shape[1] * self.block_size)
+        return DecodeGroup(start, end, tables, context_lens, mask)
 
     def _block_table(self, tables: list[list[int]]) -> torch.Tensor:
         """Pad page lists to one [num_seqs, max_blocks] int64 tensor (padding: page 0, masked out)."""

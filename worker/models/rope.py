@@ -50,18 +50,6 @@ class RotaryEmbedding:
         cos, sin = self._cast[key]
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
-    @staticmethod
-    def apply(
-        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D]; rotate-half convention (HF Llama)."""
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
 
 def _rope_parameters(config: Any) -> dict[str, Any]:
     """transformers ≥ 5 keeps RoPE settings in `rope_parameters`; 4.x in `rope_theta` + `rope_scaling`."""

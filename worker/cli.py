@@ -19,6 +19,7 @@ VERB_MODULES: tuple[str, ...] = (
     "worker.service_cli",
     "producer.bulk_cli",
     "worker.stats_cli",
+    "worker.quantize_cli",
 )
 
 

@@ -60,7 +60,9 @@ class Engine:
         self.eos_token_ids = _eos_token_ids(model_dir, hf_config, self.tokenizer)
         self.device = default_device()
         dtype = _DTYPES[config.model.dtype]
-        model = load_model(model_dir, dtype, self.device, self.max_model_len)
+        model = load_model(
+            model_dir, dtype, self.device, self.max_model_len, config.model.quantization
+        )
         self.vocab_size = model.args.vocab_size
         self.runner = ModelRunner(model, config.cache, dtype, self.device)
         self.allocator = BlockAllocator(self.runner.num_blocks, config.cache.block_size)

@@ -1,4 +1,7 @@
-"""Weight loading: an HF-format directory's safetensors → our LlamaForCausalLM, fusing qkv and gate/up."""
+"""Weight loading: an HF-format directory's safetensors → our LlamaForCausalLM, fusing qkv and gate/up.
+
+Also reads checkpoints written by `headrace quantize` and quantizes float ones at load.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,13 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from worker.models.llama import LlamaForCausalLM, ModelArgs
+from worker.models.quantized import (
+    PROJECTIONS,
+    QuantizationSpec,
+    convert_for_runtime,
+    quantize_model,
+    weight_bytes,
+)
 from worker.models.rope import RotaryEmbedding
 
 log = logging.getLogger(__name__)
@@ -30,26 +40,68 @@ def load_hf_config(model_dir: Path) -> Any:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quantization: str = "none",
 ) -> LlamaForCausalLM:
-    """Build the model from `model_dir`'s config.json and load its *.safetensors weights."""
+    """Build the model from `model_dir`'s config.json and load its *.safetensors weights.
+
+    quantization: "none" loads the checkpoint as it is (float, or quantized by `headrace
+    quantize`); "w8a8"/"w4a16" quantize a float checkpoint's projections after loading.
+
+    Raises:
+        ValueError: asking for a scheme other than a quantized checkpoint's own.
+    """
     config = load_hf_config(model_dir)
     args = ModelArgs.from_hf_config(config)
+    stored = QuantizationSpec.from_hf_config(config)
+    if stored is not None and quantization not in ("none", stored.scheme):
+        raise ValueError(
+            f"{model_dir} is a {stored.scheme} checkpoint (written by `headrace quantize`); "
+            f"it cannot be loaded as {quantization}: pass --quantization none (or "
+            f"{stored.scheme}), or quantize the float model instead"
+        )
     rope = RotaryEmbedding(config, args.head_dim, max_positions).to(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(args, rope)
-    model = model.to_empty(device=device).to(dtype)
+        # On meta, so that a quantized checkpoint never allocates the float projections;
+        # the cast comes first so it cannot touch the float32 scales swapped in after it.
+        model = LlamaForCausalLM(args, rope).to(dtype)
+        if stored is not None:
+            convert_for_runtime(model, stored)
+    model = model.to_empty(device=device)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     _load_weights(model, sorted(model_dir.glob("*.safetensors")))
     model.eval().requires_grad_(False)
+    if stored is not None:
+        log.info("loaded a %s checkpoint: %.1f MiB of weights", stored.scheme, _mib(model))
+    elif quantization != "none":
+        before = _mib(model)
+        quantize_model(model, quantization)
+        log.info(
+            "quantized %d projections to %s: weights %.1f MiB -> %.1f MiB "
+            "(embeddings and lm_head kept in %s)",
+            args.num_layers * len(PROJECTIONS),
+            quantization,
+            before,
+            _mib(model),
+            dtype,
+        )
     return model
+
+
+def _mib(model: LlamaForCausalLM) -> float:
+    return weight_bytes(model) / 2**20
 
 
 def _load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
     if not files:
         raise FileNotFoundError("no *.safetensors files in the model directory")
+    # Quantized modules hold their tensors as buffers.
     params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers())
     fused_parts: dict[str, dict[int, torch.Tensor]] = {}
     loaded: set[str] = set()
     for file in files:
@@ -82,7 +134,7 @@ def _fused_target(name: str) -> tuple[str | None, int]:
     return None, 0
 
 
-def _copy(params: dict[str, torch.nn.Parameter], name: str, tensor: torch.Tensor) -> None:
+def _copy(params: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
     if name not in params:
         raise ValueError(f"unexpected weight {name!r} in checkpoint")
     param = params[name]

@@ -1,0 +1,240 @@
+"""Weight quantization: the W8A8/W4A16 modules, SmoothQuant, load-time quantization in the
+engine, and `headrace quantize` checkpoints read back by the loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ops.quant import dequantize_int4
+from worker.cli import main
+from worker.config import CacheConfig, EngineConfig, ModelConfig
+from worker.engine.engine import Engine
+from worker.engine.params import SamplingParams
+from worker.engine.sequence import Request
+from worker.models.quantized import W4A16Linear, W8A8Linear, quantizable_linears
+from worker.models.smoothquant import smoothing_factors
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Water boils at 100 degrees Celsius at sea "
+    "level, and photosynthesis converts light into chemical energy. Once upon a time, there "
+    "was a little girl who lived in a village near the forest."
+)
+MODULES = {"w8a8": W8A8Linear, "w4a16": W4A16Linear}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _linear(k: int, n: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    """Non-square, with output rows of very different magnitudes (a wrong scale axis shows)."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.normal_().mul_(torch.rand(n, 1) * 2 + 0.1)
+        if bias:
+            linear.bias.normal_()
+    return linear.requires_grad_(False)
+
+
+def _engine(model_dir: Path, quantization: str = "none") -> Engine:
+    model = ModelConfig(source=str(model_dir), dtype="float32", quantization=quantization)
+    return Engine(EngineConfig(model=model, cache=CacheConfig(num_blocks=64)))
+
+
+def _score(engine: Engine, text: str = TEXT) -> torch.Tensor:
+    return engine.score(engine.tokenizer(text).input_ids)
+
+
+def _greedy(engine: Engine, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [tuple(engine.tokenizer(p).input_ids) for p in prompts]
+    requests = [Request(str(i), x, params) for i, x in enumerate(ids)]
+    return [list(c.token_ids) for c in engine.generate(requests)]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cosine_similarity(a, b, dim=-1)  # per position
+
+
+# -- modules ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_w8a8_linear_matches_float_linear(tokens: int) -> None:
+    linear = _linear(320, 192)
+    x = torch.randn(tokens, 320)
+    module = W8A8Linear.from_linear(linear)
+    out = module(x)
+    assert out.shape == (tokens, 192) and out.dtype == torch.float32
+    assert _rel_err(out, linear(x)) < 0.02  # int8 per channel/token: ~1%
+    assert module(x.bfloat16()).dtype == torch.bfloat16
+    assert set(module.state_dict()) == {"qweight", "scale", "bias"}
+    assert module.qweight.dtype == torch.int8 and module.qweight.shape == (192, 320)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_w4a16_linear_matches_float_linear(group_size: int) -> None:
+    linear = _linear(320, 192)  # 320 = 2.5 groups of 128: a short last group
+    x = torch.randn(9, 320)
+    module = W4A16Linear.from_linear(linear, group_size=group_size)
+    out = module(x)
+    assert out.shape == (9, 192) and out.dtype == torch.float32
+    assert _rel_err(out, linear(x)) < 0.13  # 4-bit groups: ~8-10%
+    weight = dequantize_int4(module.quantized_weight())  # exactly what the module multiplies by
+    torch.testing.assert_close(out, x @ weight.t() + linear.bias, rtol=1e-5, atol=1e-4)
+    assert set(module.state_dict()) == {"packed", "scales", "zeros", "bias"}
+
+
+def test_smoothquant_lowers_w8a8_error_on_outlier_channels() -> None:
+    linear = _linear(256, 128, bias=False, seed=1)
+    outliers = [3, 77, 150, 200]
+
+    def activations(seed: int) -> torch.Tensor:
+        x = torch.randn(64, 256, generator=torch.Generator().manual_seed(seed))
+        x[:, outliers] *= 60  # the textbook case: a few channels dwarf the rest
+        return x
+
+    calib, x = activations(0), activations(1)
+    s = smoothing_factors(calib.abs().amax(dim=0), linear.weight, alpha=0.5)
+    plain = _rel_err(W8A8Linear.from_linear(linear)(x), linear(x))
+    smoothed_module = W8A8Linear.from_linear(linear, s)
+    smoothed = _rel_err(smoothed_module(x), linear(x))
+    assert smoothed < 0.01 and smoothed < plain / 3  # measured: 0.007 vs 0.027
+    assert "smooth" in smoothed_module.state_dict()
+
+
+def test_smoothing_factors_formula() -> None:
+    weight = torch.tensor([[1.0, -4.0, 0.5], [0.25, 2.0, -0.5]])  # column abs-max: 1, 4, 0.5
+    act = torch.tensor([4.0, 1.0, 0.0])
+    s = smoothing_factors(act, weight, alpha=0.5)
+    # sqrt(4) / sqrt(1) = 2; sqrt(1) / sqrt(4) = 0.5; an inactive channel is left alone.
+    torch.testing.assert_close(s, torch.tensor([2.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="alpha"):
+        smoothing_factors(act, weight, alpha=1.5)
+
+
+# -- load-time quantization in the engine ---------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: qkv bias, untied lm_head
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_engine_quantized_at_load_generates(arch: str, scheme: str, tiny_model_dir) -> None:
+    engine = _engine(tiny_model_dir(arch), scheme)
+    model = engine.runner.model
+    assert all(isinstance(m, MODULES[scheme]) for _, m in quantizable_linears(model))
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert (model.layers[0].self_attn.qkv_proj.bias is not None) == (arch == "qwen2")
+    [out] = _greedy(engine, ["Hello there"], max_tokens=5)
+    assert len(out) == 5
+    if scheme == "w8a8":  # int8 barely moves a float32 model's logits
+        reference = _score(_engine(tiny_model_dir(arch)))
+        assert _cosine(_score(engine), reference).min() > 0.99
+
+
+@pytest.fixture(scope="module")
+def smollm2_float(smollm2_dir: Path) -> tuple[torch.Tensor, list[list[int]]]:
+    engine = _engine(smollm2_dir)
+    return _score(engine), _greedy(engine, SMOLLM2_PROMPTS, max_tokens=4)
+
+
+SMOLLM2_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "min_top1", "prompts_agreeing"),
+    # Measured on TEXT (50 positions): w8a8 top-1 0.86, mean cosine 0.98; w4a16 0.62 and
+    # 0.79 (the GGUF weights are already 4-bit on another grid, so int4 re-quantizes them
+    # lossily). A transposed weight or a wrong scale axis gives ~0 agreement.
+    [("w8a8", 0.75, 2), ("w4a16", 0.5, 1)],
+)
+def test_smollm2_quantized_agrees_with_float(
+    scheme: str, min_top1: float, prompts_agreeing: int, smollm2_dir: Path, smollm2_float
+) -> None:
+    reference, reference_tokens = smollm2_float
+    engine = _engine(smollm2_dir, scheme)
+    logits = _score(engine)
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert top1 >= min_top1
+    assert _cosine(logits, reference).mean() > (0.95 if scheme == "w8a8" else 0.5)
+    prompts = SMOLLM2_PROMPTS[:prompts_agreeing]
+    assert _greedy(engine, prompts, max_tokens=4) == reference_tokens[:prompts_agreeing]
+
+
+# -- `headrace quantize` checkpoints --------------------------------------------------------
+
+
+def _quantize(model_dir: Path, out: Path, scheme: str, *extra: str) -> int:
+    argv = ["quantize", "--model", str(model_dir), "--scheme", scheme, "--output", str(out)]
+    return main([*argv, "--dtype", "float32", *extra])
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_quantize_round_trip_equals_load_time_quantization(
+    scheme: str, tiny_model_dir, tmp_path: Path
+) -> None:
+    source, out = tiny_model_dir("llama"), tmp_path / "q"
+    assert _quantize(source, out, scheme) == 0
+    meta = json.loads((out / "config.json").read_text())["headrace_quantization"]
+    group_size = 128 if scheme == "w4a16" else None
+    assert meta == {
+        "scheme": scheme,
+        "group_size": group_size,
+        "smoothquant_alpha": None,
+        "format_version": 1,
+    }
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())  # noqa: SIM118 - safe_open is not a mapping
+    quantized = {"qweight", "scale"} if scheme == "w8a8" else {"packed", "scales", "zeros"}
+    assert {f"model.layers.0.self_attn.qkv_proj.{n}" for n in quantized} <= names
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied
+    assert not any(".weight" in n and "_proj" in n for n in names)
+
+    expected = _score(_engine(source, scheme))
+    assert torch.equal(_score(_engine(out)), expected)
+    assert torch.equal(_score(_engine(out, scheme)), expected)  # naming its own scheme is fine
+    other = "w4a16" if scheme == "w8a8" else "w8a8"
+    with pytest.raises(ValueError, match=f"is a {scheme} checkpoint"):
+        _engine(out, other)
+
+
+def test_quantize_with_smoothquant_calibration(tiny_model_dir, tmp_path: Path) -> None:
+    source, out = tiny_model_dir("qwen2"), tmp_path / "q"
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 4)
+    assert _quantize(source, out, "w8a8", "--calib", str(calib), "--alpha", "0.6") == 0
+    meta = json.loads((out / "config.json").read_text())["headrace_quantization"]
+    assert meta["smoothquant_alpha"] == 0.6
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())  # noqa: SIM118 - safe_open is not a mapping
+    assert {"lm_head.weight", "model.layers.1.self_attn.qkv_proj.bias"} <= names  # untied, bias
+    assert "model.layers.1.mlp.down_proj.smooth" in names
+    engine = _engine(out)
+    assert engine.runner.model.layers[0].mlp.down_proj.smooth is not None
+    reference = _score(_engine(source))
+    assert _cosine(_score(engine), reference).min() > 0.99
+
+
+def test_quantize_rejects_bad_requests(tiny_model_dir, tmp_path: Path) -> None:
+    source, calib = tiny_model_dir("llama"), tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    # SmoothQuant is for activation quantization; w4a16 keeps activations in 16 bits.
+    assert _quantize(source, tmp_path / "a", "w4a16", "--calib", str(calib)) == 2
+    assert _quantize(source, tmp_path / "b", "w4a16", "--group-size", "48") == 2
+    occupied = tmp_path / "c"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert _quantize(source, occupied, "w8a8") == 2
+    assert not (tmp_path / "a").exists() and (occupied / "keep.txt").read_text() == "mine"
+    assert _quantize(source, tmp_path / "d", "w8a8") == 0
+    assert _quantize(tmp_path / "d", tmp_path / "e", "w4a16") == 2  # already quantized
+    with pytest.raises(SystemExit) as exc:
+        _quantize(source, tmp_path / "f", "int3")
+    assert exc.value.code == 2

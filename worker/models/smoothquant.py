@@ -1,0 +1,98 @@
+"""SmoothQuant calibration: per-input-channel activation abs-max of each projection, and the
+smoothing factors that move activation outliers into the weights before W8A8 quantization.
+
+Per-token int8 activations lose the small channels of a token when a few channels are
+huge (LLM activations have such outlier channels). With `s_j = max|X_j|^α / max|W_j|^(1-α)`
+the projection computes `(x / s) @ (W * s)ᵀ`, same math, with both factors easier to
+quantize (Xiao et al., 2023).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from worker.models.llama import LlamaForCausalLM
+from worker.models.quantized import quantizable_linears
+
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
+
+DEFAULT_ALPHA = 0.5
+# Keeps 0 ** α / 0 ** (1 - α) finite; and factors beyond this range would make one side
+# of the product carry a channel's whole magnitude, defeating the point.
+_EPS = 1e-5
+_MAX_FACTOR = 1e4
+
+
+@contextmanager
+def record_input_absmax(model: LlamaForCausalLM) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, every projection's input updates `stats[name]`: max |x| per channel,
+    [K] float32 on the model's device, over all tokens seen."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach()
+            absmax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()  # [K]
+            seen = stats.get(name)
+            stats[name] = absmax if seen is None else torch.maximum(seen, absmax)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model)]
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def calibrate(engine: Engine, token_ids: list[int], window: int = 512) -> dict[str, torch.Tensor]:
+    """Activation abs-max of every projection of `engine`'s (float) model over a text.
+
+    The text runs through `Engine.score` in windows of `window` tokens (each a fresh
+    sequence), i.e. through the same paged-attention path as served requests.
+    """
+    window = min(window, engine.max_model_len, engine.runner.capacity_tokens)
+    if not token_ids:
+        raise ValueError("the calibration text is empty")
+    with record_input_absmax(engine.runner.model) as stats:
+        for start in range(0, len(token_ids), window):
+            engine.score(token_ids[start : start + window])
+    return stats
+
+
+def smoothing_factors(
+    act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = DEFAULT_ALPHA
+) -> torch.Tensor:
+    """act_absmax: [K]; weight: [N, K] → s: [K] float32, `max|X_j|^α / max|W_j|^(1-α)`.
+
+    A channel never active in calibration gets s = 1 (left as is): its calibration max
+    says nothing about the inputs it may see later.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    act = act_absmax.float().to(weight.device)
+    w_absmax = weight.detach().float().abs().amax(dim=0)  # [K]
+    s = act.clamp_min(_EPS).pow(alpha) / w_absmax.clamp_min(_EPS).pow(1.0 - alpha)
+    s = s.clamp(1.0 / _MAX_FACTOR, _MAX_FACTOR)
+    return torch.where(act > 0, s, torch.ones_like(s))
+
+
+def model_smoothing_factors(
+    model: LlamaForCausalLM, act_absmax: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA
+) -> dict[str, torch.Tensor]:
+    """Factors for every projection of `model` (still float), by `quantizable_linears` name."""
+    factors = {}
+    for name, linear in quantizable_linears(model):
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{name} is already quantized")
+        if name not in act_absmax:
+            raise ValueError(f"no calibration statistics for {name}")
+        factors[name] = smoothing_factors(act_absmax[name], linear.weight, alpha)
+    return factors

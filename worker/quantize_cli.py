@@ -1,0 +1,195 @@
+"""The `headrace quantize` verb: write a W8A8 (optionally SmoothQuant-calibrated) or W4A16 checkpoint.
+
+The output is an HF-style directory that every headrace command loads with `--model DIR`
+(`--quantization none` takes it as it is): config.json with an added
+"headrace_quantization" record, the tokenizer and generation config copied, and one
+model.safetensors holding the float tensors (embeddings, norms, an untied lm_head) under
+their HF names and each fused projection's quantized tensors, e.g.
+`model.layers.0.self_attn.qkv_proj.qweight`/`.scale`/`.smooth` (W8A8) or
+`.packed`/`.scales`/`.zeros` (W4A16), plus `.bias` where the model has one. transformers
+cannot load it (the projections stay fused and quantized).
+
+`--calib` (SmoothQuant) is W8A8 only: it eases *activation* quantization, and W4A16 keeps
+activations in 16 bits; weight-only int4 would need an AWQ-style search instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from worker.config import DEFAULT_MODEL, DTYPES, QUANTIZATIONS, ModelConfig
+
+if TYPE_CHECKING:
+    from worker.models.quantized import QuantizationSpec
+
+log = logging.getLogger(__name__)
+
+# Everything but the weights and config.json: tokenizer, chat template, generation config.
+_COPIED = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template*",
+    "generation_config.json",
+)
+_CALIB_WINDOW = 512  # tokens per Engine.score call; each window is a fresh sequence
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    # No torch import here (`headrace --help` imports every verb): the defaults of --alpha
+    # and --group-size are filled in by `run` from the modules that own them.
+    parser = subparsers.add_parser(
+        "quantize",
+        help="write a quantized (w8a8 / w4a16) copy of a model",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="directory, hub id, .gguf or smollm2"
+    )
+    parser.add_argument(
+        "--scheme", required=True, choices=[q for q in QUANTIZATIONS if q != "none"]
+    )
+    parser.add_argument("--output", required=True, type=Path, help="new (or empty) directory")
+    parser.add_argument(
+        "--calib", type=Path, default=None, help="text file for SmoothQuant calibration (w8a8)"
+    )
+    parser.add_argument(
+        "--calib-tokens", type=int, default=4096, help="use the text's first N tokens"
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)"
+    )
+    parser.add_argument(
+        "--group-size", type=int, default=None, help="w4a16: K per scale/zero (default 128)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=ModelConfig.dtype,
+        help="precision of calibration, of the weights before quantizing, and of the float tensors",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from worker.models.quantized import DEFAULT_GROUP_SIZE
+    from worker.models.smoothquant import DEFAULT_ALPHA
+
+    args.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+    args.group_size = DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
+    problem = _check_args(args)
+    if problem:
+        log.error("%s", problem)
+        return 2
+    from worker.models.loader import load_hf_config
+    from worker.models.quantized import QuantizationSpec
+    from worker.models.source import resolve_model
+
+    model_dir = resolve_model(args.model)
+    stored = QuantizationSpec.from_hf_config(load_hf_config(model_dir))
+    if stored is not None:
+        log.error(
+            "%s is already quantized (%s); quantize the float model", model_dir, stored.scheme
+        )
+        return 2
+    spec = QuantizationSpec(
+        args.scheme,
+        args.group_size if args.scheme == "w4a16" else None,
+        args.alpha if args.calib is not None else None,
+    )
+    quantize_to_dir(model_dir, spec, args.output, args.dtype, args.calib, args.calib_tokens)
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    if args.calib is not None and args.scheme != "w8a8":
+        return "--calib (SmoothQuant) applies to w8a8 only: w4a16 keeps activations in 16 bits"
+    if args.calib is not None and not args.calib.is_file():
+        return f"calibration file not found: {args.calib}"
+    if not 0.0 <= args.alpha <= 1.0:
+        return f"--alpha must be in [0, 1], got {args.alpha}"
+    if args.group_size <= 0 or args.group_size % 32:
+        return f"--group-size must be a positive multiple of 32, got {args.group_size}"
+    if args.calib_tokens < 1:
+        return "--calib-tokens must be >= 1"
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        return f"{args.output} exists and is not an empty directory"
+    return None
+
+
+def quantize_to_dir(
+    model_dir: Path,
+    spec: QuantizationSpec,
+    output: Path,
+    dtype: str,
+    calib: Path | None = None,
+    calib_tokens: int = 4096,
+) -> None:
+    """Load `model_dir` (float), calibrate if `calib`, quantize, write `output` (atomically)."""
+    from safetensors.torch import save_file
+
+    from worker.config import CacheConfig, EngineConfig
+    from worker.engine.engine import Engine
+    from worker.models.quantized import (
+        DEFAULT_GROUP_SIZE,
+        hf_state_dict,
+        quantize_model,
+        weight_bytes,
+    )
+    from worker.models.smoothquant import calibrate, model_smoothing_factors
+
+    # The engine's KV cache only has to hold one calibration window.
+    cache = CacheConfig(block_size=16, num_blocks=_CALIB_WINDOW // 16 if calib else 1)
+    engine = Engine(EngineConfig(model=ModelConfig(str(model_dir), dtype=dtype), cache=cache))
+    model = engine.runner.model
+    smooth = None
+    if calib is not None and spec.smoothquant_alpha is not None:
+        ids = engine.tokenizer(calib.read_text(encoding="utf-8")).input_ids[:calib_tokens]
+        log.info("calibrating on %d tokens of %s", len(ids), calib)
+        smooth = model_smoothing_factors(
+            model, calibrate(engine, ids, _CALIB_WINDOW), spec.smoothquant_alpha
+        )
+    before = weight_bytes(model)
+    quantize_model(model, spec.scheme, smooth, spec.group_size or DEFAULT_GROUP_SIZE)
+    log.info(
+        "%s: weights %.1f MiB -> %.1f MiB", spec.scheme, before / 2**20, weight_bytes(model) / 2**20
+    )
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=output.parent))
+    try:
+        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_config(model_dir, tmp, spec, dtype)
+        for pattern in _COPIED:
+            for file in model_dir.glob(pattern):
+                shutil.copy2(file, tmp / file.name)
+        # mkdtemp (and safetensors) make owner-only files; a model is for anyone to read.
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        if output.exists():
+            output.rmdir()  # checked empty; rename needs it gone
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s", output)
+
+
+def _write_config(model_dir: Path, out: Path, spec: QuantizationSpec, dtype: str) -> None:
+    # Edit the JSON itself (not a transformers round trip) so every other field stays as is.
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config["headrace_quantization"] = spec.to_json()
+    for key in ("torch_dtype", "dtype"):  # the float tensors are stored in `dtype`
+        if key in config:
+            config[key] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The `headrace bench` verb: `throughput` (our engine vs transformers) and `e2e` (through Redis vs the engine alone)."""
+"""The `headrace bench` verb: `throughput` (our engine vs transformers) and `e2e` (through Redis vs the engine alone); and `headrace eval` (the accuracy cost of quantization)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from worker.config import DEFAULT_MODEL, DTYPES
 from worker.generate_cli import add_engine_args, engine_config_from_args
 
 if TYPE_CHECKING:
@@ -48,6 +49,101 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e2e.add_argument("--num-requests", type=int, default=64)
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
     e2e.set_defaults(func=run_e2e_bench)
+    lin = benches.add_parser(
+        "linear",
+        help="W8A8 and W4A16 linear layers vs the unquantized one, at the model's shapes",
+        description="Time each decoder projection (qkv, o, gate_up, down) of the model at "
+        "several token counts: unquantized (the engine's GEMM path), W8A8 (per-token "
+        "quantization + int8 GEMM) and W4A16, on the engine's device.",
+    )
+    lin.add_argument("--model", default=DEFAULT_MODEL, help="its config gives the shapes")
+    lin.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    lin.add_argument("--tokens", default="1,16,128,512", help="comma-separated M values")
+    lin.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    lin.add_argument("--json", action="store_true", help="one JSON object per line")
+    lin.set_defaults(func=run_linear)
+    _register_eval(subparsers)
+
+
+# `bench.eval.CONFIGS`, named here so that `headrace --help` imports no torch.
+EVAL_CONFIGS = ("int8-kv", "w8a8", "w8a8+int8-kv", "w4a16")
+
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    ev = subparsers.add_parser(
+        "eval",
+        help="accuracy cost of quantization: top-1 agreement and perplexity vs the unquantized model",
+        description="Teacher-forced top-1 agreement and perplexity of each quantized "
+        "configuration against the unquantized model on a text (default: public-domain "
+        "English and Chinese, bench/data/eval_en_zh.txt).",
+    )
+    ev.add_argument("--text", default=None, help="UTF-8 text file; paragraphs split by blank lines")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line per config")
+    ev.add_argument(
+        "--configs",
+        nargs="+",
+        choices=(*EVAL_CONFIGS, "reference"),
+        default=list(EVAL_CONFIGS),
+        metavar="CONFIG",
+        help=f"subset of {', '.join(EVAL_CONFIGS)} (default: all); 'reference' rescores the unquantized model (the noise floor)",
+    )
+    ev.add_argument("--model", default=DEFAULT_MODEL, help="directory, hub id, .gguf or smollm2")
+    ev.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="of the reference and every configuration alike; float32 (default) keeps bf16 "
+        "rounding out of the difference, so it measures the quantization alone",
+    )
+    ev.add_argument(
+        "--chunk-size",
+        type=int,
+        default=64,
+        help="prefill chunk: tokens after the first chunk read the (int8: quantized) KV cache",
+    )
+    ev.add_argument(
+        "--max-segment-tokens",
+        type=int,
+        default=512,
+        help="same-language paragraphs are packed into segments scored from a fresh cache",
+    )
+    ev.add_argument("--num-threads", "--threads", dest="threads", type=int, default=None)
+    ev.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    ev.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from bench import eval as quant_eval
+
+    if args.text is None:
+        args.text = str(quant_eval.DEFAULT_TEXT)
+    return quant_eval.run(args)
+
+
+def run_linear(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.linear import bench_linear, format_table, projection_shapes
+    from ops.device import default_device
+    from worker.models.llama import ModelArgs
+    from worker.models.loader import load_hf_config
+    from worker.models.source import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_args = ModelArgs.from_hf_config(load_hf_config(resolve_model(args.model)))
+    tokens = [int(t) for t in args.tokens.split(",")]
+    device = default_device()
+    results = bench_linear(
+        projection_shapes(model_args), tokens, getattr(torch, args.dtype), device
+    )
+    if args.json:
+        for r in results:
+            print(json.dumps(r.to_dict()))
+    else:
+        print(f"{args.model} projections on {device} ({torch.get_num_threads()} threads)\n")
+        print(format_table(results))
+    return 0
 
 
 def run_e2e_bench(args: argparse.Namespace) -> int:

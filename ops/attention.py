@@ -190,7 +190,7 @@ def paged_decode_attention(
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask.view(num_seqs, 1, 1, span), scale=scale
     )
-    return out.view_as(query)  # [S, kvh, g, D]
+    return out.reshape(query.shape)  # SDPA may return a non-contiguous [S, kvh, g, D]
 
 
 def _gather_pages(cache: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

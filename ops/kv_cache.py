@@ -124,12 +124,14 @@ def paged_decode_attention_int8(
     context_lens: torch.Tensor,
     scale: float,
     workspace: fp_ops.DecodeWorkspace | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its int8 pages (torch; the reference of the kernel).
 
     query: [S, H, D]; block_tables: [S, max_blocks]; context_lens: [S] → [S, H, D].
-    int8 codes convert exactly to query.dtype; the K scales multiply the scores and the V
-    scales the probabilities, as in the kernel.
+    The gathered pages are dequantized (`code * scale`, in query.dtype) into reused buffers
+    and attended with SDPA; the kernel instead folds the K scales into the scores and the V
+    scales into the probabilities, tile by tile, which is the same math up to rounding.
     """
     workspace = workspace or fp_ops.DecodeWorkspace()
     num_seqs, num_heads, head_dim = query.shape
@@ -137,22 +139,25 @@ def paged_decode_attention_int8(
     span = block_tables.shape[1] * block_size
     index = workspace.gather_index(block_tables, num_kv_heads, block_size)
     shape = (num_seqs, num_kv_heads, span, head_dim)
-    gathered = {}
-    for name, pool in (("k", key_cache), ("v", value_cache)):
+    kv = {}
+    pools = (("k", key_cache, key_scale_cache), ("v", value_cache, value_scale_cache))
+    for name, pool, scale_pool in pools:
         codes = _gather_head_major(pool, index, workspace, f"{name}_codes").view(shape)
-        converted = workspace.buffer(f"{name}_int8", codes.numel(), query.dtype, query.device)
-        gathered[name] = converted.view(shape).copy_(codes)
-    k_scale, v_scale = (
-        _gather_head_major(s.unsqueeze(-1), index, workspace, f"{n}_scales").view(shape[:3])
-        for n, s in (("k", key_scale_cache), ("v", value_scale_cache))
-    )
+        page_scales = _gather_head_major(scale_pool.unsqueeze(-1), index, workspace, f"{name}_s")
+        page_scales = page_scales.view(*shape[:3], 1).float()
+        # code * scale in float32, rounded once to the query dtype.
+        wide = workspace.buffer(f"{name}_f32", codes.numel(), torch.float32, query.device)
+        wide = torch.mul(codes, page_scales, out=wide.view(shape))
+        if query.dtype == torch.float32:
+            kv[name] = wide
+            continue
+        out = workspace.buffer(f"{name}_dequant", codes.numel(), query.dtype, query.device)
+        kv[name] = out.view(shape).copy_(wide)
     q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(q, gathered["k"].transpose(-1, -2)).float()  # [S, KVH, G, L]
-    scores *= k_scale.float().unsqueeze(2) * scale
-    scores.masked_fill_(~decode_mask(context_lens, span), float("-inf"))
-    probs = scores.softmax(dim=-1) * v_scale.float().unsqueeze(2)
-    out = torch.matmul(probs.to(query.dtype), gathered["v"])  # [S, KVH, G, D]
-    return out.view_as(query)
+    if mask is None:
+        mask = decode_mask(context_lens, span)
+    out = F.scaled_dot_product_attention(q, kv["k"], kv["v"], attn_mask=mask, scale=scale)
+    return out.reshape(query.shape)
 
 
 def paged_decode_attention(
@@ -202,6 +207,7 @@ def paged_decode_attention(
         context_lens,
         scale,
         workspace,
+        mask,
     )
 
 

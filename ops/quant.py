@@ -15,6 +15,7 @@ int8 GEMM); CUDA tensors go to the kernels in `kernels/`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,12 @@ class Int4Weight:
     @property
     def out_features(self) -> int:
         return self.packed.shape[0]
+
+
+@functools.cache
+def cpu_has_int8_gemm() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI or AMX) for torch._int_mm."""
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def round_half_up(x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +127,12 @@ def int8_gemm(
         from kernels.int8_gemm import int8_gemm as kernel
 
         return kernel(a, a_scale, b, b_scale, bias, out_dtype)
-    acc = torch._int_mm(a, b.t())  # [M, N] int32
-    out = acc.float() * a_scale.float()[:, None] * b_scale.float()[None, :]
+    # Without VNNI/AMX, torch._int_mm runs a scalar loop (~10-100x slower than a float32
+    # GEMM). int8 products and their sums are exact in float32 while |sum| < 2^24, which
+    # K * 127^2 only passes for K > 1040, and then by at most an ulp per addition.
+    use_int = cpu_has_int8_gemm()
+    acc = torch._int_mm(a, b.t()).float() if use_int else a.float() @ b.float().t()  # [M, N]
+    out = acc * a_scale.float()[:, None] * b_scale.float()[None, :]
     if bias is not None:
         out += bias.float()
     return out.to(out_dtype)
@@ -151,6 +162,40 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def _int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """weight: [N, K] float, K even → ([N, G, group_size] float32, pad): K split into groups.
+
+    The last group may be short: its last column is repeated `pad` times, which leaves its
+    min/max unchanged.
+    """
+    n, k = weight.shape
+    if k % 2 or group_size % 32:
+        raise ValueError(f"need an even K and a group size multiple of 32, got {k}, {group_size}")
+    num_groups = -(-k // group_size)
+    w = weight.float()
+    pad = num_groups * group_size - k
+    if pad:
+        w = torch.cat((w, w[:, -1:].expand(n, pad)), dim=1)
+    return w.view(n, num_groups, group_size), pad
+
+
+def int4_params(
+    lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 grid of the range [lo, hi] (any shape, widened to hold 0, as in GPTQ,
+    so the zero point fits in [0, 15]) → (scale float32, already rounded to `scale_dtype`;
+    zero float32 integer-valued in [0, 15]), same shape."""
+    lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+    scale = ((hi - lo) / INT4_MAX).clamp_min(MIN_SCALE).to(scale_dtype).float()
+    zero = round_half_up(-lo / scale).clamp_(0, INT4_MAX)
+    return scale, zero
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """w: [..., g] float32; scale, zero: [...] → codes [..., g] float32 in [0, 15]."""
+    return (round_half_up(w / scale[..., None]) + zero[..., None]).clamp_(0, INT4_MAX)
+
+
 def quantize_weight_int4(
     weight: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype = torch.float32
 ) -> Int4Weight:
@@ -159,22 +204,70 @@ def quantize_weight_int4(
     The scales are rounded to `scale_dtype` before quantizing, so the stored scale is the
     one the codes were computed with.
     """
-    n, k = weight.shape
-    if k % 2 or group_size % 32:
-        raise ValueError(f"need an even K and a group size multiple of 32, got {k}, {group_size}")
-    num_groups = -(-k // group_size)
-    w = weight.float()
-    # The last group may be short: repeat its last column, which leaves its min/max unchanged.
-    pad = num_groups * group_size - k
-    if pad:
-        w = torch.cat((w, w[:, -1:].expand(n, pad)), dim=1)
-    groups = w.view(n, num_groups, group_size)
-    # The range always holds 0 (as in GPTQ), so the zero point fits in [0, 15].
-    lo, hi = groups.amin(-1).clamp_max(0), groups.amax(-1).clamp_min(0)
-    scale = ((hi - lo) / INT4_MAX).clamp_min(MIN_SCALE).to(scale_dtype).float()
-    zero = round_half_up(-lo / scale).clamp_(0, INT4_MAX)
-    q = round_half_up(groups / scale[..., None]) + zero[..., None]
-    q = q.clamp_(0, INT4_MAX).view(n, -1)[:, :k]
+    groups, _ = _int4_groups(weight, group_size)  # [N, G, group_size]
+    scale, zero = int4_params(groups.amin(-1), groups.amax(-1), scale_dtype)
+    return _pack_int4_weight(
+        int4_codes(groups, scale, zero), scale, zero, weight.shape[1], scale_dtype
+    )
+
+
+def int4_clip_search(
+    groups: torch.Tensor,
+    scale_dtype: torch.dtype = torch.float32,
+    grid: int = 20,
+    min_shrink: float = 0.5,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSE-optimal clipping: per group, the int4 grid of `[p * min, p * max]` over `grid`
+    shrink factors p from 1 down to `min_shrink` with the least squared reconstruction error.
+
+    groups: [..., g] float32; mask: [g] bool, the columns that count (None: all)
+    → (scale, zero) as `int4_params`, shape [...]. p = 1 (plain min/max) is tried first and
+    only a strictly lower error replaces it, so no group gets worse.
+    """
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    best_scale, best_zero = int4_params(lo, hi, scale_dtype)
+    best_err = torch.full_like(lo, float("inf"))
+    for p in torch.linspace(1.0, min_shrink, grid).tolist():
+        scale, zero = int4_params(lo * p, hi * p, scale_dtype)
+        s, z = scale[..., None], zero[..., None]
+        # In place, = (int4_codes(groups, scale, zero) - zero) * scale - groups (zero is an
+        # integer, so it can go inside the floor); up to float rounding of w / s at ties.
+        sq = groups.div(s).add_(z + 0.5).floor_().clamp_(0, INT4_MAX).sub_(z).mul_(s)
+        sq = sq.sub_(groups).square_()
+        err = (sq if mask is None else sq.mul_(mask)).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def quantize_weight_int4_clipped(
+    weight: torch.Tensor,
+    group_size: int = 128,
+    scale_dtype: torch.dtype = torch.float32,
+    grid: int = 20,
+) -> Int4Weight:
+    """As `quantize_weight_int4` (same format), with each group's range from `int4_clip_search`:
+    values beyond the shrunk range clip, the rest get a finer grid. weight: [N, K]."""
+    groups, pad = _int4_groups(weight, group_size)  # [N, G, group_size]
+    mask = None
+    if pad:  # the repeated last column must not weigh in the last group's error
+        mask = torch.ones(groups.shape[1:], dtype=torch.bool, device=groups.device)
+        mask[-1, group_size - pad :] = False
+    scale, zero = int4_clip_search(groups, scale_dtype, grid, mask=mask)
+    return _pack_int4_weight(
+        int4_codes(groups, scale, zero), scale, zero, weight.shape[1], scale_dtype
+    )
+
+
+def _pack_int4_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, scale_dtype: torch.dtype
+) -> Int4Weight:
+    """codes: [N, G, group_size] float in [0, 15]; scale, zero: [N, G] → Int4Weight (K = k)."""
+    n, _, group_size = codes.shape
+    q = codes.reshape(n, -1)[:, :k]
     return Int4Weight(
         pack_int4(q).contiguous(), scale.to(scale_dtype), zero.to(torch.uint8), group_size
     )

@@ -9,13 +9,18 @@ their HF names and each fused projection's quantized tensors, e.g.
 `.packed`/`.scales`/`.zeros` (W4A16), plus `.bias` where the model has one. transformers
 cannot load it (the projections stay fused and quantized).
 
-`--calib` (SmoothQuant) is W8A8 only: it eases *activation* quantization, and W4A16 keeps
-activations in 16 bits; weight-only int4 would need an AWQ-style search instead.
+Calibration: W8A8 is SmoothQuant-calibrated (activation outliers moved into the weights,
+`--alpha`); W4A16 with `--calib` runs GPTQ (error compensation weighted by the calibration
+inputs' Hessian), without it round-to-nearest. Without
+`--calib` the result equals load-time quantization (`--quantization`), which calibrates
+W8A8 on the built-in calibration text (worker/models/calib_en_zh.txt); `--calib FILE`
+replaces that text.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -42,7 +47,6 @@ _COPIED = (
     "chat_template*",
     "generation_config.json",
 )
-_CALIB_WINDOW = 512  # tokens per Engine.score call; each window is a fresh sequence
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--output", required=True, type=Path, help="new (or empty) directory")
     parser.add_argument(
-        "--calib", type=Path, default=None, help="text file for SmoothQuant calibration (w8a8)"
+        "--calib",
+        type=Path,
+        default=None,
+        help="calibration text: SmoothQuant (w8a8; default: the built-in text) or GPTQ (w4a16)",
     )
     parser.add_argument(
         "--calib-tokens", type=int, default=4096, help="use the text's first N tokens"
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         log.error("%s", problem)
         return 2
-    from worker.models.loader import load_hf_config
+    from worker.models.loader import load_hf_config, load_time_spec
     from worker.models.quantized import QuantizationSpec
     from worker.models.source import resolve_model
 
@@ -102,18 +109,16 @@ def run(args: argparse.Namespace) -> int:
             "%s is already quantized (%s); quantize the float model", model_dir, stored.scheme
         )
         return 2
-    spec = QuantizationSpec(
-        args.scheme,
-        args.group_size if args.scheme == "w4a16" else None,
-        args.alpha if args.calib is not None else None,
-    )
+    spec = load_time_spec(args.scheme, args.group_size)
+    if args.scheme == "w8a8":
+        spec = dataclasses.replace(spec, smoothquant_alpha=args.alpha)
+    elif args.calib is not None:
+        spec = dataclasses.replace(spec, gptq=True)
     quantize_to_dir(model_dir, spec, args.output, args.dtype, args.calib, args.calib_tokens)
     return 0
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
-    if args.calib is not None and args.scheme != "w8a8":
-        return "--calib (SmoothQuant) applies to w8a8 only: w4a16 keeps activations in 16 bits"
     if args.calib is not None and not args.calib.is_file():
         return f"calibration file not found: {args.calib}"
     if not 0.0 <= args.alpha <= 1.0:
@@ -135,32 +140,26 @@ def quantize_to_dir(
     calib: Path | None = None,
     calib_tokens: int = 4096,
 ) -> None:
-    """Load `model_dir` (float), calibrate if `calib`, quantize, write `output` (atomically)."""
+    """Load `model_dir` (float), calibrate on `calib` (None: the built-in text) where `spec`
+    needs it, quantize, write `output` (atomically)."""
     from safetensors.torch import save_file
 
     from worker.config import CacheConfig, EngineConfig
     from worker.engine.engine import Engine
-    from worker.models.quantized import (
-        DEFAULT_GROUP_SIZE,
-        hf_state_dict,
-        quantize_model,
-        weight_bytes,
-    )
-    from worker.models.smoothquant import calibrate, model_smoothing_factors
+    from worker.models.calibration import builtin_calibration_text
+    from worker.models.loader import quantize_calibrated
+    from worker.models.quantized import hf_state_dict, weight_bytes
 
-    # The engine's KV cache only has to hold one calibration window.
-    cache = CacheConfig(block_size=16, num_blocks=_CALIB_WINDOW // 16 if calib else 1)
+    # Calibration runs its own small KV cache; the engine's is never used.
+    cache = CacheConfig(block_size=16, num_blocks=1)
     engine = Engine(EngineConfig(model=ModelConfig(str(model_dir), dtype=dtype), cache=cache))
     model = engine.runner.model
-    smooth = None
-    if calib is not None and spec.smoothquant_alpha is not None:
-        ids = engine.tokenizer(calib.read_text(encoding="utf-8")).input_ids[:calib_tokens]
-        log.info("calibrating on %d tokens of %s", len(ids), calib)
-        smooth = model_smoothing_factors(
-            model, calibrate(engine, ids, _CALIB_WINDOW), spec.smoothquant_alpha
-        )
+    text = builtin_calibration_text() if calib is None else calib.read_text(encoding="utf-8")
+    ids = engine.tokenizer(text, add_special_tokens=False).input_ids[:calib_tokens]
+    if spec.smoothquant_alpha is not None or spec.gptq:
+        log.info("calibrating on %d tokens of %s", len(ids), calib or "the built-in text")
     before = weight_bytes(model)
-    quantize_model(model, spec.scheme, smooth, spec.group_size or DEFAULT_GROUP_SIZE)
+    quantize_calibrated(model, spec, ids)
     log.info(
         "%s: weights %.1f MiB -> %.1f MiB", spec.scheme, before / 2**20, weight_bytes(model) / 2**20
     )

@@ -229,6 +229,12 @@ def test_config_flags_override_env_and_env_overrides_defaults():
     assert cfg.engine.scheduler.max_num_seqs == 4 and cfg.inflight_limit == 8
     assert cfg.claim_idle_ms == 9000 and cfg.heartbeat_s == 3.0
     assert WorkerConfig.from_env({}).redis_url is None  # → embedded Redis
+    # The worker's KV cache is int8 unless asked otherwise (the engine's own default is auto).
+    assert WorkerConfig.from_env({}).engine.cache.dtype == "int8"
+    auto = WorkerConfig.from_env({"HEADRACE_KV_CACHE_DTYPE": "auto"})
+    assert auto.engine.cache.dtype == "auto"
+    quant = parser.parse_args(["--quantization", "w8a8", "--kv-cache-dtype", "auto"])
+    assert WorkerConfig.from_args(quant, {}).engine.model.quantization == "w8a8"
     with pytest.raises(ValueError, match="HEADRACE_MAX_ATTEMPTS"):
         WorkerConfig.from_env({"HEADRACE_MAX_ATTEMPTS": "many"})
     with pytest.raises(ValueError, match="heartbeat"):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ops.activation import silu_and_mul
+from ops.linear import linear
 from ops.rotary import apply_rotary
 from worker.models.attention import AttentionMetadata, LayerKVCache, PagedAttention
 from worker.models.rope import RotaryEmbedding
@@ -67,6 +68,15 @@ class ModelArgs:
         )
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose GEMM goes through `ops.linear` (weights may be kept in float32 on CPUs
+    without native bf16/fp16 GEMMs; see `LlamaForCausalLM.set_gemm_dtype`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in_features] → [T, out_features] in x.dtype."""
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back, then scaled (the order HF uses)."""
 
@@ -93,8 +103,8 @@ class Attention(nn.Module):
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         # q, k and v projections fused into one GEMM (split after).
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, args.o_bias)
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, args.qkv_bias)
+        self.o_proj = Linear(self.q_size, args.hidden_size, args.o_bias)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.attn = PagedAttention(args.num_heads, args.num_kv_heads, args.head_dim)
@@ -123,8 +133,8 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.intermediate_size = args.intermediate_size
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, args.mlp_bias)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, args.mlp_bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -159,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -176,6 +186,20 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
+
+    def set_gemm_dtype(self, gemm_dtype: torch.dtype) -> bool:
+        """Keep the dense linear weights (and biases) in `gemm_dtype`; True if any changed.
+
+        A tied lm_head gets its own copy: the embedding table keeps the model dtype.
+        """
+        changed = False
+        if self.args.tie_word_embeddings and self.lm_head.weight.dtype != gemm_dtype:
+            self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach().clone(), False)
+        for module in self.modules():
+            if isinstance(module, Linear) and module.weight.dtype != gemm_dtype:
+                module.to(gemm_dtype)
+                changed = True
+        return changed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] (only the positions being sampled) → logits [S, vocab] float32."""

@@ -6,15 +6,20 @@ Also reads checkpoints written by `headrace quantize` and quantizes float ones a
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
+from ops.linear import gemm_weight_dtype
+from worker.models.calibration import builtin_calibration_text
+from worker.models.gptq import calibrate_hessians, gptq_quantize_model
 from worker.models.llama import LlamaForCausalLM, ModelArgs
 from worker.models.quantized import (
+    DEFAULT_GROUP_SIZE,
     PROJECTIONS,
     QuantizationSpec,
     convert_for_runtime,
@@ -22,6 +27,7 @@ from worker.models.quantized import (
     weight_bytes,
 )
 from worker.models.rope import RotaryEmbedding
+from worker.models.smoothquant import DEFAULT_ALPHA, calibrate, model_smoothing_factors
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,9 @@ def load_model(
     """Build the model from `model_dir`'s config.json and load its *.safetensors weights.
 
     quantization: "none" loads the checkpoint as it is (float, or quantized by `headrace
-    quantize`); "w8a8"/"w4a16" quantize a float checkpoint's projections after loading.
+    quantize`); "w8a8"/"w4a16" quantize a float checkpoint's projections after loading:
+    w8a8 with SmoothQuant calibrated on the built-in calibration text (a few seconds),
+    w4a16 round-to-nearest (`load_time_spec`).
 
     Raises:
         ValueError: asking for a scheme other than a quantized checkpoint's own.
@@ -78,18 +86,61 @@ def load_model(
     if stored is not None:
         log.info("loaded a %s checkpoint: %.1f MiB of weights", stored.scheme, _mib(model))
     elif quantization != "none":
-        before = _mib(model)
-        quantize_model(model, quantization)
+        before, start = _mib(model), time.perf_counter()
+        spec = load_time_spec(quantization)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        calib_ids = tokenizer(builtin_calibration_text(), add_special_tokens=False).input_ids
+        quantize_calibrated(model, spec, calib_ids[:LOAD_CALIB_TOKENS])
         log.info(
-            "quantized %d projections to %s: weights %.1f MiB -> %.1f MiB "
+            "quantized %d projections to %s%s in %.1f s: weights %.1f MiB -> %.1f MiB "
             "(embeddings and lm_head kept in %s)",
             args.num_layers * len(PROJECTIONS),
             quantization,
+            " (SmoothQuant, built-in calibration text)" if spec.smoothquant_alpha else "",
+            time.perf_counter() - start,
             before,
             _mib(model),
             dtype,
         )
+    gemm_dtype = gemm_weight_dtype(dtype, device)
+    if model.set_gemm_dtype(gemm_dtype):
+        log.info(
+            "this CPU has no native %s GEMM: dense linear weights kept as %s (same values; "
+            "the GEMMs run several times faster); weights now %.1f MiB",
+            dtype,
+            gemm_dtype,
+            _mib(model),
+        )
     return model
+
+
+# Tokens of the built-in calibration text used at load (all of it: ~1.8k for SmolLM2).
+LOAD_CALIB_TOKENS = 2048
+
+
+def load_time_spec(scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizationSpec:
+    """What `--quantization w8a8|w4a16` does to a float checkpoint (and `headrace quantize`
+    without --calib): w8a8 is SmoothQuant-calibrated (α = DEFAULT_ALPHA) on the built-in
+    text; w4a16 is round-to-nearest (no calibration)."""
+    if scheme == "w8a8":
+        return QuantizationSpec(scheme, None, DEFAULT_ALPHA)
+    return QuantizationSpec(scheme, group_size)
+
+
+def quantize_calibrated(
+    model: LlamaForCausalLM, spec: QuantizationSpec, calib_ids: list[int]
+) -> None:
+    """Quantize the float `model` in place as `spec` says, calibrating on `calib_ids` when
+    it asks for SmoothQuant (activation abs-max) or GPTQ (input Hessians)."""
+    group_size = spec.group_size or DEFAULT_GROUP_SIZE
+    if spec.gptq:
+        gptq_quantize_model(model, calibrate_hessians(model, calib_ids), group_size)
+        return
+    smooth = None
+    if spec.smoothquant_alpha is not None:
+        absmax = calibrate(model, calib_ids)
+        smooth = model_smoothing_factors(model, absmax, spec.smoothquant_alpha)
+    quantize_model(model, spec.scheme, smooth, group_size)
 
 
 def _mib(model: LlamaForCausalLM) -> float:

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from worker.models.calibration import DEFAULT_WINDOW, feed_text
 from worker.models.llama import LlamaForCausalLM
 from worker.models.quantized import quantizable_linears
-
-if TYPE_CHECKING:
-    from worker.engine.engine import Engine
 
 DEFAULT_ALPHA = 0.5
 # Keeps 0 ** α / 0 ** (1 - α) finite; and factors beyond this range would make one side
@@ -52,18 +49,13 @@ def record_input_absmax(model: LlamaForCausalLM) -> Iterator[dict[str, torch.Ten
             handle.remove()
 
 
-def calibrate(engine: Engine, token_ids: list[int], window: int = 512) -> dict[str, torch.Tensor]:
-    """Activation abs-max of every projection of `engine`'s (float) model over a text.
-
-    The text runs through `Engine.score` in windows of `window` tokens (each a fresh
-    sequence), i.e. through the same paged-attention path as served requests.
-    """
-    window = min(window, engine.max_model_len, engine.runner.capacity_tokens)
-    if not token_ids:
-        raise ValueError("the calibration text is empty")
-    with record_input_absmax(engine.runner.model) as stats:
-        for start in range(0, len(token_ids), window):
-            engine.score(token_ids[start : start + window])
+def calibrate(
+    model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAULT_WINDOW
+) -> dict[str, torch.Tensor]:
+    """Activation abs-max of every projection of the (float) `model` over a text, by
+    `quantizable_linears` name, [K] each; the text runs in windows of `window` tokens."""
+    with record_input_absmax(model) as stats:
+        feed_text(model, token_ids, window)
     return stats
 
 

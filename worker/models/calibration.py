@@ -1,0 +1,52 @@
+"""Calibration runs: a text fed through a float model so that forward hooks (SmoothQuant's
+activation abs-max, GPTQ's input Hessians) see every projection's inputs; and the built-in
+calibration text that load-time quantization uses.
+
+The text runs through the same paged-attention path as served requests (a `ModelRunner`
+with a KV cache of one window), in windows of `window` tokens, each a fresh sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from worker.models.llama import LlamaForCausalLM
+
+# Original English + Chinese prose (~1.8k SmolLM2 tokens), written for calibration; it
+# shares no text with the evaluation text in bench/data.
+BUILTIN_CALIB_TEXT = Path(__file__).with_name("calib_en_zh.txt")
+DEFAULT_WINDOW = 512
+_BLOCK_SIZE = 16
+
+
+def builtin_calibration_text() -> str:
+    return BUILTIN_CALIB_TEXT.read_text(encoding="utf-8")
+
+
+@torch.inference_mode()
+def feed_text(model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAULT_WINDOW) -> None:
+    """Run `token_ids` through `model` (forward passes only; results dropped), in windows.
+
+    The KV cache and its dtype follow the model's embedding table (device and dtype).
+    """
+    # Imported here: the engine imports the loader, which calibrates through this module.
+    from worker.config import CacheConfig
+    from worker.engine.model_runner import ModelRunner
+    from worker.engine.params import SamplingParams
+    from worker.engine.scheduler import ScheduledChunk
+    from worker.engine.sequence import Request, Sequence
+
+    if not token_ids:
+        raise ValueError("the calibration text is empty")
+    window = max(1, min(window, model.rope.cos.shape[0]))
+    table = model.embed_tokens.weight
+    num_blocks = -(-window // _BLOCK_SIZE)
+    cache = CacheConfig(block_size=_BLOCK_SIZE, num_blocks=num_blocks)
+    runner = ModelRunner(model, cache, table.dtype, table.device)
+    for start in range(0, len(token_ids), window):
+        ids = tuple(token_ids[start : start + window])
+        seq = Sequence(Request("__calibration__", ids, SamplingParams(max_tokens=1)))
+        seq.block_ids = list(range(-(-len(ids) // _BLOCK_SIZE)))
+        runner.execute([ScheduledChunk(seq, len(ids))])

@@ -8,11 +8,17 @@ with a KV cache of one window), in windows of `window` tokens, each a fresh sequ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from worker.models.llama import LlamaForCausalLM
+from worker.models.quantized import quantizable_linears
+
+# (the statistic so far or None, a projection's input x [T, K] float32) → the new statistic.
+StatUpdate = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 # Original English + Chinese prose (~1.8k SmolLM2 tokens), written for calibration; it
 # shares no text with the evaluation text in bench/data.
@@ -50,3 +56,32 @@ def feed_text(model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAU
         seq = Sequence(Request("__calibration__", ids, SamplingParams(max_tokens=1)))
         seq.block_ids = list(range(-(-len(ids) // _BLOCK_SIZE)))
         runner.execute([ScheduledChunk(seq, len(ids))])
+
+
+def collect_input_stats(
+    model: LlamaForCausalLM,
+    token_ids: list[int],
+    update: StatUpdate,
+    window: int = DEFAULT_WINDOW,
+) -> dict[str, torch.Tensor]:
+    """Feed the text with a forward pre-hook on every projection: `stats[name]` becomes
+    `update(stats.get(name), x)` for each input x [T, K] (float32) the projection sees.
+
+    Keys are `quantizable_linears` names.
+    """
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach()
+            stats[name] = update(stats.get(name), x.reshape(-1, x.shape[-1]).float())
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model)]
+    try:
+        feed_text(model, token_ids, window)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

@@ -12,14 +12,11 @@ updated by the earlier groups' error compensation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
 from ops.quant import Int4Weight, int4_clip_search, int4_codes, pack_int4
-from worker.models.calibration import DEFAULT_WINDOW, feed_text
+from worker.models.calibration import DEFAULT_WINDOW, collect_input_stats
 from worker.models.llama import LlamaForCausalLM
 from worker.models.quantized import (
     DEFAULT_GROUP_SIZE,
@@ -34,38 +31,18 @@ from worker.models.quantized import (
 DEFAULT_DAMP = 0.01
 
 
-@contextmanager
-def record_input_hessians(model: LlamaForCausalLM) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, every projection's input x [T, K] adds `xᵀx` to `stats[name]`:
-    [K, K] float32 on the model's device (a sum over tokens; GPTQ is invariant to its scale)."""
-    stats: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
-            xtx = x.t() @ x  # [K, K]
-            seen = stats.get(name)
-            stats[name] = xtx if seen is None else seen.add_(xtx)
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model)]
-    try:
-        yield stats
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def calibrate_hessians(
     model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAULT_WINDOW
 ) -> dict[str, torch.Tensor]:
     """Input Hessians of every projection of the (float) `model` over a text, by
-    `quantizable_linears` name, [K, K] each; the text runs in windows of `window` tokens."""
-    with record_input_hessians(model) as stats:
-        feed_text(model, token_ids, window)
-    return stats
+    `quantizable_linears` name: xᵀx summed over tokens, [K, K] float32 each (GPTQ is
+    invariant to its scale); the text runs in windows of `window` tokens."""
+
+    def add_xtx(seen: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        xtx = x.t() @ x  # [K, K]
+        return xtx if seen is None else seen.add_(xtx)
+
+    return collect_input_stats(model, token_ids, add_xtx, window)
 
 
 def gptq_quantize_int4(

@@ -9,13 +9,10 @@ quantize (Xiao et al., 2023).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
-from worker.models.calibration import DEFAULT_WINDOW, feed_text
+from worker.models.calibration import DEFAULT_WINDOW, collect_input_stats
 from worker.models.llama import LlamaForCausalLM
 from worker.models.quantized import quantizable_linears
 
@@ -26,37 +23,17 @@ _EPS = 1e-5
 _MAX_FACTOR = 1e4
 
 
-@contextmanager
-def record_input_absmax(model: LlamaForCausalLM) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, every projection's input updates `stats[name]`: max |x| per channel,
-    [K] float32 on the model's device, over all tokens seen."""
-    stats: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach()
-            absmax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()  # [K]
-            seen = stats.get(name)
-            stats[name] = absmax if seen is None else torch.maximum(seen, absmax)
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model)]
-    try:
-        yield stats
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def calibrate(
     model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAULT_WINDOW
 ) -> dict[str, torch.Tensor]:
     """Activation abs-max of every projection of the (float) `model` over a text, by
-    `quantizable_linears` name, [K] each; the text runs in windows of `window` tokens."""
-    with record_input_absmax(model) as stats:
-        feed_text(model, token_ids, window)
-    return stats
+    `quantizable_linears` name, [K] float32 each; the text runs in windows of `window` tokens."""
+
+    def absmax(seen: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        channel_max = x.abs().amax(dim=0)  # [K]
+        return channel_max if seen is None else torch.maximum(seen, channel_max)
+
+    return collect_input_stats(model, token_ids, absmax, window)
 
 
 def smoothing_factors(

@@ -107,3 +107,17 @@ def test_bench_throughput_quantized_config_runs_the_unquantized_engine_too(
     assert report["ratio_vs_unquantized"] == pytest.approx(
         ours["output_tokens_per_s"] / plain["output_tokens_per_s"]
     )
+
+
+def test_bench_linear_times_each_projection_and_scheme(
+    tiny_model_dir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "linear", "--model", str(tiny_model_dir("llama")), "--tokens", "1,4"]
+    assert main([*argv, "--dtype", "float32", "--threads", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["projection"] for r in rows} == {"qkv", "o", "gate_up", "down"}
+    assert {r["impl"] for r in rows} == {"float32", "w8a8", "w4a16"}
+    assert len(rows) == 4 * 2 * 3 and all(r["ms"] > 0 for r in rows)
+    for r in rows:
+        if r["impl"] == "float32":
+            assert r["speedup"] == 1.0

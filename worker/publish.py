@@ -37,14 +37,21 @@ from worker.protocol import (
 
 log = logging.getLogger(__name__)
 
-# KEYS: result key, reply stream ('' = nobody to answer), requests stream.
-# ARGV: payload, ttl s, reply maxlen, group, entry id.
+# KEYS: result key, reply stream ('' = nobody to answer), requests stream, dead-letter
+# stream ('' = none).
+# ARGV: payload, ttl s, reply maxlen, group, entry id, dead-letter maxlen, then the
+# dead-letter entry's field/value pairs.
 # Returns 1 if this call published the final result, 0 if one already existed.
+# The dead-letter entry is written only with the first final result, so an entry reclaimed
+# again while its refusal was being written is not dead-lettered twice.
 _PUBLISH_FINAL_LUA = """
 local first = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 if first and KEYS[2] ~= '' then
   -- pcall: a reply_to that is not a stream must not keep the entry pending forever
   redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'result', ARGV[1])
+end
+if first and KEYS[4] ~= '' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
 end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
 if first then return 1 end
@@ -222,16 +229,9 @@ class Publisher:
         dead_letter: fields of a dead-letter entry to write first (max attempts,
         or nobody to answer), so the job is kept for operators.
         """
-        if dead_letter is not None:
-            stream = self._keys.dead_letter
-            self._queue(
-                lambda pipe: pipe.xadd(
-                    stream, dead_letter, maxlen=DEAD_LETTER_MAXLEN, approximate=True
-                )
-            )
         result = error_result(job_id, error, worker=self._worker, attempt=attempt)
         self._metrics.observe_result(result)
-        self._queue_final(entry_id, job_id, reply_to, encode_result(result), on_done)
+        self._queue_final(entry_id, job_id, reply_to, encode_result(result), on_done, dead_letter)
 
     def _finish(self, state: JobState, result: Result) -> None:
         state.done = True
@@ -251,9 +251,13 @@ class Publisher:
         reply_to: str | None,
         payload: bytes,
         on_done: Callable[[], None] | None,
+        dead_letter: dict[str, Any] | None = None,
     ) -> None:
-        keys = [self._keys.result(job_id), reply_to or "", self._keys.requests]
-        args = [payload, self._ttl, self._maxlen, self._keys.group, entry_id]
+        dead_stream = self._keys.dead_letter if dead_letter else ""
+        keys = [self._keys.result(job_id), reply_to or "", self._keys.requests, dead_stream]
+        args = [payload, self._ttl, self._maxlen, self._keys.group, entry_id, DEAD_LETTER_MAXLEN]
+        for name, value in (dead_letter or {}).items():
+            args += [name, value]
         self._queue(lambda pipe: self._eval_final(pipe, keys, args), on_done, final=True)
 
     def _eval_final(self, pipe: Any, keys: list[str], args: list[Any]) -> None:

@@ -64,7 +64,9 @@ class WorkerService:
         self.peak_inflight = 0
         self.num_dead_lettered = 0
         self.num_failed = 0
-        self._rejects = 0  # undecodable entries whose error result is not yet written
+        # Entries refused (undecodable, or out of attempts) whose error result is not yet
+        # written: their claims are kept fresh and a reclaim of one is ignored.
+        self._refusing: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
@@ -94,7 +96,7 @@ class WorkerService:
 
     @property
     def room(self) -> int:
-        return self.config.inflight_limit - len(self.inflight) - self._rejects
+        return self.config.inflight_limit - len(self.inflight) - len(self._refusing)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -213,7 +215,7 @@ class WorkerService:
     async def _drain(self) -> None:
         assert self._changed is not None
         deadline = time.monotonic() + self.config.drain_timeout_s
-        while (self.inflight or self._rejects) and not self._force:
+        while (self.inflight or self._refusing) and not self._force:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -280,7 +282,7 @@ class WorkerService:
                 continue
             if entries:
                 self._admit(entries)
-            elif self.config.burst and not self.inflight and not self._rejects:
+            elif self.config.burst and not self.inflight and not self._refusing:
                 log.info("burst: queue empty, stopping")
                 self._stopping.set()
 
@@ -288,6 +290,8 @@ class WorkerService:
         """Register entries as in flight at once (so cancels find them), then prepare them."""
         states = []
         for entry in entries:
+            if entry.entry_id in self._refusing:
+                continue  # our own refusal, reclaimed before its ack landed
             if self.recovery.exhausted(entry):
                 self._dead_letter(entry)
                 continue
@@ -305,7 +309,7 @@ class WorkerService:
             state = JobState(entry.entry_id, job, entry.attempt)
             self.inflight[job.id] = state
             states.append(state)
-        self.peak_inflight = max(self.peak_inflight, len(self.inflight) + self._rejects)
+        self.peak_inflight = max(self.peak_inflight, len(self.inflight) + len(self._refusing))
         if states:
             self._spawn(self._prepare(states))
 
@@ -379,14 +383,20 @@ class WorkerService:
         dead_letter: bool,
     ) -> None:
         fields = self.recovery.dead_letter_fields(entry, error) if dead_letter else None
-        self._rejects += 1
+        self._refusing.add(entry.entry_id)
         self.num_failed += 1
         self.publisher.refuse(
-            entry.entry_id, job_id, reply_to, error, entry.attempt, fields, self._reject_done
+            entry.entry_id,
+            job_id,
+            reply_to,
+            error,
+            entry.attempt,
+            fields,
+            lambda: self._refused(entry.entry_id),
         )
 
-    def _reject_done(self) -> None:
-        self._rejects -= 1
+    def _refused(self, entry_id: str) -> None:
+        self._refusing.discard(entry_id)
         self._notify()
 
     # -- engine and publish ---------------------------------------------------------------
@@ -424,6 +434,7 @@ class WorkerService:
         while not self._closing.is_set():
             try:
                 entry_ids = [s.entry_id for s in self.inflight.values()]
+                entry_ids += self._refusing
                 await self.recovery.heartbeat(entry_ids, self.stats())
             except _REDIS_ERRORS as exc:
                 log.warning("heartbeat failed: %r", exc)

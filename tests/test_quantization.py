@@ -187,8 +187,11 @@ def test_engine_quantized_at_load_generates(arch: str, scheme: str, tiny_model_d
     assert (model.layers[0].self_attn.qkv_proj.bias is not None) == (arch == "qwen2")
     [out] = _greedy(engine, ["Hello there"], max_tokens=5)
     assert len(out) == 5
-    # w8a8 at load is SmoothQuant-calibrated on the built-in text: every module smooths.
+    # w8a8 at load is SmoothQuant-calibrated on the built-in text: every module smooths,
+    # and rotates its input (the tiny models' K are multiples of 64).
     assert all((m.smooth is not None) == (scheme == "w8a8") for _, m in quantizable_linears(model))
+    if scheme == "w8a8":
+        assert {m.rotation for _, m in quantizable_linears(model)} == {64}
     if scheme == "w8a8":  # int8 barely moves a float32 model's logits
         reference = _score(_engine(tiny_model_dir(arch)))
         assert _cosine(_score(engine), reference).min() > 0.99
@@ -243,8 +246,9 @@ def test_quantize_round_trip_equals_load_time_quantization(
         "scheme": scheme,
         "group_size": group_size,
         "smoothquant_alpha": 0.5 if scheme == "w8a8" else None,
-        "gptq": False,
-        "format_version": 1,
+        "gptq": scheme == "w8a8",
+        "rotation": 64 if scheme == "w8a8" else 0,
+        "format_version": 2,
     }
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:

@@ -10,11 +10,11 @@ their HF names and each fused projection's quantized tensors, e.g.
 cannot load it (the projections stay fused and quantized).
 
 Calibration: W8A8 is SmoothQuant-calibrated (activation outliers moved into the weights,
-`--alpha`); W4A16 with `--calib` runs GPTQ (error compensation weighted by the calibration
-inputs' Hessian), without it round-to-nearest. Without
-`--calib` the result equals load-time quantization (`--quantization`), which calibrates
-W8A8 on the built-in calibration text (worker/models/calib_en_zh.txt); `--calib FILE`
-replaces that text.
+`--alpha`), its inputs rotated by a block Hadamard transform (`--rotation`), and its
+weights quantized by GPTQ (error compensation weighted by the calibration inputs'
+Hessian); W4A16 with `--calib` runs GPTQ, without it round-to-nearest. Without `--calib`
+the result equals load-time quantization (`--quantization`), which calibrates W8A8 on the
+built-in calibration text (worker/models/calib_en_zh.txt); `--calib FILE` replaces that text.
 """
 
 from __future__ import annotations
@@ -68,13 +68,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--calib",
         type=Path,
         default=None,
-        help="calibration text: SmoothQuant (w8a8; default: the built-in text) or GPTQ (w4a16)",
+        help="calibration text: SmoothQuant and GPTQ (w8a8; default: the built-in text) or "
+        "GPTQ (w4a16)",
     )
     parser.add_argument(
         "--calib-tokens", type=int, default=4096, help="use the text's first N tokens"
     )
     parser.add_argument(
         "--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)"
+    )
+    parser.add_argument(
+        "--rotation",
+        type=int,
+        default=None,
+        help="w8a8: largest Hadamard block rotating each projection's input (default 64; 0: none)",
     )
     parser.add_argument(
         "--group-size", type=int, default=None, help="w4a16: K per scale/zero (default 128)"
@@ -89,10 +96,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ops.rotation import MAX_BLOCK
     from worker.models.quantized import DEFAULT_GROUP_SIZE
     from worker.models.smoothquant import DEFAULT_ALPHA
 
     args.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+    args.rotation = MAX_BLOCK if args.rotation is None else args.rotation
     args.group_size = DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
     problem = _check_args(args)
     if problem:
@@ -111,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     spec = load_time_spec(args.scheme, args.group_size)
     if args.scheme == "w8a8":
-        spec = dataclasses.replace(spec, smoothquant_alpha=args.alpha)
+        spec = dataclasses.replace(spec, smoothquant_alpha=args.alpha, rotation=args.rotation)
     elif args.calib is not None:
         spec = dataclasses.replace(spec, gptq=True)
     quantize_to_dir(model_dir, spec, args.output, args.dtype, args.calib, args.calib_tokens)
@@ -123,6 +132,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"calibration file not found: {args.calib}"
     if not 0.0 <= args.alpha <= 1.0:
         return f"--alpha must be in [0, 1], got {args.alpha}"
+    if args.rotation < 0 or args.rotation & (args.rotation - 1):
+        return f"--rotation must be 0 or a power of two, got {args.rotation}"
     if args.group_size <= 0 or args.group_size % 32:
         return f"--group-size must be a positive multiple of 32, got {args.group_size}"
     if args.calib_tokens < 1:
@@ -157,7 +168,12 @@ def quantize_to_dir(
     text = builtin_calibration_text() if calib is None else calib.read_text(encoding="utf-8")
     ids = engine.tokenizer(text, add_special_tokens=False).input_ids[:calib_tokens]
     if spec.smoothquant_alpha is not None or spec.gptq:
-        log.info("calibrating on %d tokens of %s", len(ids), calib or "the built-in text")
+        log.info(
+            "%s: calibrating on %d tokens of %s",
+            spec.describe(),
+            len(ids),
+            calib or "the built-in text",
+        )
     before = weight_bytes(model)
     quantize_calibrated(model, spec, ids)
     log.info(

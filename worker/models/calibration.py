@@ -85,3 +85,17 @@ def collect_input_stats(
         for handle in handles:
             handle.remove()
     return stats
+
+
+def input_hessians(
+    model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAULT_WINDOW
+) -> dict[str, torch.Tensor]:
+    """GPTQ's input Hessians of every projection of the (float) `model` over a text, by
+    `quantizable_linears` name: xᵀx summed over tokens, [K, K] float32 each (GPTQ is
+    invariant to its scale)."""
+
+    def add_xtx(seen: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        xtx = x.t() @ x  # [K, K]
+        return xtx if seen is None else seen.add_(xtx)
+
+    return collect_input_stats(model, token_ids, add_xtx, window)

@@ -2,6 +2,8 @@
 
 Only the four fused projections of each decoder layer are quantized (they hold ~80% of
 SmolLM2's weights); the math lives in `ops.quant`, which picks the CPU or CUDA path.
+Equivalence transforms of a projection's input (SmoothQuant's per-channel `smooth`, W8A8's
+block Hadamard `rotation`) are folded into the stored weight and applied to `x` at run time.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from ops.quant import (
     w4a16_gemm,
     w8a8_linear,
 )
+from ops.rotation import rotate, rotate_hessian, rotation_block
+from worker.models.gptq import DEFAULT_GROUP_SIZE, gptq_quantize_int4, gptq_quantize_int8
 from worker.models.llama import LlamaForCausalLM
 
 SCHEMES = ("w8a8", "w4a16")
-FORMAT_VERSION = 1
-DEFAULT_GROUP_SIZE = 128
+# 2 added W8A8's rotation; format 1 checkpoints (no rotation) still load.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 # Per decoder layer, relative to `layers.{i}`.
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
@@ -34,28 +39,55 @@ class W8A8Linear(nn.Module):
     """int8 weight per output channel, int8 activations per token (dynamic), int32 accumulation.
 
     Buffers: qweight [N, K] int8; scale [N] float32; bias [N] (model dtype) or None;
-    smooth [K] float32 or None — SmoothQuant: the weight was quantized as `W * smooth`, so
-    the input is divided by `smooth` first and `(x / s) @ (W * s)ᵀ = x @ Wᵀ`.
+    smooth [K] float32 or None. `rotation`: the block of the Hadamard rotation R (0: none).
+    The stored weight is `(W * smooth) R`; the input becomes `(x / smooth) R` before its
+    per-token quantization, so `((x / s) R) @ ((W * s) R)ᵀ = x @ Wᵀ` (R R = I).
     NOTE: scale and smooth must stay float32; don't `.to(dtype)` the module (`.to(device)` is fine).
     """
 
     def __init__(
-        self, weight: Int8Weight, bias: torch.Tensor | None, smooth: torch.Tensor | None
+        self,
+        weight: Int8Weight,
+        bias: torch.Tensor | None,
+        smooth: torch.Tensor | None,
+        rotation: int = 0,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.qweight.shape
+        if rotation and self.in_features % rotation:
+            raise ValueError(f"K = {self.in_features} is not a multiple of rotation {rotation}")
+        self.rotation = rotation
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scale", weight.scale)
         self.register_buffer("bias", bias)
         self.register_buffer("smooth", smooth)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None) -> W8A8Linear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        smooth: torch.Tensor | None = None,
+        max_rotation: int = 0,
+        hessian: torch.Tensor | None = None,
+    ) -> W8A8Linear:
+        """Quantize `linear` (round to nearest, or GPTQ given its input Hessian [K, K]),
+        smoothed by `smooth` and rotated by the largest Hadamard block ≤ `max_rotation`
+        that divides K (0: no rotation)."""
+        rotation = _rotation(linear.in_features, max_rotation)
         weight = _smoothed(linear.weight, smooth)
-        return cls(quantize_weight_int8(weight), _bias(linear), _smooth(smooth, linear))
+        if rotation:
+            weight = rotate(weight, rotation)
+        if hessian is None:
+            quantized = quantize_weight_int8(weight)
+        else:
+            hessian = _smoothed_hessian(hessian, smooth)
+            if rotation:
+                hessian = rotate_hessian(hessian, rotation)
+            quantized = gptq_quantize_int8(weight, hessian)
+        return cls(quantized, _bias(linear), _smooth(smooth, linear), rotation)
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear, smoothed: bool) -> W8A8Linear:
+    def empty_like(cls, linear: nn.Linear, smoothed: bool, max_rotation: int = 0) -> W8A8Linear:
         """Uninitialized buffers shaped for `linear` (on its device: meta when loading)."""
         (n, k), device = linear.weight.shape, linear.weight.device
         weight = Int8Weight(
@@ -63,7 +95,7 @@ class W8A8Linear(nn.Module):
             torch.empty(n, dtype=torch.float32, device=device),
         )
         smooth = torch.empty(k, dtype=torch.float32, device=device) if smoothed else None
-        return cls(weight, _bias(linear), smooth)
+        return cls(weight, _bias(linear), smooth, _rotation(k, max_rotation))
 
     def quantized_weight(self) -> Int8Weight:
         return Int8Weight(self.qweight, self.scale)
@@ -71,10 +103,18 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] float (fp32/fp16/bf16) → [T, N] in x.dtype."""
         weight = self.quantized_weight()
-        if self.smooth is None:
+        if self.smooth is None and not self.rotation:
             return w8a8_linear(x, weight, self.bias)
-        # Divide in float32: per-token quantization reads float32 anyway, so this adds no rounding.
-        return w8a8_linear(x.float() / self.smooth, weight, self.bias).to(x.dtype)
+        # In float32: per-token quantization reads float32 anyway, so this adds no rounding.
+        x32 = x.float()
+        if self.smooth is not None:
+            x32 = x32 / self.smooth
+        if self.rotation:
+            x32 = rotate(x32, self.rotation)
+        return w8a8_linear(x32, weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rotation={self.rotation}"
 
 
 class W4A16Linear(nn.Module):
@@ -103,12 +143,19 @@ class W4A16Linear(nn.Module):
         linear: nn.Linear,
         smooth: torch.Tensor | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
+        hessian: torch.Tensor | None = None,
     ) -> W4A16Linear:
-        # Plain min/max round-to-nearest. NOTE: ops.quant.quantize_weight_int4_clipped (MSE
-        # clipping search) lowers each group's error but measured *worse* end to end on
-        # SmolLM2 (top-1 0.52 on the eval text), so it is not the default.
-        weight = quantize_weight_int4(_smoothed(linear.weight, smooth), group_size)
-        return cls(weight, _bias(linear), _smooth(smooth, linear))
+        """Quantize `linear`: plain min/max round-to-nearest, or GPTQ given its input
+        Hessian [K, K]."""
+        # NOTE: ops.quant.quantize_weight_int4_clipped (MSE clipping search) lowers each
+        # group's error but measured *worse* end to end on SmolLM2 (top-1 0.52 on the eval
+        # text), so round-to-nearest uses plain min/max.
+        weight = _smoothed(linear.weight, smooth)
+        if hessian is None:
+            quantized = quantize_weight_int4(weight, group_size)
+        else:
+            quantized = gptq_quantize_int4(weight, _smoothed_hessian(hessian, smooth), group_size)
+        return cls(quantized, _bias(linear), _smooth(smooth, linear))
 
     @classmethod
     def empty_like(cls, linear: nn.Linear, smoothed: bool, group_size: int) -> W4A16Linear:
@@ -139,6 +186,20 @@ def _smoothed(weight: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor
     return weight if smooth is None else weight.float() * smooth.float().to(weight.device)
 
 
+def _smoothed_hessian(hessian: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """Σ xᵀx [K, K] → Σ (x / s)ᵀ(x / s), the Hessian of the input the smoothed weight sees."""
+    if smooth is None:
+        return hessian
+    inv = 1.0 / smooth.float().to(hessian.device)
+    return hessian.float() * inv[:, None] * inv[None, :]
+
+
+def _rotation(in_features: int, max_rotation: int) -> int:
+    """The Hadamard block a projection with `in_features` inputs uses (0: none)."""
+    block = rotation_block(in_features, max_rotation) if max_rotation else 0
+    return block if block > 1 else 0
+
+
 def _smooth(smooth: torch.Tensor | None, linear: nn.Linear) -> torch.Tensor | None:
     if smooth is None:
         return None
@@ -154,25 +215,41 @@ def _bias(linear: nn.Linear) -> torch.Tensor | None:
 
 @dataclass(frozen=True)
 class QuantizationSpec:
-    """What `headrace quantize` records in config.json under "headrace_quantization".
+    """How a model's projections are quantized; what `headrace quantize` records in
+    config.json under "headrace_quantization".
 
     group_size: W4A16 only (None for W8A8). smoothquant_alpha: None when not calibrated
-    (then no module has a `smooth` buffer); otherwise every module has one. gptq: W4A16
-    weights from GPTQ (provenance only: the tensors are the same format either way).
+    (then no module has a `smooth` buffer); otherwise every module has one. gptq: weights
+    from GPTQ (the tensors have the same format either way). rotation: W8A8 only, the
+    largest Hadamard block of the input rotation (each projection takes the largest power
+    of two up to it that divides its K; 0: none).
     """
 
     scheme: str
     group_size: int | None = None
     smoothquant_alpha: float | None = None
     gptq: bool = False
+    rotation: int = 0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ValueError(f"quantization scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if (self.scheme == "w4a16") != (self.group_size is not None):
             raise ValueError("group_size is set for w4a16 and only for w4a16")
-        if self.gptq and self.scheme != "w4a16":
-            raise ValueError("gptq applies to w4a16 only")
+        if self.rotation and self.scheme != "w8a8":
+            raise ValueError("rotation applies to w8a8 only")
+        if self.rotation < 0 or self.rotation & (self.rotation - 1):
+            raise ValueError(f"rotation must be 0 or a power of two, got {self.rotation}")
+
+    def describe(self) -> str:
+        """For logs, e.g. "w8a8 (SmoothQuant α=0.5, Hadamard rotation 64, GPTQ)"."""
+        steps = [f"group size {self.group_size}"] if self.group_size else []
+        if self.smoothquant_alpha is not None:
+            steps.append(f"SmoothQuant α={self.smoothquant_alpha}")
+        if self.rotation:
+            steps.append(f"Hadamard rotation {self.rotation}")
+        steps.append("GPTQ" if self.gptq else "round to nearest")
+        return f"{self.scheme} ({', '.join(steps)})"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -180,6 +257,7 @@ class QuantizationSpec:
             "group_size": self.group_size,
             "smoothquant_alpha": self.smoothquant_alpha,
             "gptq": self.gptq,
+            "rotation": self.rotation,
             "format_version": FORMAT_VERSION,
         }
 
@@ -189,16 +267,17 @@ class QuantizationSpec:
         meta = getattr(config, "headrace_quantization", None)
         if meta is None:
             return None
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_FORMATS:
             raise ValueError(
                 f"quantized checkpoint format {meta.get('format_version')!r} is not supported "
-                f"(this headrace reads format {FORMAT_VERSION}); re-run `headrace quantize`"
+                f"(this headrace reads formats {READABLE_FORMATS}); re-run `headrace quantize`"
             )
         return cls(
             meta["scheme"],
             meta.get("group_size"),
             meta.get("smoothquant_alpha"),
             bool(meta.get("gptq", False)),
+            int(meta.get("rotation", 0)),
         )
 
 
@@ -211,27 +290,33 @@ def quantizable_linears(model: LlamaForCausalLM) -> Iterator[tuple[str, nn.Modul
 
 def quantize_model(
     model: LlamaForCausalLM,
-    scheme: str,
+    spec: QuantizationSpec,
     smooth: dict[str, torch.Tensor] | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Replace every layer's projections by quantized modules, in place; frees the float weights.
 
-    smooth: SmoothQuant factors by `quantizable_linears` name ([K] each); all or none.
+    smooth: SmoothQuant factors ([K] each), hessians: GPTQ's input Hessians ([K, K] each,
+    of the unsmoothed input), by `quantizable_linears` name; each all or none, and given
+    exactly when `spec` asks for them.
     """
     # The embeddings and lm_head stay in the model dtype: SmolLM2 ties lm_head to the
     # embedding table (quantizing one quantizes both), and the logits are the most
     # quantization-sensitive output of the model (they pick the token).
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantization scheme must be one of {SCHEMES}, got {scheme!r}")
+    if (smooth is not None) != (spec.smoothquant_alpha is not None):
+        raise ValueError("smoothing factors are given exactly when the spec has an alpha")
+    if (hessians is not None) != spec.gptq:
+        raise ValueError("Hessians are given exactly when the spec asks for GPTQ")
     for name, linear in list(quantizable_linears(model)):
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} is already quantized")
         s = smooth[name] if smooth is not None else None
-        if scheme == "w8a8":
-            new: nn.Module = W8A8Linear.from_linear(linear, s)
+        h = hessians[name] if hessians is not None else None
+        if spec.scheme == "w8a8":
+            new: nn.Module = W8A8Linear.from_linear(linear, s, spec.rotation, h)
         else:
-            new = W4A16Linear.from_linear(linear, s, group_size)
+            assert spec.group_size is not None
+            new = W4A16Linear.from_linear(linear, s, spec.group_size, h)
         _replace(model, name, new)  # the Linear (and its float weight) has no other reference
 
 
@@ -241,7 +326,7 @@ def convert_for_runtime(model: LlamaForCausalLM, spec: QuantizationSpec) -> None
     for name, linear in list(quantizable_linears(model)):
         assert isinstance(linear, nn.Linear)
         if spec.scheme == "w8a8":
-            new: nn.Module = W8A8Linear.empty_like(linear, smoothed)
+            new: nn.Module = W8A8Linear.empty_like(linear, smoothed, spec.rotation)
         else:
             assert spec.group_size is not None
             new = W4A16Linear.empty_like(linear, smoothed, spec.group_size)

@@ -128,7 +128,7 @@ def w4a16_gemm(
     Args:
         x: [M, K] fp16/bf16 (fp32 works too), K even.
         packed: [N, K // 2] uint8; scales: [N, ceil(K / group_size)] float;
-        zeros: [N, ceil(K / group_size)] uint8.
+        zeros: [N, ceil(K / group_size)] uint8 (integer zero points) or float32 (real ones).
         bias: [N] float or None.
     Returns:
         [M, N] in x's dtype.
@@ -140,8 +140,8 @@ def w4a16_gemm(
         raise ValueError(f"packed must be uint8 [N, K/2] for x {tuple(x.shape)}")
     if scales.shape != (n, num_groups) or zeros.shape != (n, num_groups):
         raise ValueError(f"scales and zeros must be [{n}, {num_groups}]")
-    if zeros.dtype != torch.uint8:
-        raise ValueError("zeros must be uint8")
+    if zeros.dtype not in (torch.uint8, torch.float32):
+        raise ValueError(f"zeros must be uint8 or float32, got {zeros.dtype}")
     if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError("bias must be a contiguous [N]")
     config = config or w4a16_config(m, n, group_size)

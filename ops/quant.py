@@ -6,7 +6,9 @@ Schemes:
   (and bias) are applied in the epilogue: `out = (a_q @ b_qᵀ) * a_scale[:, None] * b_scale`.
 - W4A16: weights asymmetric int4 in groups of `group_size` along K (the last group may be
   shorter), packed two per byte (even k in the low nibble), dequantized as
-  `(q - zero) * scale`; activations stay fp16/bf16.
+  `(q - zero) * scale`; activations stay fp16/bf16. The zero point is an integer in
+  [0, 15] (uint8, GPTQ/AWQ style: the grid holds 0 exactly) or a real number (float32,
+  GGUF Q4_1 style: the grid spans exactly the group's [min, max]).
 
 Rounding is half-up (`floor(x + 0.5)`) everywhere, on CPU and in the Triton kernels, so the two
 agree bit for bit away from float rounding ties. CPU paths use torch (`torch._int_mm` for the
@@ -43,7 +45,7 @@ class Int4Weight:
 
     packed: [N, K // 2] uint8, k = 2i in the low nibble of byte i, k = 2i + 1 in the high one.
     scales: [N, ceil(K / group_size)] float (float32, float16 or bfloat16).
-    zeros: [N, ceil(K / group_size)] uint8 in [0, 15].
+    zeros: [N, ceil(K / group_size)] uint8 in [0, 15], or float32 (any real).
     """
 
     packed: torch.Tensor
@@ -191,23 +193,41 @@ def int4_params(
     return scale, zero
 
 
+def int4_float_params(
+    lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 grid spanning exactly [lo, hi], with a real zero point → (scale
+    float32, rounded to `scale_dtype`; zero float32 = -lo / scale), same shape as lo."""
+    scale = ((hi - lo) / INT4_MAX).clamp_min(MIN_SCALE).to(scale_dtype).float()
+    return scale, -lo / scale
+
+
 def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """w: [..., g] float32; scale, zero: [...] → codes [..., g] float32 in [0, 15]."""
-    return (round_half_up(w / scale[..., None]) + zero[..., None]).clamp_(0, INT4_MAX)
+    """w: [..., g] float32; scale, zero: [...] → codes [..., g] float32 in [0, 15].
+
+    `round(w / scale + zero)`: for an integer zero the same as `round(w / scale) + zero`.
+    """
+    return round_half_up(w / scale[..., None] + zero[..., None]).clamp_(0, INT4_MAX)
 
 
 def quantize_weight_int4(
-    weight: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype = torch.float32
+    weight: torch.Tensor,
+    group_size: int = 128,
+    scale_dtype: torch.dtype = torch.float32,
+    float_zeros: bool = False,
 ) -> Int4Weight:
-    """weight: [N, K] float, K even → group-wise asymmetric int4 (min/max per group).
+    """weight: [N, K] float, K even → group-wise asymmetric int4 (min/max per group), with
+    integer zero points (uint8) or, `float_zeros`, real ones (float32).
 
     The scales are rounded to `scale_dtype` before quantizing, so the stored scale is the
-    one the codes were computed with.
+    one the codes were computed with. A weight already on a 16-level grid per group (a
+    dequantized GGUF Q4_1 at its block size) comes back exactly with `float_zeros`.
     """
     groups, _ = _int4_groups(weight, group_size)  # [N, G, group_size]
-    scale, zero = int4_params(groups.amin(-1), groups.amax(-1), scale_dtype)
+    params = int4_float_params if float_zeros else int4_params
+    scale, zero = params(groups.amin(-1), groups.amax(-1), scale_dtype)
     return _pack_int4_weight(
-        int4_codes(groups, scale, zero), scale, zero, weight.shape[1], scale_dtype
+        int4_codes(groups, scale, zero), scale, zero, weight.shape[1], scale_dtype, float_zeros
     )
 
 
@@ -263,14 +283,27 @@ def quantize_weight_int4_clipped(
 
 
 def _pack_int4_weight(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, scale_dtype: torch.dtype
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    k: int,
+    scale_dtype: torch.dtype,
+    float_zeros: bool = False,
 ) -> Int4Weight:
-    """codes: [N, G, group_size] float in [0, 15]; scale, zero: [N, G] → Int4Weight (K = k)."""
+    """codes: [N, G, group_size] float in [0, 15]; scale, zero: [N, G] → Int4Weight (K = k).
+
+    zero: integer-valued (stored uint8) unless `float_zeros` (stored float32).
+    """
     n, _, group_size = codes.shape
     q = codes.reshape(n, -1)[:, :k]
     return Int4Weight(
-        pack_int4(q).contiguous(), scale.to(scale_dtype), zero.to(torch.uint8), group_size
+        pack_int4(q).contiguous(), scale.to(scale_dtype), store_zeros(zero, float_zeros), group_size
     )
+
+
+def store_zeros(zero: torch.Tensor, float_zeros: bool) -> torch.Tensor:
+    """Zero points [N, G] as stored: float32 (real) or uint8 (integer-valued)."""
+    return zero.float().contiguous() if float_zeros else zero.to(torch.uint8).contiguous()
 
 
 # byte → its two codes as floats (low nibble first): one gather unpacks and converts at once,

@@ -312,3 +312,59 @@ def test_quantize_rejects_bad_requests(tiny_model_dir, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         _quantize(source, tmp_path / "f", "int3")
     assert exc.value.code == 2
+
+
+# -- W4A16 with real zero points (w4a16-g32) ------------------------------------------------
+
+
+def _q4_1_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    """A dequantized GGUF Q4_1 tensor: per block of 32 along K, `code * d + m`, codes 0..15
+    with both ends used (llama.cpp sets d = (max - min) / 15, m = min), d and m float16."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k // 32, 32), generator=gen).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = (torch.rand(n, k // 32, 1, generator=gen) * 0.02 + 0.001).half().float()
+    m = (-torch.rand(n, k // 32, 1, generator=gen) * 0.1).half().float()
+    return (codes * d + m).view(n, k)
+
+
+def test_float_zero_int4_reproduces_a_q4_1_weight() -> None:
+    w = _q4_1_weight(48, 320, seed=7)
+    exact = quantize_weight_int4(w, 32, float_zeros=True)
+    assert exact.zeros.dtype == torch.float32 and exact.zeros.shape == (48, 10)
+    torch.testing.assert_close(dequantize_int4(exact), w, rtol=0, atol=1e-6)
+    # Integer zero points must round the block's offset to the grid: no longer exact.
+    integer = dequantize_int4(quantize_weight_int4(w, 32))
+    assert (integer - w).abs().max() > 1e-3
+    # On ordinary weights a real zero point is never worse than the integer one per group.
+    g = torch.randn(48, 320, generator=torch.Generator().manual_seed(8))
+    for size in (32, 128):
+        err_float = (dequantize_int4(quantize_weight_int4(g, size, float_zeros=True)) - g).norm()
+        assert err_float <= (dequantize_int4(quantize_weight_int4(g, size)) - g).norm()
+
+
+def test_w4a16_g32_checkpoint_round_trip_keeps_float_zeros(tiny_model_dir, tmp_path: Path) -> None:
+    source, out = tiny_model_dir("llama"), tmp_path / "q"
+    assert _quantize(source, out, "w4a16-g32") == 0
+    meta = json.loads((out / "config.json").read_text())["headrace_quantization"]
+    assert (meta["scheme"], meta["group_size"], meta["float_zeros"]) == ("w4a16", 32, True)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        zeros = f.get_tensor("model.layers.0.mlp.down_proj.zeros")
+    assert zeros.dtype == torch.float32
+    expected = _score(_engine(source, "w4a16-g32"))
+    engine = _engine(out)
+    module = engine.runner.model.layers[0].mlp.down_proj
+    assert isinstance(module, W4A16Linear) and module.zeros.dtype == torch.float32
+    assert torch.equal(_score(engine), expected)
+    assert _quantize(source, tmp_path / "bad", "w4a16-g32", "--group-size", "64") == 2
+
+
+def test_smollm2_w4a16_g32_is_lossless(smollm2_dir: Path, smollm2_float) -> None:
+    """SmolLM2's float weights are a dequantized Q4_1 (blocks of 32): groups of 32 with real
+    zero points land on the same grid, so the quantized model computes the float one."""
+    reference, reference_tokens = smollm2_float
+    engine = _engine(smollm2_dir, "w4a16-g32")
+    logits = _score(engine)
+    assert (logits.argmax(-1) == reference.argmax(-1)).all()
+    torch.testing.assert_close(logits, reference, rtol=0, atol=2e-3)
+    assert _greedy(engine, SMOLLM2_PROMPTS, max_tokens=4) == reference_tokens

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MODEL = "smollm2"
 # Weight quantization applied at load time to an ordinary checkpoint (see `worker.models.quantized`).
-QUANTIZATIONS = ("none", "w8a8", "w4a16")
+# w4a16-g32: groups of 32 with real zero points, the layout of a GGUF Q4_1 (which it
+# reproduces exactly from a dequantized Q4_1 checkpoint, such as the default SmolLM2).
+QUANTIZATIONS = ("none", "w8a8", "w4a16", "w4a16-g32")
 # "auto": the KV cache in the model dtype; "int8": int8 codes + float16 scale per (token, kv head).
 KV_CACHE_DTYPES = ("auto", "int8")
 

@@ -51,10 +51,10 @@ _COPIED = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     # No torch import here (`headrace --help` imports every verb): the defaults of --alpha
-    # and --group-size are filled in by `run` from the modules that own them.
+    # and --rotation are filled in by `run` from the modules that own them.
     parser = subparsers.add_parser(
         "quantize",
-        help="write a quantized (w8a8 / w4a16) copy of a model",
+        help="write a quantized (w8a8 / w4a16 / w4a16-g32) copy of a model",
         description=__doc__.splitlines()[0],
     )
     parser.add_argument(
@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="w8a8: largest Hadamard block rotating each projection's input (default 64; 0: none)",
     )
     parser.add_argument(
-        "--group-size", type=int, default=None, help="w4a16: K per scale/zero (default 128)"
+        "--group-size", type=int, default=None, help="w4a16: K per scale and zero (default 128)"
     )
     parser.add_argument(
         "--dtype",
@@ -97,12 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ops.rotation import MAX_BLOCK
-    from worker.models.quantized import DEFAULT_GROUP_SIZE
     from worker.models.smoothquant import DEFAULT_ALPHA
 
     args.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
     args.rotation = MAX_BLOCK if args.rotation is None else args.rotation
-    args.group_size = DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
     problem = _check_args(args)
     if problem:
         log.error("%s", problem)
@@ -134,8 +132,11 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--alpha must be in [0, 1], got {args.alpha}"
     if args.rotation < 0 or args.rotation & (args.rotation - 1):
         return f"--rotation must be 0 or a power of two, got {args.rotation}"
-    if args.group_size <= 0 or args.group_size % 32:
-        return f"--group-size must be a positive multiple of 32, got {args.group_size}"
+    if args.group_size is not None:
+        if args.scheme != "w4a16":
+            return "--group-size is for --scheme w4a16 (w4a16-g32 has groups of 32)"
+        if args.group_size <= 0 or args.group_size % 32:
+            return f"--group-size must be a positive multiple of 32, got {args.group_size}"
     if args.calib_tokens < 1:
         return "--calib-tokens must be >= 1"
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):

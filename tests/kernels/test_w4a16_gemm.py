@@ -11,10 +11,10 @@ from tests.kernels.conftest import BF16_DOT
 kernels = pytest.importorskip("kernels.w4a16_gemm", reason="triton is not installed")
 
 
-def _case(m: int, k: int, n: int, group_size: int, dtype, scale_dtype, device):
+def _case(m: int, k: int, n: int, group_size: int, dtype, scale_dtype, device, float_zeros=False):
     gen = torch.Generator().manual_seed(8)
     weight = quant.quantize_weight_int4(
-        torch.randn(n, k, generator=gen) * 0.05, group_size, scale_dtype
+        torch.randn(n, k, generator=gen) * 0.05, group_size, scale_dtype, float_zeros
     )
     weight = quant.Int4Weight(
         weight.packed.to(device), weight.scales.to(device), weight.zeros.to(device), group_size
@@ -33,8 +33,10 @@ def _case(m: int, k: int, n: int, group_size: int, dtype, scale_dtype, device):
 )
 @pytest.mark.parametrize("dtype", [torch.float16, BF16_DOT])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
-def test_matches_torch(device, m, k, n, group_size, dtype, scale_dtype) -> None:
-    x, weight, bias, expected = _case(m, k, n, group_size, dtype, scale_dtype, device)
+@pytest.mark.parametrize("float_zeros", [False, True], ids=["int-zero", "float-zero"])
+def test_matches_torch(device, m, k, n, group_size, dtype, scale_dtype, float_zeros) -> None:
+    x, weight, bias, expected = _case(m, k, n, group_size, dtype, scale_dtype, device, float_zeros)
+    assert weight.zeros.dtype == (torch.float32 if float_zeros else torch.uint8)
     actual = kernels.w4a16_gemm(x, weight.packed, weight.scales, weight.zeros, group_size, bias)
     # Weights dequantize to x.dtype in the kernel, float32 in the reference.
     torch.testing.assert_close(actual, expected, atol=1e-2, rtol=1e-2)

@@ -22,8 +22,10 @@ from ops.quant import (
     Int4Weight,
     Int8Weight,
     int4_clip_search,
+    int4_float_params,
     pack_int4,
     round_half_up,
+    store_zeros,
 )
 
 DEFAULT_GROUP_SIZE = 128
@@ -32,7 +34,7 @@ DEFAULT_GROUP_SIZE = 128
 DEFAULT_DAMP = 0.01
 
 # A block's columns [N, b] (already compensated) → (scale [N], zero [N], lowest code,
-# highest code): the grid its columns round to, `code = clamp(round(w / scale) + zero)`.
+# highest code): the grid its columns round to, `code = clamp(round(w / scale + zero))`.
 Grid = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, int, int]]
 
 
@@ -79,7 +81,7 @@ def _gptq(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            q = (round_half_up(col / scale) + zero).clamp_(lo, hi)
+            q = round_half_up(col / scale + zero).clamp_(lo, hi)
             codes[:, i1 + i] = q
             err = (col - (q - zero) * scale) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
@@ -96,12 +98,14 @@ def gptq_quantize_int4(
     scale_dtype: torch.dtype = torch.float32,
     damp: float = DEFAULT_DAMP,
     clip_grid: int = 20,
+    float_zeros: bool = False,
 ) -> Int4Weight:
     """weight: [N, K] float, K even; hessian: [K, K] (`Σ xᵀx` of the inputs) → Int4Weight.
 
-    One GPTQ block per quantization group; each group's grid is picked (MSE clipping search
-    over `clip_grid` shrink factors; 1: plain min/max) from the weights as updated by the
-    earlier groups' error compensation.
+    One GPTQ block per quantization group; each group's grid is picked from the weights as
+    updated by the earlier groups' error compensation: integer zero points with an MSE
+    clipping search over `clip_grid` shrink factors (1: plain min/max), or, `float_zeros`,
+    real zero points spanning the group's min/max.
     """
     if weight.shape[1] % 2 or group_size % 32:
         raise ValueError(
@@ -109,12 +113,18 @@ def gptq_quantize_int4(
         )
 
     def grid(w1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        if float_zeros:
+            scale, zero = int4_float_params(w1.amin(-1), w1.amax(-1), scale_dtype)
+            return scale, zero, 0, INT4_MAX
         scale, zero = int4_clip_search(w1[:, None, :], scale_dtype, clip_grid)
         return scale[:, 0], zero[:, 0], 0, INT4_MAX
 
     codes, scales, zeros = _gptq(weight, hessian, group_size, grid, damp)
     return Int4Weight(
-        pack_int4(codes).contiguous(), scales.to(scale_dtype), zeros.to(torch.uint8), group_size
+        pack_int4(codes).contiguous(),
+        scales.to(scale_dtype),
+        store_zeros(zeros, float_zeros),
+        group_size,
     )
 
 

@@ -65,7 +65,8 @@ def load_model(
     config = load_hf_config(model_dir)
     args = ModelArgs.from_hf_config(config)
     stored = QuantizationSpec.from_hf_config(config)
-    if stored is not None and quantization not in ("none", stored.scheme):
+    asked = "none" if quantization == "none" else load_time_spec(quantization).scheme
+    if stored is not None and asked not in ("none", stored.scheme):
         raise ValueError(
             f"{model_dir} is a {stored.scheme} checkpoint (written by `headrace quantize`); "
             f"it cannot be loaded as {quantization}: pass --quantization none (or "
@@ -117,17 +118,25 @@ def load_model(
 LOAD_CALIB_TOKENS = 2048
 
 
-def load_time_spec(scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizationSpec:
-    """What `--quantization w8a8|w4a16` does to a float checkpoint (and `headrace quantize`
-    without --calib), calibrated on the built-in text: w8a8 is SmoothQuant (α =
-    DEFAULT_ALPHA) + a 64-channel Hadamard rotation + GPTQ; w4a16 is round-to-nearest.
+def load_time_spec(scheme: str, group_size: int | None = None) -> QuantizationSpec:
+    """What `--quantization w8a8|w4a16|w4a16-g32` does to a float checkpoint (and `headrace
+    quantize` without --calib), calibrated on the built-in text: w8a8 is SmoothQuant (α =
+    DEFAULT_ALPHA) + a 64-channel Hadamard rotation + GPTQ; w4a16 is round-to-nearest with
+    integer zero points in groups of `group_size` (default 128); w4a16-g32 round-to-nearest
+    with real zero points in groups of 32.
 
     Each W8A8 step was measured on SmolLM2 (`headrace eval`, top-1 agreement): plain
     per-token int8 84.5%, SmoothQuant 89.4%, + rotation 95.0%, + GPTQ 95.7%.
     """
     if scheme == "w8a8":
         return QuantizationSpec(scheme, None, DEFAULT_ALPHA, gptq=True, rotation=MAX_BLOCK)
-    return QuantizationSpec(scheme, group_size)
+    if scheme == "w4a16-g32":
+        if group_size not in (None, 32):
+            raise ValueError(f"w4a16-g32 has groups of 32, not {group_size}")
+        return QuantizationSpec("w4a16", 32, float_zeros=True)
+    if scheme == "w4a16":
+        return QuantizationSpec(scheme, group_size or DEFAULT_GROUP_SIZE)
+    raise ValueError(f"no load-time quantization {scheme!r}")
 
 
 def quantize_calibrated(

@@ -28,7 +28,8 @@ from worker.models.gptq import DEFAULT_GROUP_SIZE, gptq_quantize_int4, gptq_quan
 from worker.models.llama import LlamaForCausalLM
 
 SCHEMES = ("w8a8", "w4a16")
-# 2 added W8A8's rotation; format 1 checkpoints (no rotation) still load.
+# 2 added W8A8's rotation and W4A16's float zero points; format 1 checkpoints (neither)
+# still load.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 # Per decoder layer, relative to `layers.{i}`.
@@ -121,7 +122,7 @@ class W4A16Linear(nn.Module):
     """int4 weight (asymmetric, groups of `group_size` along K), activations kept in x.dtype.
 
     Buffers: packed [N, K // 2] uint8; scales [N, ceil(K / group_size)] float32; zeros
-    [N, ceil(K / group_size)] uint8; bias [N] or None; smooth [K] float32 or None (as in
+    [N, ceil(K / group_size)] uint8 (integer zero points) or float32 (real ones); bias [N] or None; smooth [K] float32 or None (as in
     W8A8Linear; here x / smooth is rounded back to x.dtype, since the GEMM reads x.dtype).
     """
 
@@ -144,28 +145,33 @@ class W4A16Linear(nn.Module):
         smooth: torch.Tensor | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
         hessian: torch.Tensor | None = None,
+        float_zeros: bool = False,
     ) -> W4A16Linear:
         """Quantize `linear`: plain min/max round-to-nearest, or GPTQ given its input
-        Hessian [K, K]."""
+        Hessian [K, K]; integer zero points, or real ones with `float_zeros`."""
         # NOTE: ops.quant.quantize_weight_int4_clipped (MSE clipping search) lowers each
         # group's error but measured *worse* end to end on SmolLM2 (top-1 0.52 on the eval
         # text), so round-to-nearest uses plain min/max.
         weight = _smoothed(linear.weight, smooth)
         if hessian is None:
-            quantized = quantize_weight_int4(weight, group_size)
+            quantized = quantize_weight_int4(weight, group_size, float_zeros=float_zeros)
         else:
-            quantized = gptq_quantize_int4(weight, _smoothed_hessian(hessian, smooth), group_size)
+            hessian = _smoothed_hessian(hessian, smooth)
+            quantized = gptq_quantize_int4(weight, hessian, group_size, float_zeros=float_zeros)
         return cls(quantized, _bias(linear), _smooth(smooth, linear))
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear, smoothed: bool, group_size: int) -> W4A16Linear:
+    def empty_like(
+        cls, linear: nn.Linear, smoothed: bool, group_size: int, float_zeros: bool = False
+    ) -> W4A16Linear:
         """Uninitialized buffers shaped for `linear` (on its device: meta when loading)."""
         (n, k), device = linear.weight.shape, linear.weight.device
         groups = -(-k // group_size)
+        zeros_dtype = torch.float32 if float_zeros else torch.uint8
         weight = Int4Weight(
             torch.empty(n, k // 2, dtype=torch.uint8, device=device),
             torch.empty(n, groups, dtype=torch.float32, device=device),
-            torch.empty(n, groups, dtype=torch.uint8, device=device),
+            torch.empty(n, groups, dtype=zeros_dtype, device=device),
             group_size,
         )
         smooth = torch.empty(k, dtype=torch.float32, device=device) if smoothed else None
@@ -222,7 +228,8 @@ class QuantizationSpec:
     (then no module has a `smooth` buffer); otherwise every module has one. gptq: weights
     from GPTQ (the tensors have the same format either way). rotation: W8A8 only, the
     largest Hadamard block of the input rotation (each projection takes the largest power
-    of two up to it that divides its K; 0: none).
+    of two up to it that divides its K; 0: none). float_zeros: W4A16 only, real zero points
+    (float32) instead of integer ones (uint8).
     """
 
     scheme: str
@@ -230,6 +237,7 @@ class QuantizationSpec:
     smoothquant_alpha: float | None = None
     gptq: bool = False
     rotation: int = 0
+    float_zeros: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -238,12 +246,16 @@ class QuantizationSpec:
             raise ValueError("group_size is set for w4a16 and only for w4a16")
         if self.rotation and self.scheme != "w8a8":
             raise ValueError("rotation applies to w8a8 only")
+        if self.float_zeros and self.scheme != "w4a16":
+            raise ValueError("float_zeros applies to w4a16 only")
         if self.rotation < 0 or self.rotation & (self.rotation - 1):
             raise ValueError(f"rotation must be 0 or a power of two, got {self.rotation}")
 
     def describe(self) -> str:
         """For logs, e.g. "w8a8 (SmoothQuant α=0.5, Hadamard rotation 64, GPTQ)"."""
         steps = [f"group size {self.group_size}"] if self.group_size else []
+        if self.float_zeros:
+            steps.append("float zero points")
         if self.smoothquant_alpha is not None:
             steps.append(f"SmoothQuant α={self.smoothquant_alpha}")
         if self.rotation:
@@ -258,6 +270,7 @@ class QuantizationSpec:
             "smoothquant_alpha": self.smoothquant_alpha,
             "gptq": self.gptq,
             "rotation": self.rotation,
+            "float_zeros": self.float_zeros,
             "format_version": FORMAT_VERSION,
         }
 
@@ -278,6 +291,7 @@ class QuantizationSpec:
             meta.get("smoothquant_alpha"),
             bool(meta.get("gptq", False)),
             int(meta.get("rotation", 0)),
+            bool(meta.get("float_zeros", False)),
         )
 
 
@@ -316,7 +330,7 @@ def quantize_model(
             new: nn.Module = W8A8Linear.from_linear(linear, s, spec.rotation, h)
         else:
             assert spec.group_size is not None
-            new = W4A16Linear.from_linear(linear, s, spec.group_size, h)
+            new = W4A16Linear.from_linear(linear, s, spec.group_size, h, spec.float_zeros)
         _replace(model, name, new)  # the Linear (and its float weight) has no other reference
 
 
@@ -329,7 +343,7 @@ def convert_for_runtime(model: LlamaForCausalLM, spec: QuantizationSpec) -> None
             new: nn.Module = W8A8Linear.empty_like(linear, smoothed, spec.rotation)
         else:
             assert spec.group_size is not None
-            new = W4A16Linear.empty_like(linear, smoothed, spec.group_size)
+            new = W4A16Linear.empty_like(linear, smoothed, spec.group_size, spec.float_zeros)
         _replace(model, name, new)
 
 

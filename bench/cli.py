@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import logging
+import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # `bench.eval.CONFIGS`, named here so that `headrace --help` imports no torch.
-EVAL_CONFIGS = ("int8-kv", "w8a8", "w8a8+int8-kv", "w4a16")
+EVAL_CONFIGS = ("int8-kv", "w8a8", "w8a8+int8-kv", "w4a16", "w4a16-g32")
 
 
 def _register_eval(subparsers: argparse._SubParsersAction) -> None:
@@ -107,6 +108,15 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         default=512,
         help="same-language paragraphs are packed into segments scored from a fresh cache",
     )
+    ev.add_argument(
+        "--weight-noise",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="LEVEL",
+        help="also score the unquantized model with Gaussian noise of LEVEL x each projection "
+        "row's std added to its weights (e.g. 0.01 0.025 0.1): the model's sensitivity",
+    )
     ev.add_argument("--num-threads", "--threads", dest="threads", type=int, default=None)
     ev.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     ev.set_defaults(func=run_eval)
@@ -117,6 +127,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.text is None:
         args.text = str(quant_eval.DEFAULT_TEXT)
+    if any(level <= 0 for level in args.weight_noise):
+        print("headrace eval: --weight-noise levels must be > 0", file=sys.stderr)
+        return 2
     return quant_eval.run(args)
 
 

@@ -279,6 +279,17 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def segments_of(engine: Any, text: str, max_segment_tokens: int) -> list[Segment]:
+    """`text` split into segments with the engine's tokenizer, each fitting its context."""
+    tokenizer, max_tokens = engine.tokenizer, min(max_segment_tokens, engine.max_model_len)
+    segments = split_segments(
+        text, lambda s: tokenizer(s, add_special_tokens=False).input_ids, max_tokens
+    )
+    if not segments:
+        raise ValueError("no text to score (it needs at least two tokens)")
+    return segments
+
+
 def evaluate(
     model: str,
     dtype: str,
@@ -298,12 +309,7 @@ def evaluate(
 
     start = time.perf_counter()
     engine = build(REFERENCE)
-    tokenizer, max_tokens = engine.tokenizer, min(max_segment_tokens, engine.max_model_len)
-    segments = split_segments(
-        text, lambda s: tokenizer(s, add_special_tokens=False).input_ids, max_tokens
-    )
-    if not segments:
-        raise ValueError("no text to score (it needs at least two tokens)")
+    segments = segments_of(engine, text, max_segment_tokens)
     ref = score_segments(engine, segments, chunk_size)
     del engine
     _free_memory()
@@ -328,9 +334,15 @@ def run(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text(encoding="utf-8")
     sizes = {"chunk_size": args.chunk_size, "max_segment_tokens": args.max_segment_tokens}
     results = []
-    for result in evaluate(
-        args.model, args.dtype, args.configs, text, **sizes, threads=args.threads
-    ):
+    runs = [evaluate(args.model, args.dtype, args.configs, text, **sizes, threads=args.threads)]
+    if args.weight_noise:
+        from bench.sensitivity import weight_noise
+
+        levels = args.weight_noise
+        runs.append(
+            weight_noise(args.model, args.dtype, levels, text, **sizes, threads=args.threads)
+        )
+    for result in (r for run in runs for r in run):
         results.append(result)
         if args.json:
             print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)

@@ -24,7 +24,10 @@ from bench.eval import (
     split_segments,
     top1_agreement,
 )
+from bench.sensitivity import perturb_projections, restore_projections, weight_noise
 from worker.cli import main
+from worker.config import EngineConfig, ModelConfig
+from worker.engine.engine import Engine
 
 SHORT_TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -51,7 +54,8 @@ def test_metrics_on_hand_built_logits() -> None:
 
 
 def test_targets_and_verdicts() -> None:
-    assert set(TARGETS) == {"int8-kv", "w8a8+int8-kv", "w4a16"} and set(TARGETS) <= set(CONFIGS)
+    assert set(TARGETS) == {"int8-kv", "w8a8+int8-kv", "w4a16", "w4a16-g32"}
+    assert set(TARGETS) <= set(CONFIGS)
     assert tuple(CONFIGS) == EVAL_CONFIGS  # the CLI's torch-free copy
     target = Target(min_top1=0.99, max_ppl_increase=0.01)
     ok = EvalResult("int8-kv", 0.995, ppl=10.05, ppl_ref=10.0, tokens=100, target=target)
@@ -128,3 +132,33 @@ def test_int8_kv_agrees_with_the_reference_on_smollm2(smollm2_dir: Path) -> None
     (result,) = evaluate(str(smollm2_dir), "float32", ["int8-kv"], SHORT_TEXT, chunk_size=8)
     assert result.top1_agreement >= 0.9, result
     assert abs(result.ppl_increase) <= 0.05, result
+
+
+def test_weight_noise_moves_predictions_more_as_it_grows(tiny_model_dir) -> None:
+    model_dir = str(tiny_model_dir("llama"))
+    small, large = weight_noise(model_dir, "float32", [0.01, 1.0], SHORT_TEXT * 3, chunk_size=8)
+    assert (small.config, large.config) == ("noise-1%", "noise-100%")
+    assert small.target is None and large.passed is None
+    assert large.top1_agreement < small.top1_agreement <= 1.0
+    assert abs(large.ppl_increase) > abs(small.ppl_increase)
+    # Perturbation is undone exactly: the engine scores as before afterwards.
+    engine = Engine(EngineConfig(model=ModelConfig(model_dir, dtype="float32")))
+    ids = engine.tokenizer(SHORT_TEXT).input_ids
+    before = engine.score(ids)
+    originals = perturb_projections(engine.runner.model, 0.1, seed=0)
+    assert not torch.equal(engine.score(ids), before)
+    restore_projections(engine.runner.model, originals)
+    assert torch.equal(engine.score(ids), before)
+
+
+def test_cli_weight_noise_rows_and_bad_levels(
+    tiny_model_dir, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(SHORT_TEXT, encoding="utf-8")
+    argv = ["eval", "--model", str(tiny_model_dir("llama")), "--text", str(text), "--json"]
+    argv += ["--configs", "reference", "--chunk-size", "8"]
+    assert main([*argv, "--weight-noise", "0.05"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["config"] for r in rows] == ["reference", "noise-5%"]
+    assert main([*argv, "--weight-noise", "0"]) == 2

@@ -4,7 +4,8 @@ has the GPU roofline view).
 
 Each implementation is the engine's own path: `ops.linear.linear` for the model dtype
 (float32 weights on CPUs without native bf16 GEMMs), `ops.quant.w8a8_linear` (per-token
-activation quantization + int8 GEMM) and `ops.quant.w4a16_gemm`.
+activation quantization + int8 GEMM), "w8a8-served" (the same after the input's smoothing
+division and Hadamard rotation, as `W8A8Linear` runs it) and `ops.quant.w4a16_gemm`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from ops import quant
 from ops.linear import gemm_weight_dtype, linear
+from ops.rotation import rotate, rotation_block
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def bench_linear(
     tokens: list[int],
     dtype: torch.dtype,
     device: torch.device,
-    schemes: tuple[str, ...] = ("w8a8", "w4a16"),
+    schemes: tuple[str, ...] = ("w8a8", "w8a8-served", "w4a16"),
 ) -> list[LinearResult]:
     gen = torch.Generator().manual_seed(0)
     results = []
@@ -81,6 +83,14 @@ def bench_linear(
         if "w8a8" in schemes:
             w8 = quant.quantize_weight_int8(w.to(device))
             impls["w8a8"] = lambda x, w8=w8: quant.w8a8_linear(x, w8)
+        if "w8a8-served" in schemes:  # as the model runs it: x / smooth, rotation, then W8A8
+            block, smooth = rotation_block(k), torch.ones(k, device=device)
+            w8r = quant.quantize_weight_int8(rotate(w.to(device), block))
+
+            def served(x: torch.Tensor, w8r=w8r, block=block, smooth=smooth) -> torch.Tensor:
+                return quant.w8a8_linear(rotate(x.float() / smooth, block), w8r).to(x.dtype)
+
+            impls["w8a8-served"] = served
         if "w4a16" in schemes:
             w4 = quant.quantize_weight_int4(w.to(device).float(), 128, dtype)
             impls["w4a16"] = lambda x, w4=w4: quant.w4a16_gemm(x, w4)

@@ -116,8 +116,8 @@ def test_bench_linear_times_each_projection_and_scheme(
     assert main([*argv, "--dtype", "float32", "--threads", "1", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {r["projection"] for r in rows} == {"qkv", "o", "gate_up", "down"}
-    assert {r["impl"] for r in rows} == {"float32", "w8a8", "w4a16"}
-    assert len(rows) == 4 * 2 * 3 and all(r["ms"] > 0 for r in rows)
+    assert {r["impl"] for r in rows} == {"float32", "w8a8", "w8a8-served", "w4a16"}
+    assert len(rows) == 4 * 2 * 4 and all(r["ms"] > 0 for r in rows)
     for r in rows:
         if r["impl"] == "float32":
             assert r["speedup"] == 1.0

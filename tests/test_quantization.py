@@ -248,6 +248,7 @@ def test_quantize_round_trip_equals_load_time_quantization(
         "smoothquant_alpha": 0.5 if scheme == "w8a8" else None,
         "gptq": scheme == "w8a8",
         "rotation": 64 if scheme == "w8a8" else 0,
+        "float_zeros": False,
         "format_version": 2,
     }
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()

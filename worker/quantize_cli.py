@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from worker.config import DEFAULT_MODEL, DTYPES, QUANTIZATIONS, ModelConfig
 
 if TYPE_CHECKING:
-    from worker.models.quantized import QuantizationSpec
+    from worker.models.quant_spec import QuantizationSpec
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", problem)
         return 2
     from worker.models.loader import load_hf_config, load_time_spec
-    from worker.models.quantized import QuantizationSpec
+    from worker.models.quant_spec import QuantizationSpec
     from worker.models.source import resolve_model
 
     model_dir = resolve_model(args.model)

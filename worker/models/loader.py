@@ -18,10 +18,10 @@ from ops.linear import gemm_weight_dtype
 from ops.rotation import MAX_BLOCK
 from worker.models.calibration import builtin_calibration_text, input_hessians
 from worker.models.llama import LlamaForCausalLM, ModelArgs
+from worker.models.quant_spec import QuantizationSpec
 from worker.models.quantized import (
     DEFAULT_GROUP_SIZE,
     PROJECTIONS,
-    QuantizationSpec,
     convert_for_runtime,
     quantize_model,
     weight_bytes,

@@ -30,18 +30,23 @@ def rotation_block(in_features: int, max_block: int = MAX_BLOCK) -> int:
 
 
 @functools.cache
-def _hadamard_cpu(block: int) -> torch.Tensor:
+def _hadamard(block: int, device: torch.device) -> torch.Tensor:
+    # Cached per device: the forward pass of every rotated projection asks for it, and a
+    # fresh host-to-device copy each time would stall a GPU step.
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < block:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return (h / block**0.5).float()
+    return (h / block**0.5).float().to(device)
 
 
 def hadamard(block: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The normalized Sylvester Hadamard matrix: [block, block] float32, symmetric, H @ H = I."""
+    """The normalized Sylvester Hadamard matrix: [block, block] float32, symmetric, H @ H = I.
+
+    Cached: do not modify the returned tensor.
+    """
     if block < 1 or block & (block - 1):
         raise ValueError(f"a Hadamard block must be a power of two, got {block}")
-    return _hadamard_cpu(block).to(device)
+    return _hadamard(block, torch.device(device))
 
 
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from bench.eval import REFERENCE, EvalResult, compare, engine_config, score_segments, segments_of
+from worker.models.quantized import quantizable_linears
 
 
 def noise_name(level: float) -> str:
@@ -26,8 +27,6 @@ def noise_name(level: float) -> str:
 @torch.inference_mode()
 def perturb_projections(model: Any, level: float, seed: int) -> dict[str, torch.Tensor]:
     """Add noise to every projection weight of `model` in place; → the originals, by name."""
-    from worker.models.quantized import quantizable_linears
-
     gen = torch.Generator(device="cpu").manual_seed(seed)
     originals = {}
     for name, linear in quantizable_linears(model):
@@ -41,8 +40,6 @@ def perturb_projections(model: Any, level: float, seed: int) -> dict[str, torch.
 
 @torch.inference_mode()
 def restore_projections(model: Any, originals: dict[str, torch.Tensor]) -> None:
-    from worker.models.quantized import quantizable_linears
-
     for name, linear in quantizable_linears(model):
         linear.weight.copy_(originals[name])
 

@@ -8,7 +8,7 @@ with a KV cache of one window), in windows of `window` tokens, each a fresh sequ
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -58,23 +58,36 @@ def feed_text(model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAU
         runner.execute([ScheduledChunk(seq, len(ids))])
 
 
+def channel_absmax(seen: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """SmoothQuant's statistic: per input channel, max |x| over tokens → [K]."""
+    channel_max = x.abs().amax(dim=0)
+    return channel_max if seen is None else torch.maximum(seen, channel_max)
+
+
+def input_xtx(seen: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """GPTQ's input Hessian: xᵀx summed over tokens → [K, K] (GPTQ is invariant to its scale)."""
+    xtx = x.t() @ x
+    return xtx if seen is None else seen.add_(xtx)
+
+
 def collect_input_stats(
     model: LlamaForCausalLM,
     token_ids: list[int],
-    update: StatUpdate,
+    updates: Mapping[str, StatUpdate],
     window: int = DEFAULT_WINDOW,
-) -> dict[str, torch.Tensor]:
-    """Feed the text with a forward pre-hook on every projection: `stats[name]` becomes
-    `update(stats.get(name), x)` for each input x [T, K] (float32) the projection sees.
-
-    Keys are `quantizable_linears` names.
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Feed the text once, with a forward pre-hook on every projection: for each statistic
+    `stat` of `updates`, `stats[stat][name]` becomes `update(stats[stat].get(name), x)` for
+    each input x [T, K] (float32) the projection `name` (a `quantizable_linears` name) sees.
     """
-    stats: dict[str, torch.Tensor] = {}
+    stats: dict[str, dict[str, torch.Tensor]] = {stat: {} for stat in updates}
 
     def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach()
-            stats[name] = update(stats.get(name), x.reshape(-1, x.shape[-1]).float())
+            x = x.reshape(-1, x.shape[-1]).float()
+            for stat, update in updates.items():
+                stats[stat][name] = update(stats[stat].get(name), x)
 
         return record
 
@@ -85,17 +98,3 @@ def collect_input_stats(
         for handle in handles:
             handle.remove()
     return stats
-
-
-def input_hessians(
-    model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAULT_WINDOW
-) -> dict[str, torch.Tensor]:
-    """GPTQ's input Hessians of every projection of the (float) `model` over a text, by
-    `quantizable_linears` name: xᵀx summed over tokens, [K, K] float32 each (GPTQ is
-    invariant to its scale)."""
-
-    def add_xtx(seen: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        xtx = x.t() @ x  # [K, K]
-        return xtx if seen is None else seen.add_(xtx)
-
-    return collect_input_stats(model, token_ids, add_xtx, window)

@@ -5,8 +5,8 @@ activations (Frantar et al., 2023).
 Round-to-nearest minimizes `‖W - Q‖` per weight; GPTQ minimizes the layer's output error
 `‖(W - Q) Xᵀ‖` over the calibration inputs, which is what the next layer sees. The outputs
 use the round-to-nearest storage formats (`ops.quant.Int4Weight`, `Int8Weight`), so the
-kernels run them unchanged. Pure tensor math: the Hessians come from
-`worker.models.calibration.input_hessians`.
+kernels run them unchanged. Pure tensor math: the Hessians come from calibration
+(`worker.models.calibration.input_xtx`).
 """
 
 from __future__ import annotations

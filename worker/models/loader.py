@@ -16,7 +16,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ops.linear import gemm_weight_dtype
 from ops.rotation import MAX_BLOCK
-from worker.models.calibration import builtin_calibration_text, input_hessians
+from worker.models.calibration import (
+    builtin_calibration_text,
+    channel_absmax,
+    collect_input_stats,
+    input_xtx,
+)
 from worker.models.llama import LlamaForCausalLM, ModelArgs
 from worker.models.quant_spec import QuantizationSpec
 from worker.models.quantized import (
@@ -27,7 +32,7 @@ from worker.models.quantized import (
     weight_bytes,
 )
 from worker.models.rope import RotaryEmbedding
-from worker.models.smoothquant import DEFAULT_ALPHA, calibrate, model_smoothing_factors
+from worker.models.smoothquant import DEFAULT_ALPHA, model_smoothing_factors
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +148,18 @@ def quantize_calibrated(
     model: LlamaForCausalLM, spec: QuantizationSpec, calib_ids: list[int]
 ) -> None:
     """Quantize the float `model` in place as `spec` says, calibrating on `calib_ids` when
-    it asks for SmoothQuant (activation abs-max) or GPTQ (input Hessians)."""
-    smooth = hessians = None
+    it asks for SmoothQuant (activation abs-max) or GPTQ (input Hessians): one pass over
+    the text collects both."""
+    updates = {}
     if spec.smoothquant_alpha is not None:
-        absmax = calibrate(model, calib_ids)
-        smooth = model_smoothing_factors(model, absmax, spec.smoothquant_alpha)
+        updates["absmax"] = channel_absmax
     if spec.gptq:
-        hessians = input_hessians(model, calib_ids)
-    quantize_model(model, spec, smooth, hessians)
+        updates["hessian"] = input_xtx
+    stats = collect_input_stats(model, calib_ids, updates) if updates else {}
+    smooth = None
+    if spec.smoothquant_alpha is not None:
+        smooth = model_smoothing_factors(model, stats["absmax"], spec.smoothquant_alpha)
+    quantize_model(model, spec, smooth, stats.get("hessian"))
 
 
 def _mib(model: LlamaForCausalLM) -> float:

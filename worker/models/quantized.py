@@ -1,4 +1,4 @@
-"""Quantized projections (W8A8, W4A16): the modules, the in-place swap, and the tensors a checkpoint stores.
+"""Quantized projections (W8A8, W4A16): the modules, the in-place swap, the stored tensors.
 
 Only the four fused projections of each decoder layer are quantized (they hold ~80% of
 SmolLM2's weights); the math lives in `ops.quant`, which picks the CPU or CUDA path.

@@ -1,5 +1,6 @@
-"""SmoothQuant calibration: per-input-channel activation abs-max of each projection, and the
-smoothing factors that move activation outliers into the weights before W8A8 quantization.
+"""SmoothQuant: the smoothing factors that move activation outliers into the weights before
+W8A8 quantization, from each projection's per-input-channel activation abs-max (collected
+by `worker.models.calibration.channel_absmax`).
 
 Per-token int8 activations lose the small channels of a token when a few channels are
 huge (LLM activations have such outlier channels). With `s_j = max|X_j|^α / max|W_j|^(1-α)`
@@ -12,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.models.calibration import DEFAULT_WINDOW, collect_input_stats
 from worker.models.llama import LlamaForCausalLM
 from worker.models.quantized import quantizable_linears
 
@@ -21,19 +21,6 @@ DEFAULT_ALPHA = 0.5
 # of the product carry a channel's whole magnitude, defeating the point.
 _EPS = 1e-5
 _MAX_FACTOR = 1e4
-
-
-def calibrate(
-    model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAULT_WINDOW
-) -> dict[str, torch.Tensor]:
-    """Activation abs-max of every projection of the (float) `model` over a text, by
-    `quantizable_linears` name, [K] float32 each; the text runs in windows of `window` tokens."""
-
-    def absmax(seen: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        channel_max = x.abs().amax(dim=0)  # [K]
-        return channel_max if seen is None else torch.maximum(seen, channel_max)
-
-    return collect_input_stats(model, token_ids, absmax, window)
 
 
 def smoothing_factors(

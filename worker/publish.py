@@ -222,12 +222,14 @@ class Publisher:
         error: RequestError,
         attempt: int,
         dead_letter: dict[str, Any] | None,
-        on_done: Callable[[], None] | None = None,
+        on_done: Callable[[bool], None] | None = None,
     ) -> None:
         """Answer (if reply_to is known) and ack an entry that will not run.
 
         dead_letter: fields of a dead-letter entry to write first (max attempts,
         or nobody to answer), so the job is kept for operators.
+        on_done(first): called once written; first is False when an earlier refusal
+        of the same job (this entry reclaimed while it was being written) got there first.
         """
         result = error_result(job_id, error, worker=self._worker, attempt=attempt)
         self._metrics.observe_result(result)
@@ -241,7 +243,7 @@ class Publisher:
             state.job.id,
             state.job.reply_to,
             encode_result(result),
-            lambda: self._on_acked(state),
+            lambda _first: self._on_acked(state),
         )
 
     def _queue_final(
@@ -250,7 +252,7 @@ class Publisher:
         job_id: str,
         reply_to: str | None,
         payload: bytes,
-        on_done: Callable[[], None] | None,
+        on_done: Callable[[bool], None] | None,
         dead_letter: dict[str, Any] | None = None,
     ) -> None:
         dead_stream = self._keys.dead_letter if dead_letter else ""
@@ -280,7 +282,7 @@ class Publisher:
     def _queue(
         self,
         apply: Callable[[Any], None],
-        on_done: Callable[[], None] | None = None,
+        on_done: Callable[[bool], None] | None = None,
         *,
         final: bool = False,
     ) -> None:
@@ -291,7 +293,8 @@ class Publisher:
     def ack(self, entry_id: str, on_done: Callable[[], None] | None = None) -> None:
         """Ack an entry that needs no result (its job's final result already exists)."""
         stream, group = self._keys.requests, self._keys.group
-        self._queue(lambda pipe: pipe.xack(stream, group, entry_id), on_done)
+        done = None if on_done is None else lambda _ok: on_done()
+        self._queue(lambda pipe: pipe.xack(stream, group, entry_id), done)
 
     async def run(self) -> None:
         """Flusher: write everything queued, in one pipeline per wake-up, until cancelled."""
@@ -323,14 +326,16 @@ class Publisher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
         for op, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, Exception):
+            failed = isinstance(reply, Exception)
+            if failed:
                 # Not acked: once released it goes idle, is reclaimed and retried (or dead-lettered).
                 log.error("redis command failed: %r", reply)
             elif op.final:
                 self.num_published += reply == 1
                 self.num_duplicates += reply != 1
             if op.on_done is not None:
-                op.on_done()
+                # For a final op: did this write publish the job's first final result?
+                op.on_done(not failed and (not op.final or reply == 1))
 
 
 @dataclass(frozen=True)
@@ -338,7 +343,7 @@ class _Op:
     """One queued pipeline command; `final` ops are the publish-and-ack script."""
 
     apply: Callable[[Any], None]
-    on_done: Callable[[], None] | None
+    on_done: Callable[[bool], None] | None
     final: bool = False
 
 

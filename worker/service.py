@@ -364,7 +364,6 @@ class WorkerService:
         limit = self.config.max_attempts
         message = f"job was delivered {entry.attempt} times (max_attempts {limit})"
         log.warning("dead-lettering entry %s: %s", entry.entry_id, message)
-        self.num_dead_lettered += 1
         try:
             job = self.ingest.decode(entry)
             job_id, reply_to = job.id, job.reply_to
@@ -384,7 +383,6 @@ class WorkerService:
     ) -> None:
         fields = self.recovery.dead_letter_fields(entry, error) if dead_letter else None
         self._refusing.add(entry.entry_id)
-        self.num_failed += 1
         self.publisher.refuse(
             entry.entry_id,
             job_id,
@@ -392,10 +390,14 @@ class WorkerService:
             error,
             entry.attempt,
             fields,
-            lambda: self._refused(entry.entry_id),
+            lambda first: self._refused(entry.entry_id, first, dead_letter),
         )
 
-    def _refused(self, entry_id: str) -> None:
+    def _refused(self, entry_id: str, first: bool, dead_letter: bool) -> None:
+        # Counted once written, and only by the write that published: under load an entry
+        # can be reclaimed again while its refusal is in flight and be refused twice.
+        self.num_failed += first
+        self.num_dead_lettered += first and dead_letter
         self._refusing.discard(entry_id)
         self._notify()
 

@@ -7,6 +7,7 @@ worker runs in-process on a tiny llama so its counters can be read.
 from __future__ import annotations
 
 import ast
+import asyncio
 import os
 import re
 import signal
@@ -14,10 +15,12 @@ import time
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from producer.sync import Client
 from tests.worker_harness import (
     KEYS,
+    REPLY,
     InProcessWorker,
     consumer_alive,
     finals,
@@ -29,6 +32,8 @@ from tests.worker_harness import (
     wait_for,
     worker_config,
 )
+from worker.errors import RequestError
+from worker.publish import Publisher
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0, "stream": True}
 
@@ -165,6 +170,42 @@ def test_poison_job_goes_to_dead_letter_after_max_attempts_while_others_finish(
     assert dead[b"entry_id"].decode() == poison_id and dead[b"attempts"] == b"4"
     assert dead[b"code"] == b"max_attempts_exceeded" and dead[b"job"]
     assert worker.service.num_dead_lettered == 1 and pending_count(client) == 0
+
+
+def test_a_refusal_written_twice_is_dead_lettered_and_counted_once(redis_url, client):
+    # Under load an entry can be reclaimed again while its refusal is still being written
+    # (CI saw it): the second write must neither dead-letter nor count it a second time.
+    [entry_id] = push(client, [job("poison", "Boom")])
+    client.xreadgroup(KEYS.group, "w", {KEYS.requests: ">"})
+    firsts: list[bool] = []
+
+    async def refuse_twice() -> None:
+        aclient = aioredis.Redis.from_url(redis_url)
+        publisher = Publisher(
+            aclient,
+            KEYS,
+            None,
+            worker="w",
+            result_ttl_s=60,
+            reply_maxlen=100,
+            on_acked=lambda state: None,
+        )
+        flusher = asyncio.create_task(publisher.run())
+        error = RequestError("max_attempts_exceeded", "delivered too often")
+        for attempt in (4, 5):
+            fields = {"entry_id": entry_id, "attempts": attempt, "code": error.code}
+            publisher.refuse(entry_id, "poison", REPLY, error, attempt, fields, firsts.append)
+            await publisher.wait_idle()
+        flusher.cancel()
+        await aclient.aclose()
+
+    asyncio.run(refuse_twice())
+    assert firsts == [True, False]
+    [(_, dead)] = client.xrange(KEYS.dead_letter)
+    assert dead[b"attempts"] == b"4"
+    [final] = [r for r in results(client) if r.id == "poison"]
+    assert (final.error_code, final.attempt) == ("max_attempts_exceeded", 4)
+    assert pending_count(client) == 0
 
 
 def test_live_worker_keeps_its_claims_fresh(engine, redis_url, client):

@@ -86,6 +86,7 @@ class Bench:
 
 def bench_gemms(bench: Bench, model: tuple[int, ...], device: torch.device) -> None:
     from ops import quant
+    from ops.rotation import rotate, rotation_block
 
     hidden, inter, heads, kv_heads, head_dim = model
     qkv = (heads + 2 * kv_heads) * head_dim
@@ -97,6 +98,7 @@ def bench_gemms(bench: Bench, model: tuple[int, ...], device: torch.device) -> N
             w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
             w8 = quant.quantize_weight_int8(w)
             w4 = quant.quantize_weight_int4(w, 128, torch.bfloat16)
+            w4g32 = quant.quantize_weight_int4(w, 32, torch.bfloat16, float_zeros=True)
             x_q, x_scale = quant.per_token_quant(x)
             label, flops = f"{name} M={m} K={k} N={n}", 2.0 * m * n * k
             out_bytes = m * n * 2
@@ -114,11 +116,22 @@ def bench_gemms(bench: Bench, model: tuple[int, ...], device: torch.device) -> N
             bench.run("linear", "w8a8 (quant+gemm)", label,
                       lambda x=x, w8=w8: quant.w8a8_linear(x, w8),
                       flops, 2 * m * k + n * k + out_bytes, int8=True)  # fmt: skip
+            # As the model runs it: SmoothQuant division and Hadamard rotation in float32 first.
+            smooth, block = torch.rand(k, device=device) + 0.5, rotation_block(k)
+            bench.run("linear", "w8a8 served", label,
+                      lambda x=x, w8=w8, s=smooth, b=block: quant.w8a8_linear(
+                          rotate(x.float() / s, b), w8).to(x.dtype),
+                      flops, 2 * m * k + n * k + out_bytes, int8=True)  # fmt: skip
             if k % 2 == 0:
-                groups = -(-k // 128)
-                bench.run("linear", "w4a16_gemm", label,
-                          lambda x=x, w4=w4: quant.w4a16_gemm(x, w4),
-                          flops, 2 * m * k + n * k // 2 + 3 * n * groups + out_bytes)  # fmt: skip
+                for impl, packed, group, zero_bytes in (
+                    ("w4a16_gemm", w4, 128, 1),
+                    ("w4a16_gemm g32", w4g32, 32, 4),
+                ):
+                    groups = -(-k // group)
+                    bench.run("linear", impl, label,
+                              lambda x=x, w=packed: quant.w4a16_gemm(x, w),
+                              flops, 2 * m * k + n * k // 2 + (2 + zero_bytes) * n * groups
+                              + out_bytes)  # fmt: skip
 
 
 def _paged(

@@ -116,9 +116,13 @@ def bench_gemms(bench: Bench, model: tuple[int, ...], device: torch.device) -> N
             bench.run("linear", "w8a8 (quant+gemm)", label,
                       lambda x=x, w8=w8: quant.w8a8_linear(x, w8),
                       flops, 2 * m * k + n * k + out_bytes, int8=True)  # fmt: skip
-            # As the model runs it: SmoothQuant division and Hadamard rotation in float32 first.
+            # As the model runs it: SmoothQuant division and Hadamard rotation fused into the
+            # activation quantization; "unfused" is the same as five eager torch ops first.
             smooth, block = torch.rand(k, device=device) + 0.5, rotation_block(k)
             bench.run("linear", "w8a8 served", label,
+                      lambda x=x, w8=w8, s=smooth, b=block: quant.w8a8_linear(x, w8, None, s, b),
+                      flops, 2 * m * k + n * k + out_bytes, int8=True)  # fmt: skip
+            bench.run("linear", "w8a8 served unfused", label,
                       lambda x=x, w8=w8, s=smooth, b=block: quant.w8a8_linear(
                           rotate(x.float() / s, b), w8).to(x.dtype),
                       flops, 2 * m * k + n * k + out_bytes, int8=True)  # fmt: skip

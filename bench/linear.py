@@ -87,10 +87,9 @@ def bench_linear(
             block, smooth = rotation_block(k), torch.ones(k, device=device)
             w8r = quant.quantize_weight_int8(rotate(w.to(device), block))
 
-            def served(x: torch.Tensor, w8r=w8r, block=block, smooth=smooth) -> torch.Tensor:
-                return quant.w8a8_linear(rotate(x.float() / smooth, block), w8r).to(x.dtype)
-
-            impls["w8a8-served"] = served
+            impls["w8a8-served"] = lambda x, w8r=w8r, block=block, smooth=smooth: quant.w8a8_linear(
+                x, w8r, None, smooth, block
+            )
         if "w4a16" in schemes:
             w4 = quant.quantize_weight_int4(w.to(device).float(), 128, dtype)
             impls["w4a16"] = lambda x, w4=w4: quant.w4a16_gemm(x, w4)

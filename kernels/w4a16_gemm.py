@@ -2,8 +2,10 @@
 
 Byte i of a weight row holds k = 2i (low nibble) and k = 2i + 1 (high nibble), so a K tile
 is computed as two dots: the even columns of x against the low nibbles and the odd columns
-against the high ones, each dequantized in registers as `(q - zero) * scale`. A K tile never
-straddles two groups (BLOCK_K divides group_size), so it needs one scale and zero per column.
+against the high ones, each dequantized in registers as `(q - zero) * scale`. When BLOCK_K
+divides group_size a K tile needs one scale and zero per column; with smaller groups
+(`SPLIT_GROUPS`, e.g. 32 for GGUF Q4_1's layout) each k pair gathers its own, so the tile,
+and with it each `tl.dot`, stays 128 deep (32-deep tiles ran 4x slower on an H100).
 
 Reference: `ops.quant.w4a16_gemm` (`x @ dequantize_int4(w)ᵀ`).
 """
@@ -38,6 +40,7 @@ def _w4a16_gemm_kernel(
     stride_om,
     stride_on,
     HAS_BIAS: tl.constexpr,
+    SPLIT_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -69,11 +72,26 @@ def _w4a16_gemm_kernel(
         packed = tl.load(
             w_cols + pair[:, None] * stride_wk, mask=b_mask[:, None] & n_mask[None, :], other=0
         )  # [BLOCK_K // 2, BLOCK_N] uint8
-        group = k0 // group_size
-        scale = tl.load(scales_ptr + offs_n * stride_sn + group * stride_sg, mask=n_mask, other=0.0)
-        zero = tl.load(zeros_ptr + offs_n * stride_zn + group * stride_zg, mask=n_mask, other=0)
-        scale = scale.to(tl.float32)[None, :]
-        zero = zero.to(tl.float32)[None, :]
+        if SPLIT_GROUPS:
+            # [BLOCK_K // 2, BLOCK_N]: both k of a pair share a group (group_size is even).
+            group = ((k0 + 2 * offs_b) // group_size)[:, None]
+            gn_mask = b_mask[:, None] & n_mask[None, :]
+            scale = tl.load(
+                scales_ptr + offs_n[None, :] * stride_sn + group * stride_sg,
+                mask=gn_mask,
+                other=0.0,
+            ).to(tl.float32)
+            zero = tl.load(
+                zeros_ptr + offs_n[None, :] * stride_zn + group * stride_zg, mask=gn_mask, other=0
+            ).to(tl.float32)
+        else:
+            group = k0 // group_size
+            scale = tl.load(
+                scales_ptr + offs_n * stride_sn + group * stride_sg, mask=n_mask, other=0.0
+            )
+            zero = tl.load(zeros_ptr + offs_n * stride_zn + group * stride_zg, mask=n_mask, other=0)
+            scale = scale.to(tl.float32)[None, :]
+            zero = zero.to(tl.float32)[None, :]
         # Padded rows hold zero codes but x is 0 there, so they add nothing.
         w_low = ((packed & 0xF).to(tl.float32) - zero) * scale
         w_high = ((packed >> 4).to(tl.float32) - zero) * scale
@@ -87,19 +105,19 @@ def _w4a16_gemm_kernel(
 
 
 def w4a16_config(m: int, n: int, group_size: int) -> dict[str, int]:
-    """Tile sizes (BLOCK_K must divide the group size).
+    """Tile sizes.
 
     From a sweep on an H200 (bf16, group 128, Llama-3-8B projections): BLOCK_K 128 always;
     for decode-sized M, narrow N tiles unless N is huge (more programs to stream the
     weights); for larger M, 64 x 64 tiles with 4 stages. 2-3x faster than the first
     heuristic (64-wide K, 128-wide N), e.g. M=1 K=14336 N=4096: 287 -> 129 us.
     """
-    block_k = next(b for b in (128, 64, 32) if group_size % b == 0)
+    del group_size  # any group size runs with 128-deep tiles (SPLIT_GROUPS below 128)
     if m <= 16:
         return {
             "BLOCK_M": 16,
             "BLOCK_N": 128 if n >= 16384 else 32,
-            "BLOCK_K": block_k,
+            "BLOCK_K": 128,
             "GROUP_M": 8,
             "num_warps": 4,
             "num_stages": 3,
@@ -107,7 +125,7 @@ def w4a16_config(m: int, n: int, group_size: int) -> dict[str, int]:
     return {
         "BLOCK_M": 64,
         "BLOCK_N": 64,
-        "BLOCK_K": block_k,
+        "BLOCK_K": 128,
         "GROUP_M": 8,
         "num_warps": 4,
         "num_stages": 4,
@@ -145,8 +163,9 @@ def w4a16_gemm(
     if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError("bias must be a contiguous [N]")
     config = config or w4a16_config(m, n, group_size)
-    if group_size % config["BLOCK_K"]:
-        raise ValueError(f"BLOCK_K {config['BLOCK_K']} must divide group_size {group_size}")
+    split_groups = group_size % config["BLOCK_K"] != 0
+    if split_groups and group_size % 2:
+        raise ValueError(f"group_size {group_size} must be even (a byte's two k share a group)")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -156,6 +175,6 @@ def w4a16_gemm(
         x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, **config,
+        HAS_BIAS=bias is not None, SPLIT_GROUPS=split_groups, **config,
     )  # fmt: skip
     return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ops.dispatch import use_triton
+from ops.rotation import hadamard, rotate
 
 INT8_MAX = 127
 INT4_MAX = 15
@@ -96,6 +97,31 @@ def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_symmetric(x)
 
 
+def quantize_activations(
+    x: torch.Tensor, smooth: torch.Tensor | None = None, rotation: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's input as served: per-token int8 of `rotate(x / smooth, rotation)`, in float32.
+
+    x: [M, K] float; smooth: [K] float32 (SmoothQuant factors) or None; rotation: block
+    Hadamard block size (1 = none) → (int8 [M, K], float32 scale [M]).
+    """
+    if smooth is None and rotation == 1:
+        return per_token_quant(x)
+    # The kernel's tl.dot needs blocks of >= 16; smaller ones (K with few factors of 2) stay
+    # in torch on every device.
+    if use_triton(x) and (rotation == 1 or rotation >= 16):
+        from kernels.rmsnorm_quant import smooth_rotate_quant as kernel
+
+        h = hadamard(rotation, x.device) if rotation > 1 else None
+        return kernel(x, None if smooth is None else smooth.float().contiguous(), h)
+    x32 = x.float()
+    if smooth is not None:
+        x32 = x32 / smooth.float()
+    if rotation > 1:
+        x32 = rotate(x32, rotation)
+    return quantize_symmetric(x32)
+
+
 def rmsnorm_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,11 +167,16 @@ def int8_gemm(
 
 
 def w8a8_linear(
-    x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: Int8Weight,
+    bias: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+    rotation: int = 1,
 ) -> torch.Tensor:
-    """x: [..., K] fp16/bf16/fp32 → [..., N] in x.dtype; x is quantized per token on the fly."""
+    """x: [..., K] fp16/bf16/fp32 → [..., N] in x.dtype; x is quantized per token on the fly
+    (after the division by `smooth` and the block rotation the weight was quantized with)."""
     x2d = x.reshape(-1, x.shape[-1])
-    x_q, x_scale = per_token_quant(x2d)
+    x_q, x_scale = quantize_activations(x2d, smooth, rotation)
     out = int8_gemm(x_q, x_scale, weight.qweight, weight.scale, bias, x.dtype)
     return out.view(*x.shape[:-1], out.shape[-1])
 

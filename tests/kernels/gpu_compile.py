@@ -67,6 +67,7 @@ def launch_all(dtype: torch.dtype) -> None:
         w4a16_gemm,
     )
     from ops import quant
+    from ops.rotation import hadamard
 
     heads, kv_heads, dim, block_size = 6, 2, 64, 16
     key = torch.zeros(5, kv_heads, dim, dtype=dtype)
@@ -93,8 +94,12 @@ def launch_all(dtype: torch.dtype) -> None:
     x = torch.zeros(4, 576, dtype=dtype)
     rmsnorm_quant.rmsnorm_quant(x, torch.zeros(576, dtype=dtype), 1e-5)
     rmsnorm_quant.per_token_quant(x)
+    rmsnorm_quant.smooth_rotate_quant(x, torch.ones(576), hadamard(64))
+    rmsnorm_quant.smooth_rotate_quant(x, None, hadamard(32))
     w = quant.quantize_weight_int4(torch.zeros(64, 576), 128, torch.float16)
     w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 128, torch.zeros(64, dtype=dtype))
+    w = quant.quantize_weight_int4(torch.zeros(64, 576), 32, torch.float16, float_zeros=True)
+    w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 32)  # groups split within a tile
     activation.silu_and_mul(torch.zeros(4, 200, dtype=dtype))
     cos = torch.zeros(3, dim)
     rotary.apply_rotary(query[:3], key[:3], cos, cos)

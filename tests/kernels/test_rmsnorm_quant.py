@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ops import quant
+from ops.rotation import hadamard, rotate, rotation_block
 
 kernels = pytest.importorskip("kernels.rmsnorm_quant", reason="triton is not installed")
 
@@ -48,3 +49,38 @@ def test_strided_rows(device) -> None:
     x = _rows(6, 256, torch.float16, device)[::2]  # every other row: row stride 512
     expected = quant.quantize_symmetric(x.cpu())
     _assert_quantized_close([t.cpu() for t in kernels.per_token_quant(x)], expected)
+
+
+# W8A8 as served: SmoothQuant division and block Hadamard rotation fused into the quantization.
+# K: SmolLM2's 576 (block 64, padded to 16 blocks), 1536 (not a power of two), 96 (block 32).
+@pytest.mark.parametrize("k", [576, 1536, 96])
+@pytest.mark.parametrize("smoothed", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_smooth_rotate_quant_matches_torch(device, k: int, smoothed: bool, dtype) -> None:
+    x = _rows(7, k, dtype, device)
+    x[2, 5] = 300.0  # an outlier channel: the rotation spreads it over its block
+    gen = torch.Generator().manual_seed(8)
+    smooth = (torch.rand(k, generator=gen) * 4 + 0.25) if smoothed else None
+    block = rotation_block(k)
+    expected = _reference_activations(x.cpu(), smooth, block)
+    actual = kernels.smooth_rotate_quant(
+        x, None if smooth is None else smooth.to(device), hadamard(block, device)
+    )
+    _assert_quantized_close([t.cpu() for t in actual], expected)
+    # ops dispatches to the same kernel on CUDA and to the reference on CPU.
+    via_ops = quant.quantize_activations(x, None if smooth is None else smooth.to(device), block)
+    _assert_quantized_close([t.cpu() for t in via_ops], expected)
+
+
+def _reference_activations(x: torch.Tensor, smooth: torch.Tensor | None, block: int):
+    """The unfused sequence W8A8Linear ran before: divide, rotate, quantize per token."""
+    x32 = x.float() if smooth is None else x.float() / smooth
+    return quant.quantize_symmetric(rotate(x32, block))
+
+
+def test_smooth_rotate_quant_rejects_bad_rotation(device) -> None:
+    x = _rows(2, 96, torch.float32, device)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        kernels.smooth_rotate_quant(x, None, hadamard(8, device))  # too small for tl.dot
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        kernels.smooth_rotate_quant(x, None, hadamard(64, device))  # does not divide 96

@@ -56,8 +56,18 @@ def test_matches_the_cpu_op(device) -> None:
     )
 
 
-def test_block_k_must_divide_group(device) -> None:
+@pytest.mark.parametrize("block_k", [32, 64, 128])
+def test_tiles_deeper_than_a_group(device, block_k: int) -> None:
+    # Groups of 32 under 32-, 64- and 128-deep K tiles: one tile spans 1, 2 or 4 groups.
+    x, weight, bias, expected = _case(4, 320, 48, 32, torch.float16, torch.float16, device, True)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": block_k, "GROUP_M": 1}
+    actual = kernels.w4a16_gemm(
+        x, weight.packed, weight.scales, weight.zeros, 32, bias, config=config
+    )
+    torch.testing.assert_close(actual, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_odd_group_size_is_refused(device) -> None:
     x, weight, _, _ = _case(2, 96, 16, 32, torch.float16, torch.float16, device)
-    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 1}
-    with pytest.raises(ValueError, match="divide"):
-        kernels.w4a16_gemm(x, weight.packed, weight.scales, weight.zeros, 32, config=config)
+    with pytest.raises(ValueError, match="even"):
+        kernels.w4a16_gemm(x, weight.packed, weight.scales[:, :1], weight.zeros[:, :1], 97)

@@ -97,16 +97,9 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] float (fp32/fp16/bf16) → [T, N] in x.dtype."""
-        weight = self.quantized_weight()
-        if self.smooth is None and not self.rotation:
-            return w8a8_linear(x, weight, self.bias)
-        # In float32: per-token quantization reads float32 anyway, so this adds no rounding.
-        x32 = x.float()
-        if self.smooth is not None:
-            x32 = x32 / self.smooth
-        if self.rotation:
-            x32 = rotate(x32, self.rotation)
-        return w8a8_linear(x32, weight, self.bias).to(x.dtype)
+        return w8a8_linear(
+            x, self.quantized_weight(), self.bias, self.smooth, max(1, self.rotation)
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rotation={self.rotation}"

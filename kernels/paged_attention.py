@@ -173,6 +173,8 @@ def paged_decode_attention(
     value_scale_cache: torch.Tensor | None = None,
     partition_size: int = DEFAULT_PARTITION_SIZE,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """softmax(q·Kᵀ·scale)·V of one query token per sequence over its paged context.
 
@@ -187,6 +189,7 @@ def paged_decode_attention(
         partition_size: tokens per program; contexts that may exceed it (judged from
             block_tables' width, without a device sync) are split and merged.
         block_n: K/V tokens per inner step (power of two ≥ 16, divides partition_size).
+        num_warps, num_stages: the decode kernel's launch options.
     Returns:
         [S, H, D] in query's dtype.
     """
@@ -225,6 +228,7 @@ def paged_decode_attention(
         QUANT=quant, SPLIT=split, PARTITION_SIZE=partition_size,
         BLOCK_G=max(16, triton.next_power_of_2(queries_per_kv)),
         BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split:
         _merge_partitions_kernel[(num_seqs, num_heads)](

@@ -2,10 +2,11 @@
 
 Byte i of a weight row holds k = 2i (low nibble) and k = 2i + 1 (high nibble), so a K tile
 is computed as two dots: the even columns of x against the low nibbles and the odd columns
-against the high ones, each dequantized in registers as `(q - zero) * scale`. When BLOCK_K
-divides group_size a K tile needs one scale and zero per column; with smaller groups
-(`SPLIT_GROUPS`, e.g. 32 for GGUF Q4_1's layout) each k pair gathers its own, so the tile,
-and with it each `tl.dot`, stays 128 deep (32-deep tiles ran 4x slower on an H100).
+against the high ones, each dequantized in registers as `(q - zero) * scale`. Tiles stay
+128 deep whatever the group size (32-deep tiles for groups of 32 ran 4x slower on an H100):
+a tile inside one group needs one scale and zero per column; a tile of several whole groups
+(32 or 64: GGUF Q4_1's layout) loads [groups, BLOCK_N] and broadcasts each over its rows;
+any other (even) group size gathers a scale per k pair.
 
 Reference: `ops.quant.w4a16_gemm` (`x @ dequantize_int4(w)ᵀ`).
 """
@@ -15,6 +16,22 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _dequant(codes, scale, zero):
+    """codes [P, BLOCK_N] uint8 nibbles; scale, zero broadcastable → float32 (q - zero) * scale."""
+    return (codes.to(tl.float32) - zero.to(tl.float32)) * scale.to(tl.float32)
+
+
+@triton.jit
+def _dequant_groups(codes, scale, zero, GROUPS: tl.constexpr):
+    """codes [P, BLOCK_N] spanning GROUPS whole groups; scale, zero [GROUPS, BLOCK_N]."""
+    p: tl.constexpr = codes.shape[0]
+    n: tl.constexpr = codes.shape[1]
+    grouped = tl.reshape(codes, (GROUPS, p // GROUPS, n))
+    w = _dequant(grouped, scale[:, None, :], zero[:, None, :])
+    return tl.reshape(w, (p, n))
 
 
 @triton.jit
@@ -29,6 +46,7 @@ def _w4a16_gemm_kernel(
     N,
     K,
     group_size,
+    num_groups,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -40,7 +58,7 @@ def _w4a16_gemm_kernel(
     stride_om,
     stride_on,
     HAS_BIAS: tl.constexpr,
-    SPLIT_GROUPS: tl.constexpr,
+    GROUPS_PER_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -72,29 +90,42 @@ def _w4a16_gemm_kernel(
         packed = tl.load(
             w_cols + pair[:, None] * stride_wk, mask=b_mask[:, None] & n_mask[None, :], other=0
         )  # [BLOCK_K // 2, BLOCK_N] uint8
-        if SPLIT_GROUPS:
-            # [BLOCK_K // 2, BLOCK_N]: both k of a pair share a group (group_size is even).
-            group = ((k0 + 2 * offs_b) // group_size)[:, None]
-            gn_mask = b_mask[:, None] & n_mask[None, :]
-            scale = tl.load(
-                scales_ptr + offs_n[None, :] * stride_sn + group * stride_sg,
-                mask=gn_mask,
-                other=0.0,
-            ).to(tl.float32)
-            zero = tl.load(
-                zeros_ptr + offs_n[None, :] * stride_zn + group * stride_zg, mask=gn_mask, other=0
-            ).to(tl.float32)
-        else:
+        if GROUPS_PER_TILE == 1:  # the tile lies within one group: a scale per column
             group = k0 // group_size
             scale = tl.load(
                 scales_ptr + offs_n * stride_sn + group * stride_sg, mask=n_mask, other=0.0
             )
             zero = tl.load(zeros_ptr + offs_n * stride_zn + group * stride_zg, mask=n_mask, other=0)
-            scale = scale.to(tl.float32)[None, :]
-            zero = zero.to(tl.float32)[None, :]
+            w_low = _dequant(packed & 0xF, scale[None, :], zero[None, :])
+            w_high = _dequant(packed >> 4, scale[None, :], zero[None, :])
+        elif GROUPS_PER_TILE > 1:  # whole groups: [G, BLOCK_N] scales broadcast over each
+            offs_g = k0 // group_size + tl.arange(0, GROUPS_PER_TILE)
+            gn_mask = (offs_g < num_groups)[:, None] & n_mask[None, :]
+            g_offs = offs_g[:, None]
+            scale = tl.load(
+                scales_ptr + offs_n[None, :] * stride_sn + g_offs * stride_sg,
+                mask=gn_mask,
+                other=0.0,
+            )
+            zero = tl.load(
+                zeros_ptr + offs_n[None, :] * stride_zn + g_offs * stride_zg, mask=gn_mask, other=0
+            )
+            w_low = _dequant_groups(packed & 0xF, scale, zero, GROUPS_PER_TILE)
+            w_high = _dequant_groups(packed >> 4, scale, zero, GROUPS_PER_TILE)
+        else:  # other group sizes: each k pair gathers its own (both k of a pair share it)
+            g_offs = ((k0 + 2 * offs_b) // group_size)[:, None]
+            gn_mask = b_mask[:, None] & n_mask[None, :]
+            scale = tl.load(
+                scales_ptr + offs_n[None, :] * stride_sn + g_offs * stride_sg,
+                mask=gn_mask,
+                other=0.0,
+            )
+            zero = tl.load(
+                zeros_ptr + offs_n[None, :] * stride_zn + g_offs * stride_zg, mask=gn_mask, other=0
+            )
+            w_low = _dequant(packed & 0xF, scale, zero)
+            w_high = _dequant(packed >> 4, scale, zero)
         # Padded rows hold zero codes but x is 0 there, so they add nothing.
-        w_low = ((packed & 0xF).to(tl.float32) - zero) * scale
-        w_high = ((packed >> 4).to(tl.float32) - zero) * scale
         acc += tl.dot(x_even, w_low.to(x_even.dtype))
         acc += tl.dot(x_odd, w_high.to(x_odd.dtype))
 
@@ -112,7 +143,7 @@ def w4a16_config(m: int, n: int, group_size: int) -> dict[str, int]:
     weights); for larger M, 64 x 64 tiles with 4 stages. 2-3x faster than the first
     heuristic (64-wide K, 128-wide N), e.g. M=1 K=14336 N=4096: 287 -> 129 us.
     """
-    del group_size  # any group size runs with 128-deep tiles (SPLIT_GROUPS below 128)
+    del group_size  # any group size runs with 128-deep tiles
     if m <= 16:
         return {
             "BLOCK_M": 16,
@@ -162,19 +193,27 @@ def w4a16_gemm(
         raise ValueError(f"zeros must be uint8 or float32, got {zeros.dtype}")
     if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError("bias must be a contiguous [N]")
-    config = config or w4a16_config(m, n, group_size)
-    split_groups = group_size % config["BLOCK_K"] != 0
-    if split_groups and group_size % 2:
-        raise ValueError(f"group_size {group_size} must be even (a byte's two k share a group)")
+    config = dict(config or w4a16_config(m, n, group_size))
+    block_k = config["BLOCK_K"]
+    if group_size % block_k == 0:
+        groups_per_tile = 1
+    elif block_k % group_size == 0:
+        groups_per_tile = block_k // group_size
+    else:
+        groups_per_tile = 0  # per-pair gather: [BLOCK_K / 2, BLOCK_N] scales and zeros
+        if group_size % 2:
+            raise ValueError(f"group_size {group_size} must be even (a byte's two k share it)")
+        # Those gathered tiles take shared memory per pipeline stage.
+        config["num_stages"] = min(config.get("num_stages", 2), 2)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     _w4a16_gemm_kernel[grid](
-        x, packed, scales, zeros, bias, out, m, n, k, group_size,
+        x, packed, scales, zeros, bias, out, m, n, k, group_size, num_groups,
         x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, SPLIT_GROUPS=split_groups, **config,
+        HAS_BIAS=bias is not None, GROUPS_PER_TILE=groups_per_tile, **config,
     )  # fmt: skip
     return out

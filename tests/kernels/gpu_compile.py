@@ -99,7 +99,9 @@ def launch_all(dtype: torch.dtype) -> None:
     w = quant.quantize_weight_int4(torch.zeros(64, 576), 128, torch.float16)
     w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 128, torch.zeros(64, dtype=dtype))
     w = quant.quantize_weight_int4(torch.zeros(64, 576), 32, torch.float16, float_zeros=True)
-    w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 32)  # groups split within a tile
+    w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 32)  # 4 whole groups per tile
+    w = quant.quantize_weight_int4(torch.zeros(64, 576), 96, torch.float16)
+    w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 96)  # groups straddle tiles
     activation.silu_and_mul(torch.zeros(4, 200, dtype=dtype))
     cos = torch.zeros(3, dim)
     rotary.apply_rotary(query[:3], key[:3], cos, cos)

@@ -56,13 +56,18 @@ def test_matches_the_cpu_op(device) -> None:
     )
 
 
-@pytest.mark.parametrize("block_k", [32, 64, 128])
-def test_tiles_deeper_than_a_group(device, block_k: int) -> None:
-    # Groups of 32 under 32-, 64- and 128-deep K tiles: one tile spans 1, 2 or 4 groups.
-    x, weight, bias, expected = _case(4, 320, 48, 32, torch.float16, torch.float16, device, True)
+# K = 320: 10 groups of 32 under 32-, 64- and 128-deep K tiles (a tile spans 1, 2 or 4
+# groups; the last tile partly past the last group), 5 of 64; groups of 96 straddle tiles.
+@pytest.mark.parametrize(
+    "group_size,block_k", [(32, 32), (32, 64), (32, 128), (64, 128), (96, 128)]
+)
+def test_tiles_spanning_groups(device, group_size: int, block_k: int) -> None:
+    x, weight, bias, expected = _case(
+        4, 320, 48, group_size, torch.float16, torch.float16, device, True
+    )
     config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": block_k, "GROUP_M": 1}
     actual = kernels.w4a16_gemm(
-        x, weight.packed, weight.scales, weight.zeros, 32, bias, config=config
+        x, weight.packed, weight.scales, weight.zeros, group_size, bias, config=config
     )
     torch.testing.assert_close(actual, expected, atol=1e-2, rtol=1e-2)
 

@@ -85,7 +85,7 @@ class Bench:
 
 
 def bench_gemms(bench: Bench, model: tuple[int, ...], device: torch.device) -> None:
-    from ops import quant
+    from ops import quant, quant_int4
     from ops.rotation import rotate, rotation_block
 
     hidden, inter, heads, kv_heads, head_dim = model
@@ -97,8 +97,8 @@ def bench_gemms(bench: Bench, model: tuple[int, ...], device: torch.device) -> N
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
             w8 = quant.quantize_weight_int8(w)
-            w4 = quant.quantize_weight_int4(w, 128, torch.bfloat16)
-            w4g32 = quant.quantize_weight_int4(w, 32, torch.bfloat16, float_zeros=True)
+            w4 = quant_int4.quantize_weight_int4(w, 128, torch.bfloat16)
+            w4g32 = quant_int4.quantize_weight_int4(w, 32, torch.bfloat16, float_zeros=True)
             x_q, x_scale = quant.per_token_quant(x)
             label, flops = f"{name} M={m} K={k} N={n}", 2.0 * m * n * k
             out_bytes = m * n * 2
@@ -133,7 +133,7 @@ def bench_gemms(bench: Bench, model: tuple[int, ...], device: torch.device) -> N
                 ):
                     groups = -(-k // group)
                     bench.run("linear", impl, label,
-                              lambda x=x, w=packed: quant.w4a16_gemm(x, w),
+                              lambda x=x, w=packed: quant_int4.w4a16_gemm(x, w),
                               flops, 2 * m * k + n * k // 2 + (2 + zero_bytes) * n * groups
                               + out_bytes)  # fmt: skip
 

@@ -5,7 +5,7 @@ has the GPU roofline view).
 Each implementation is the engine's own path: `ops.linear.linear` for the model dtype
 (float32 weights on CPUs without native bf16 GEMMs), `ops.quant.w8a8_linear` (per-token
 activation quantization + int8 GEMM), "w8a8-served" (the same after the input's smoothing
-division and Hadamard rotation, as `W8A8Linear` runs it) and `ops.quant.w4a16_gemm`.
+division and Hadamard rotation, as `W8A8Linear` runs it) and `ops.quant_int4.w4a16_gemm`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ops import quant
+from ops import quant, quant_int4
 from ops.linear import gemm_weight_dtype, linear
 from ops.rotation import rotate, rotation_block
 
@@ -91,8 +91,8 @@ def bench_linear(
                 x, w8r, None, smooth, block
             )
         if "w4a16" in schemes:
-            w4 = quant.quantize_weight_int4(w.to(device).float(), 128, dtype)
-            impls["w4a16"] = lambda x, w4=w4: quant.w4a16_gemm(x, w4)
+            w4 = quant_int4.quantize_weight_int4(w.to(device).float(), 128, dtype)
+            impls["w4a16"] = lambda x, w4=w4: quant_int4.w4a16_gemm(x, w4)
         for m in tokens:
             x = torch.randn(m, k, generator=gen).to(dtype).to(device)
             base = None

@@ -8,7 +8,7 @@ a tile inside one group needs one scale and zero per column; a tile of several w
 (32 or 64: GGUF Q4_1's layout) loads [groups, BLOCK_N] and broadcasts each over its rows;
 any other (even) group size gathers a scale per k pair.
 
-Reference: `ops.quant.w4a16_gemm` (`x @ dequantize_int4(w)ᵀ`).
+Reference: `ops.quant_int4.w4a16_gemm` (`x @ dequantize_int4(w)ᵀ`).
 """
 
 from __future__ import annotations

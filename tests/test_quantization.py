@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ops.quant import dequantize_int4, quantize_weight_int4, quantize_weight_int4_clipped
+from ops.quant_int4 import dequantize_int4, quantize_weight_int4, quantize_weight_int4_clipped
 from worker.cli import main
 from worker.config import CacheConfig, EngineConfig, ModelConfig
 from worker.engine.engine import Engine

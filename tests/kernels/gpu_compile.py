@@ -66,7 +66,7 @@ def launch_all(dtype: torch.dtype) -> None:
         rotary,
         w4a16_gemm,
     )
-    from ops import quant
+    from ops import quant_int4
     from ops.rotation import hadamard
 
     heads, kv_heads, dim, block_size = 6, 2, 64, 16
@@ -96,11 +96,11 @@ def launch_all(dtype: torch.dtype) -> None:
     rmsnorm_quant.per_token_quant(x)
     rmsnorm_quant.smooth_rotate_quant(x, torch.ones(576), hadamard(64))
     rmsnorm_quant.smooth_rotate_quant(x, None, hadamard(32))
-    w = quant.quantize_weight_int4(torch.zeros(64, 576), 128, torch.float16)
+    w = quant_int4.quantize_weight_int4(torch.zeros(64, 576), 128, torch.float16)
     w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 128, torch.zeros(64, dtype=dtype))
-    w = quant.quantize_weight_int4(torch.zeros(64, 576), 32, torch.float16, float_zeros=True)
+    w = quant_int4.quantize_weight_int4(torch.zeros(64, 576), 32, torch.float16, float_zeros=True)
     w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 32)  # 4 whole groups per tile
-    w = quant.quantize_weight_int4(torch.zeros(64, 576), 96, torch.float16)
+    w = quant_int4.quantize_weight_int4(torch.zeros(64, 576), 96, torch.float16)
     w4a16_gemm.w4a16_gemm(x, w.packed, w.scales, w.zeros, 96)  # groups straddle tiles
     activation.silu_and_mul(torch.zeros(4, 200, dtype=dtype))
     cos = torch.zeros(3, dim)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops import quant
+from ops import quant, quant_int4
 from worker.models.llama import RMSNorm
 
 
@@ -62,10 +62,10 @@ def test_rmsnorm_quant_is_the_models_rmsnorm_quantized() -> None:
 
 def test_int4_pack_unpack_round_trip_and_nibble_order() -> None:
     q = torch.randint(0, 16, (5, 12), generator=_gen(), dtype=torch.uint8)
-    packed = quant.pack_int4(q)
+    packed = quant_int4.pack_int4(q)
     assert packed.shape == (5, 6) and packed.dtype == torch.uint8
     assert torch.equal(packed[:, 0] & 0xF, q[:, 0]) and torch.equal(packed[:, 0] >> 4, q[:, 1])
-    assert torch.equal(quant.unpack_int4(packed), q)
+    assert torch.equal(quant_int4.unpack_int4(packed), q)
 
 
 @pytest.mark.parametrize("k", [256, 320])  # 320: a short last group of 64
@@ -73,23 +73,25 @@ def test_int4_pack_unpack_round_trip_and_nibble_order() -> None:
 def test_int4_quantization_error_is_half_a_step(k: int, scale_dtype) -> None:
     w = torch.randn(24, k, generator=_gen()) * 0.05 + 0.01
     w[3, :128] += 1.0  # an all-positive group: the range must still hold 0
-    q = quant.quantize_weight_int4(w, 128, scale_dtype)
+    q = quant_int4.quantize_weight_int4(w, 128, scale_dtype)
     assert q.scales.shape == (24, -(-k // 128)) and q.scales.dtype == scale_dtype
     assert q.zeros.max() <= 15 and q.in_features == k and q.out_features == 24
     step = q.scales.float().repeat_interleave(128, dim=1)[:, :k]
-    error = (quant.dequantize_int4(q) - w).abs()
+    error = (quant_int4.dequantize_int4(q) - w).abs()
     assert (error <= step * 0.5 + 1e-6).all()
 
 
 def test_w4a16_gemm_is_matmul_with_dequantized_weight() -> None:
     gen = _gen()
-    w = quant.quantize_weight_int4(torch.randn(40, 320, generator=gen), 128)
+    w = quant_int4.quantize_weight_int4(torch.randn(40, 320, generator=gen), 128)
     x = torch.randn(3, 320, generator=gen)
     bias = torch.randn(40, generator=gen)
-    out = quant.w4a16_gemm(x, w, bias)
-    torch.testing.assert_close(out, x @ quant.dequantize_int4(w).t() + bias, rtol=1e-5, atol=1e-4)
+    out = quant_int4.w4a16_gemm(x, w, bias)
+    torch.testing.assert_close(
+        out, x @ quant_int4.dequantize_int4(w).t() + bias, rtol=1e-5, atol=1e-4
+    )
 
 
 def test_int4_rejects_odd_k() -> None:
     with pytest.raises(ValueError, match="even"):
-        quant.quantize_weight_int4(torch.randn(4, 33), 32)
+        quant_int4.quantize_weight_int4(torch.randn(4, 33), 32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops import quant
+from ops import quant_int4
 from tests.kernels.conftest import BF16_DOT
 
 kernels = pytest.importorskip("kernels.w4a16_gemm", reason="triton is not installed")
@@ -13,16 +13,16 @@ kernels = pytest.importorskip("kernels.w4a16_gemm", reason="triton is not instal
 
 def _case(m: int, k: int, n: int, group_size: int, dtype, scale_dtype, device, float_zeros=False):
     gen = torch.Generator().manual_seed(8)
-    weight = quant.quantize_weight_int4(
+    weight = quant_int4.quantize_weight_int4(
         torch.randn(n, k, generator=gen) * 0.05, group_size, scale_dtype, float_zeros
     )
-    weight = quant.Int4Weight(
+    weight = quant_int4.Int4Weight(
         weight.packed.to(device), weight.scales.to(device), weight.zeros.to(device), group_size
     )
     x = torch.randn(m, k, generator=gen).to(dtype).to(device)
     bias = torch.randn(n, generator=gen).to(dtype).to(device)
     # The torch path computed directly (the op dispatches to the kernel on CUDA).
-    w = quant.dequantize_int4(weight, torch.float32)
+    w = quant_int4.dequantize_int4(weight, torch.float32)
     expected = (x.float() @ w.t() + bias.float()).to(dtype)
     return x, weight, bias, expected
 
@@ -45,12 +45,12 @@ def test_matches_torch(device, m, k, n, group_size, dtype, scale_dtype, float_ze
 def test_matches_the_cpu_op(device) -> None:
     x, weight, _, _ = _case(3, 256, 64, 128, torch.float16, torch.float16, device)
     kernel_out = kernels.w4a16_gemm(x, weight.packed, weight.scales, weight.zeros, 128)
-    cpu_weight = quant.Int4Weight(
+    cpu_weight = quant_int4.Int4Weight(
         *(t.cpu() for t in (weight.packed, weight.scales, weight.zeros)), 128
     )
     torch.testing.assert_close(
         kernel_out.cpu().float(),
-        quant.w4a16_gemm(x.cpu().float(), cpu_weight),
+        quant_int4.w4a16_gemm(x.cpu().float(), cpu_weight),
         atol=1e-2,
         rtol=1e-2,
     )

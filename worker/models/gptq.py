@@ -4,8 +4,8 @@ activations (Frantar et al., 2023).
 
 Round-to-nearest minimizes `‖W - Q‖` per weight; GPTQ minimizes the layer's output error
 `‖(W - Q) Xᵀ‖` over the calibration inputs, which is what the next layer sees. The outputs
-use the round-to-nearest storage formats (`ops.quant.Int4Weight`, `Int8Weight`), so the
-kernels run them unchanged. Pure tensor math: the Hessians come from calibration
+use the round-to-nearest storage formats (`ops.quant_int4.Int4Weight`,
+`ops.quant.Int8Weight`), so the kernels run them unchanged. Pure tensor math: the Hessians come from calibration
 (`worker.models.calibration.input_xtx`).
 """
 
@@ -15,16 +15,13 @@ from collections.abc import Callable
 
 import torch
 
-from ops.quant import (
+from ops.quant import INT8_MAX, MIN_SCALE, Int8Weight, round_half_up
+from ops.quant_int4 import (
     INT4_MAX,
-    INT8_MAX,
-    MIN_SCALE,
     Int4Weight,
-    Int8Weight,
     int4_clip_search,
     int4_float_params,
     pack_int4,
-    round_half_up,
     store_zeros,
 )
 

@@ -13,14 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ops.quant import (
-    Int4Weight,
-    Int8Weight,
-    quantize_weight_int4,
-    quantize_weight_int8,
-    w4a16_gemm,
-    w8a8_linear,
-)
+from ops.quant import Int8Weight, quantize_weight_int8, w8a8_linear
+from ops.quant_int4 import Int4Weight, quantize_weight_int4, w4a16_gemm
 from ops.rotation import rotate, rotate_hessian, rotation_block
 from worker.models.gptq import DEFAULT_GROUP_SIZE, gptq_quantize_int4, gptq_quantize_int8
 from worker.models.llama import LlamaForCausalLM
@@ -136,7 +130,7 @@ class W4A16Linear(nn.Module):
     ) -> W4A16Linear:
         """Quantize `linear`: plain min/max round-to-nearest, or GPTQ given its input
         Hessian [K, K]; integer zero points, or real ones with `float_zeros`."""
-        # NOTE: ops.quant.quantize_weight_int4_clipped (MSE clipping search) lowers each
+        # NOTE: ops.quant_int4.quantize_weight_int4_clipped (MSE clipping search) lowers each
         # group's error but measured *worse* end to end on SmolLM2 (top-1 0.52 on the eval
         # text), so round-to-nearest uses plain min/max.
         weight = _smoothed(linear.weight, smooth)

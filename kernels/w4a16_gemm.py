@@ -19,6 +19,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _group_params(
+    scales_ptr, zeros_ptr, cols, groups, mask, stride_sn, stride_sg, stride_zn, stride_zg
+):
+    """Scale and zero point of each (output column, group) pair; the three broadcast."""
+    scale = tl.load(scales_ptr + cols * stride_sn + groups * stride_sg, mask=mask, other=0.0)
+    zero = tl.load(zeros_ptr + cols * stride_zn + groups * stride_zg, mask=mask, other=0)
+    return scale, zero
+
+
+@triton.jit
 def _dequant(codes, scale, zero):
     """codes [P, BLOCK_N] uint8 nibbles; scale, zero broadcastable → float32 (q - zero) * scale."""
     return (codes.to(tl.float32) - zero.to(tl.float32)) * scale.to(tl.float32)
@@ -90,38 +100,26 @@ def _w4a16_gemm_kernel(
         packed = tl.load(
             w_cols + pair[:, None] * stride_wk, mask=b_mask[:, None] & n_mask[None, :], other=0
         )  # [BLOCK_K // 2, BLOCK_N] uint8
-        if GROUPS_PER_TILE == 1:  # the tile lies within one group: a scale per column
-            group = k0 // group_size
-            scale = tl.load(
-                scales_ptr + offs_n * stride_sn + group * stride_sg, mask=n_mask, other=0.0
+        strides = (stride_sn, stride_sg, stride_zn, stride_zg)
+        if GROUPS_PER_TILE == 1:  # the tile lies within one group: [1, BLOCK_N]
+            scale, zero = _group_params(
+                scales_ptr, zeros_ptr, offs_n[None, :], k0 // group_size, n_mask[None, :], *strides
             )
-            zero = tl.load(zeros_ptr + offs_n * stride_zn + group * stride_zg, mask=n_mask, other=0)
-            w_low = _dequant(packed & 0xF, scale[None, :], zero[None, :])
-            w_high = _dequant(packed >> 4, scale[None, :], zero[None, :])
-        elif GROUPS_PER_TILE > 1:  # whole groups: [G, BLOCK_N] scales broadcast over each
+            w_low = _dequant(packed & 0xF, scale, zero)
+            w_high = _dequant(packed >> 4, scale, zero)
+        elif GROUPS_PER_TILE > 1:  # whole groups: [G, BLOCK_N], each broadcast over its rows
             offs_g = k0 // group_size + tl.arange(0, GROUPS_PER_TILE)
             gn_mask = (offs_g < num_groups)[:, None] & n_mask[None, :]
-            g_offs = offs_g[:, None]
-            scale = tl.load(
-                scales_ptr + offs_n[None, :] * stride_sn + g_offs * stride_sg,
-                mask=gn_mask,
-                other=0.0,
-            )
-            zero = tl.load(
-                zeros_ptr + offs_n[None, :] * stride_zn + g_offs * stride_zg, mask=gn_mask, other=0
+            scale, zero = _group_params(
+                scales_ptr, zeros_ptr, offs_n[None, :], offs_g[:, None], gn_mask, *strides
             )
             w_low = _dequant_groups(packed & 0xF, scale, zero, GROUPS_PER_TILE)
             w_high = _dequant_groups(packed >> 4, scale, zero, GROUPS_PER_TILE)
-        else:  # other group sizes: each k pair gathers its own (both k of a pair share it)
+        else:  # other group sizes: [BLOCK_K / 2, BLOCK_N], a k pair's two k share a group
             g_offs = ((k0 + 2 * offs_b) // group_size)[:, None]
             gn_mask = b_mask[:, None] & n_mask[None, :]
-            scale = tl.load(
-                scales_ptr + offs_n[None, :] * stride_sn + g_offs * stride_sg,
-                mask=gn_mask,
-                other=0.0,
-            )
-            zero = tl.load(
-                zeros_ptr + offs_n[None, :] * stride_zn + g_offs * stride_zg, mask=gn_mask, other=0
+            scale, zero = _group_params(
+                scales_ptr, zeros_ptr, offs_n[None, :], g_offs, gn_mask, *strides
             )
             w_low = _dequant(packed & 0xF, scale, zero)
             w_high = _dequant(packed >> 4, scale, zero)

@@ -133,15 +133,14 @@ def _w4a16_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def w4a16_config(m: int, n: int, group_size: int) -> dict[str, int]:
-    """Tile sizes.
+def w4a16_config(m: int, n: int) -> dict[str, int]:
+    """Tile sizes, for any group size (tiles spanning several groups, or part of one, both work).
 
     From a sweep on an H200 (bf16, group 128, Llama-3-8B projections): BLOCK_K 128 always;
     for decode-sized M, narrow N tiles unless N is huge (more programs to stream the
     weights); for larger M, 64 x 64 tiles with 4 stages. 2-3x faster than the first
     heuristic (64-wide K, 128-wide N), e.g. M=1 K=14336 N=4096: 287 -> 129 us.
     """
-    del group_size  # any group size runs with 128-deep tiles
     if m <= 16:
         return {
             "BLOCK_M": 16,
@@ -191,7 +190,7 @@ def w4a16_gemm(
         raise ValueError(f"zeros must be uint8 or float32, got {zeros.dtype}")
     if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError("bias must be a contiguous [N]")
-    config = dict(config or w4a16_config(m, n, group_size))
+    config = dict(config or w4a16_config(m, n))
     block_k = config["BLOCK_K"]
     if group_size % block_k == 0:
         groups_per_tile = 1

@@ -30,11 +30,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "left-padded batches) on the same requests and dtype, plus our TTFT/TPOT.",
     )
     add_engine_args(tp)
-    tp.add_argument("--workload", choices=("mixed", "uniform"), default="mixed")
+    tp.add_argument(
+        "--workload",
+        choices=("mixed", "uniform", "single"),
+        default="mixed",
+        help="single: one request of P prompt / O output tokens",
+    )
     tp.add_argument("--num-requests", type=int, default=64, help="mixed: number of requests")
-    tp.add_argument("--prompt-len", type=int, default=128, help="uniform: prompt tokens (P)")
-    tp.add_argument("--output-len", type=int, default=128, help="uniform: output tokens (O)")
+    tp.add_argument("--prompt-len", type=int, default=128, help="uniform/single: prompt tokens (P)")
+    tp.add_argument("--output-len", type=int, default=128, help="uniform/single: output tokens (O)")
     tp.add_argument("--batch", type=int, default=16, help="uniform: number of requests (B)")
+    tp.add_argument(
+        "--dump-workload",
+        metavar="FILE",
+        help="write the workload (prompt token ids, output lengths) as JSON, for other engines",
+    )
+    tp.add_argument(
+        "--workload-file", metavar="FILE", help="run a workload written by --dump-workload"
+    )
     tp.add_argument("--baseline-batch-size", type=int, default=16)
     tp.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
     tp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -207,7 +220,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     import torch
 
     from bench import throughput
-    from bench.workloads import mixed_workload, sampleable_token_ids, uniform_workload
+    from bench.workloads import Workload, mixed_workload, sampleable_token_ids, uniform_workload
     from worker.engine.engine import Engine
     from worker.models.source import resolve_model
 
@@ -218,12 +231,15 @@ def run_throughput(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     engine = Engine(config)
     vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)
-    if args.workload == "mixed":
+    if args.workload_file:
+        workload = Workload.load(args.workload_file, engine.vocab_size)
+    elif args.workload == "mixed":
         workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
     else:
-        workload = uniform_workload(
-            vocab, args.prompt_len, args.output_len, args.batch, seed=args.seed
-        )
+        batch = 1 if args.workload == "single" else args.batch
+        workload = uniform_workload(vocab, args.prompt_len, args.output_len, batch, seed=args.seed)
+    if args.dump_workload:
+        workload.dump(args.dump_workload)
     warm_prompt = tuple(vocab[:8])
     pad_token_id = _pad_token_id(engine)
 

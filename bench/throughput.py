@@ -34,16 +34,22 @@ class RunResult:
     elapsed_s: float
     ttft_s: tuple[float, ...] = ()
     tpot_s: tuple[float, ...] = ()
+    num_requests: int = 0
 
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, float | int | None]:
         out: dict[str, float | int | None] = {
             "output_tokens": self.output_tokens,
             "elapsed_s": self.elapsed_s,
             "output_tokens_per_s": self.tokens_per_s,
+            "requests_per_s": self.requests_per_s,
         }
         for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s)):
             if values:  # only our engine is timed per request
@@ -91,7 +97,7 @@ class BenchReport:
             f"{self.prompt_tokens} prompt tokens",
             f"model      {self.model} ({self.dtype}, {self.config}, {self.num_threads} threads)",
             "",
-            f"{'':28}{'output tok/s':>14}{'output tokens':>15}{'elapsed s':>11}",
+            f"{'':28}{'output tok/s':>14}{'requests/s':>12}{'output tokens':>15}{'elapsed s':>11}",
             _row(f"headrace ({self.config})", ours),
         ]
         if self.unquantized is not None:
@@ -135,7 +141,7 @@ def run_engine(engine: Engine, workload: Workload) -> RunResult:
     progress.close()
     ttft = tuple(t - start for t in first.values())
     tpot = tuple((last[rid] - first[rid]) / (counts[rid] - 1) for rid in first if counts[rid] > 1)
-    return RunResult(sum(counts.values()), elapsed, ttft, tpot)
+    return RunResult(sum(counts.values()), elapsed, ttft, tpot, len(requests))
 
 
 def warm_up_engine(engine: Engine, token_ids: tuple[int, ...]) -> None:
@@ -162,7 +168,7 @@ def run_transformers(
     for batch in tqdm(batches, desc="transformers", unit="batch", leave=False):
         new_tokens = _generate_padded(model, batch, pad_token_id)
         useful += sum(min(r.output_len, new_tokens) for r in batch)
-    return RunResult(useful, time.perf_counter() - start)
+    return RunResult(useful, time.perf_counter() - start, num_requests=len(workload.requests))
 
 
 def warm_up_transformers(model: torch.nn.Module, token_ids: tuple[int, ...], pad: int) -> None:
@@ -223,5 +229,6 @@ def _latency(values: tuple[float, ...], q: float) -> str:
 
 def _row(name: str, result: RunResult) -> str:
     return (
-        f"{name:28}{result.tokens_per_s:>14.1f}{result.output_tokens:>15}{result.elapsed_s:>11.2f}"
+        f"{name:28}{result.tokens_per_s:>14.1f}{result.requests_per_s:>12.2f}"
+        f"{result.output_tokens:>15}{result.elapsed_s:>11.2f}"
     )

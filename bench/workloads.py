@@ -7,10 +7,12 @@ lengths are exact and no tokenizer round trip blurs them; outputs run to their l
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,35 @@ class Workload:
     @property
     def num_output_tokens(self) -> int:
         return sum(r.output_len for r in self.requests)
+
+    def dump(self, path: str | Path) -> None:
+        """Write the workload as JSON (`{"name", "requests": [{"prompt_token_ids",
+        "output_len"}, ...]}`), so that other engines can be fed identical requests."""
+        requests = [
+            {"prompt_token_ids": list(r.prompt_token_ids), "output_len": r.output_len}
+            for r in self.requests
+        ]
+        Path(path).write_text(json.dumps({"name": self.name, "requests": requests}))
+
+    @classmethod
+    def load(cls, path: str | Path, vocab_size: int | None = None) -> Workload:
+        """Read a file written by `dump`. Raises ValueError on a malformed file, or on token
+        ids outside [0, vocab_size) when `vocab_size` is given."""
+        data = json.loads(Path(path).read_text())
+        try:
+            requests = tuple(
+                BenchRequest(tuple(int(t) for t in r["prompt_token_ids"]), int(r["output_len"]))
+                for r in data["requests"]
+            )
+            name = str(data.get("name", Path(path).stem))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a workload file ({exc!r})") from exc
+        for i, r in enumerate(requests):
+            if not r.prompt_token_ids or r.output_len < 1:
+                raise ValueError(f"{path}: request {i} needs a prompt and output_len >= 1")
+            if vocab_size is not None and not all(0 <= t < vocab_size for t in r.prompt_token_ids):
+                raise ValueError(f"{path}: request {i} has token ids outside [0, {vocab_size})")
+        return cls(name=name, requests=requests)
 
 
 def sampleable_token_ids(tokenizer: object, vocab_size: int | None = None) -> list[int]:
@@ -62,14 +93,16 @@ def mixed_workload(
 def uniform_workload(
     token_ids: Sequence[int], prompt_len: int, output_len: int, batch: int, seed: int = 0
 ) -> Workload:
-    """`batch` requests of exactly `prompt_len` prompt and `output_len` output tokens."""
+    """`batch` requests of exactly `prompt_len` prompt and `output_len` output tokens
+    (batch 1 is the "single" workload: one stream, latency-bound)."""
     if min(prompt_len, output_len, batch) < 1:
         raise ValueError("prompt_len, output_len and batch must be >= 1")
     rng = random.Random(seed)
     requests = tuple(
         BenchRequest(_random_prompt(rng, token_ids, prompt_len), output_len) for _ in range(batch)
     )
-    return Workload(name=f"uniform(P={prompt_len}, O={output_len}, B={batch})", requests=requests)
+    kind = "single" if batch == 1 else "uniform"
+    return Workload(name=f"{kind}(P={prompt_len}, O={output_len}, B={batch})", requests=requests)
 
 
 def _log_uniform(rng: random.Random, low: int, high: int) -> int:

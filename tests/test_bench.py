@@ -121,3 +121,40 @@ def test_bench_linear_times_each_projection_and_scheme(
     for r in rows:
         if r["impl"] == "float32":
             assert r["speedup"] == 1.0
+
+
+def test_workload_dump_and_load_round_trip(tmp_path: Path, vocab: list[int]) -> None:
+    work = mixed_workload(vocab, num_requests=5, seed=3)
+    path = tmp_path / "w.json"
+    work.dump(path)
+    assert Workload.load(path, vocab_size=max(vocab) + 1) == work
+    with pytest.raises(ValueError, match="outside"):
+        Workload.load(path, vocab_size=10)
+    path.write_text(json.dumps({"requests": [{"prompt_token_ids": [], "output_len": 3}]}))
+    with pytest.raises(ValueError, match="prompt"):
+        Workload.load(path)
+    path.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(ValueError, match="not a workload"):
+        Workload.load(path)
+
+
+def test_bench_throughput_single_dumps_and_replays_its_workload(
+    tiny_model_dir, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dumped = tmp_path / "single.json"
+    argv = ["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--dtype", "float32"]
+    argv += ["--kv-cache-memory", "0.01", "--no-baseline", "--json"]
+    single = ["--workload", "single", "--prompt-len", "6", "--output-len", "5"]
+    assert main([*argv, *single, "--dump-workload", str(dumped)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_requests"] == 1 and report["prompt_tokens"] == 6
+    assert report["workload"].startswith("single")
+    ours = report["headrace"]
+    assert ours["output_tokens"] == 5
+    assert ours["requests_per_s"] == pytest.approx(1 / ours["elapsed_s"])
+    saved = Workload.load(dumped)
+    assert [(len(r.prompt_token_ids), r.output_len) for r in saved.requests] == [(6, 5)]
+
+    assert main([*argv, "--workload-file", str(dumped)]) == 0
+    replay = json.loads(capsys.readouterr().out)
+    assert replay["workload"] == report["workload"] and replay["headrace"]["output_tokens"] == 5

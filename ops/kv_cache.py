@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ops import attention as fp_ops
+from ops.cpu_kernels import use_cpu_kernels
 from ops.dispatch import use_triton
 from ops.quant import INT8_MAX, MIN_SCALE, round_half_up
 
@@ -89,6 +90,10 @@ def reshape_and_cache(
         from kernels.kv_cache import reshape_and_cache as kernel
 
         kernel(key, value, key_cache, value_cache, slot_mapping, key_scale_cache, value_scale_cache)
+    elif use_cpu_kernels(key):
+        torch.ops.headrace_cpu.reshape_and_cache(
+            key, value, key_cache, value_cache, slot_mapping, key_scale_cache, value_scale_cache
+        )
     elif key_scale_cache is None or value_scale_cache is None:
         fp_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     else:
@@ -182,6 +187,18 @@ def paged_decode_attention(
         from kernels.paged_attention import paged_decode_attention as kernel
 
         return kernel(
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            context_lens,
+            scale,
+            key_scale_cache,
+            value_scale_cache,
+        )
+    if use_cpu_kernels(query):
+        # Reads the pages in place (no gather into a workspace, no mask).
+        return torch.ops.headrace_cpu.paged_decode_attention(
             query,
             key_cache,
             value_cache,

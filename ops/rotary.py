@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ops.cpu_kernels import use_cpu_kernels
 from ops.dispatch import use_triton
 
 
@@ -30,3 +31,22 @@ def apply_rotary(
         return kernel(q, k, cos, sin)
     cos, sin = cos.to(q.dtype).unsqueeze(1), sin.to(q.dtype).unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def apply_rotary_at(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary` at `positions` ([T] int64) of the [max_positions, D] tables.
+
+    The CPU kernel rotates q and k in place and returns them (it reads the table rows
+    itself, so no [T, D] gathers are made); elsewhere the rows are gathered and
+    `apply_rotary` returns new tensors. Callers use the returned tensors either way.
+    """
+    if use_cpu_kernels(q):
+        torch.ops.headrace_cpu.rotary_embedding(q, k, positions, cos_table, sin_table)
+        return q, k
+    return apply_rotary(q, k, cos_table[positions], sin_table[positions])

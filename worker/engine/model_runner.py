@@ -11,6 +11,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from ops import cpu_kernels
 from ops.attention import DecodeWorkspace, allocate_kv_cache
 from ops.kv_cache import allocate_kv_scales, decode_mask, device_lens
 from worker.config import CacheConfig
@@ -50,6 +51,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = device
+        if device.type == "cpu":
+            cpu_kernels.load()  # built here, at start-up (once per machine), not mid-step
         self.block_size = cache_config.block_size
         per_block = kv_bytes_per_block(model, self.block_size, dtype, cache_config.dtype)
         self.num_blocks = cache_config.num_blocks or int(

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from ops.activation import silu_and_mul
-from ops.linear import linear
-from ops.rotary import apply_rotary
+from ops.linear import linear, packed_weight, packs_weights
+from ops.norm import fused_add_rms_norm, rms_norm
+from ops.rotary import apply_rotary_at
 from worker.models.attention import AttentionMetadata, LayerKVCache, PagedAttention
 from worker.models.rope import RotaryEmbedding
 
@@ -70,15 +71,31 @@ class ModelArgs:
 
 class Linear(nn.Linear):
     """nn.Linear whose GEMM goes through `ops.linear` (weights may be kept in float32 on CPUs
-    without native bf16/fp16 GEMMs; see `LlamaForCausalLM.set_gemm_dtype`)."""
+    without native bf16/fp16 GEMMs; see `LlamaForCausalLM.set_gemm_dtype`).
+
+    Where `ops.linear` runs GEMMs from a packed copy of the weight, the copy is made at the
+    first call and again whenever the weight changes (its version counter moves: a load, an
+    in-place edit), so the copy never goes stale.
+    """
+
+    _packed: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] → [T, out_features] in x.dtype."""
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self._packed_weight())
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        weight = self.weight
+        if not packs_weights(weight):
+            return None
+        cached = self._packed
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:
+            cached = self._packed = (weight, weight._version, packed_weight(weight))
+        return cached[2]
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, cast back, then scaled (the order HF uses)."""
+    """RMSNorm computed in float32, cast back, then scaled (the order HF uses; `ops.norm`)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -86,10 +103,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); may overwrite both inputs (`ops.norm`)."""
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # positions [T], cos and sin tables
 
 
 class Attention(nn.Module):
@@ -110,11 +133,7 @@ class Attention(nn.Module):
         self.attn = PagedAttention(args.num_heads, args.num_kv_heads, args.head_dim)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: LayerKVCache,
-        meta: AttentionMetadata,
+        self, x: torch.Tensor, rope: Rope, kv_cache: LayerKVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """x: [T, hidden] → [T, hidden]."""
         num_tokens = x.shape[0]
@@ -124,7 +143,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        q, k = apply_rotary_at(q, k, *rope)
         o = self.attn(q, k, v, kv_cache, meta)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
@@ -151,12 +170,24 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        residual: torch.Tensor | None,
+        rope: Rope,
         kv_cache: LayerKVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, hidden], the previous layer's MLP output (its input, for the first layer);
+        residual: the stream before it (None for the first layer).
+
+        Returns (this layer's MLP output, the residual stream before it): adding the two is
+        the layer's output in HF's terms, done by the next norm (`RMSNorm.add_and_norm`).
+        """
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        attn = self.self_attn(h, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_and_norm(attn, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -182,10 +213,11 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64 → final-normed hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        rope = self.rope.cos_sin(positions, x.dtype)
+        rope = (positions, *self.rope.tables(x.dtype, x.device))
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm.add_and_norm(x, residual)[0]
 
     def set_gemm_dtype(self, gemm_dtype: torch.dtype) -> bool:
         """Keep the dense linear weights (and biases) in `gemm_dtype`; True if any changed.

@@ -40,14 +40,19 @@ class RotaryEmbedding:
         self._cast.clear()
         return self
 
+    def tables(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) tables [max_positions, head_dim] in `dtype` (HF rounds them to the
+        model dtype before use, and so do we); cast once, then cached."""
+        key = (dtype, device)
+        if key not in self._cast:
+            self._cast[key] = (self.cos.to(device, dtype), self.sin.to(device, dtype))
+        return self._cast[key]
+
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] int64 → (cos, sin), each [T, 1, head_dim] in `dtype`."""
-        key = (dtype, positions.device)
-        if key not in self._cast:
-            self._cast[key] = (self.cos.to(dtype), self.sin.to(dtype))
-        cos, sin = self._cast[key]
+        cos, sin = self.tables(dtype, positions.device)
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 

@@ -1,0 +1,85 @@
+// Shared helpers of the CPU kernels: dtype dispatch, float32 row conversion, vector math.
+//
+// Every kernel reads its inputs into float32, computes in float32 and rounds once to the
+// output dtype (as the Triton kernels do). ops/cpu_kernels.py builds these files with
+// -march=native and the at::vec capability of the host (AVX512, AVX2 or scalar).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#define HEADRACE_DISPATCH_FLOAT(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+namespace headrace_cpu {
+
+using Vec = at::vec::Vectorized<float>;
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+inline float reduce_sum(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
+}
+
+// Σ a[i] b[i] in float32 (two vector accumulators, then the tail).
+inline float dot(const float* a, const float* b, int64_t n) {
+  constexpr int64_t w = Vec::size();
+  Vec acc0(0.0f), acc1(0.0f);
+  int64_t i = 0;
+  for (; i + 2 * w <= n; i += 2 * w) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + i + w), Vec::loadu(b + i + w), acc1);
+  }
+  for (; i + w <= n; i += w) acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+  float s = reduce_sum(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += alpha * x.
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  constexpr int64_t w = Vec::size();
+  const Vec a(alpha);
+  int64_t i = 0;
+  for (; i + w <= n; i += w) at::vec::fmadd(a, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// x ← softmax(x), in place, float32 (vectorized exp: a scalar one cost more than the dot
+// products of decode attention).
+inline void softmax_inplace(float* x, int64_t n) {
+  const float max = at::vec::reduce_all<float>(
+      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);
+  const Vec vmax(max);
+  at::vec::map([vmax](Vec v) { return (v - vmax).exp(); }, x, x, n);
+  const float inv = 1.0f / at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, x, n);
+  at::vec::map([inv](Vec v) { return v * Vec(inv); }, x, x, n);
+}
+
+}  // namespace headrace_cpu

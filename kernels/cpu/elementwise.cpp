@@ -1,0 +1,173 @@
+// Row-wise CPU kernels of the decoder layer: RMSNorm (plain, and fused with the residual add),
+// rotary embedding in place, and silu(gate) * up. One pass over each row instead of the
+// 4-8 separate torch ops (and temporaries) of the references in worker/models/llama.py,
+// ops/rotary.py and ops/activation.py, which tests/kernels/test_cpu_kernels.py compares.
+#include "common.h"
+
+namespace headrace_cpu {
+namespace {
+
+// out = weight * round(x * rsqrt(mean(x²) + eps)), as HF's LlamaRMSNorm rounds (x in float32).
+template <typename T>
+inline void rms_norm_row(const float* x, const T* weight, T* out, int64_t n, float eps) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) {
+    const T normed = static_cast<T>(x[i] * r);
+    out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
+  }
+}
+
+template <typename T>
+void rms_norm_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out, double eps) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const T* src = x.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t xs = x.stride(0), os = out.stride(0);
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(n);
+    for (int64_t r = begin; r < end; ++r) {
+      to_float(src + r * xs, row.data(), n);
+      rms_norm_row(row.data(), w, dst + r * os, n, static_cast<float>(eps));
+    }
+  });
+}
+
+// residual ← round(x + residual); x ← rms_norm(residual).
+template <typename T>
+void fused_add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
+                             double eps) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  T* xp = x.data_ptr<T>();
+  T* rp = residual.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  const int64_t xs = x.stride(0), rs = residual.stride(0);
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(n);
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = xp + r * xs;
+      T* rr = rp + r * rs;
+      for (int64_t i = 0; i < n; ++i) {
+        rr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+        row[i] = static_cast<float>(rr[i]);
+      }
+      rms_norm_row(row.data(), w, xr, n, static_cast<float>(eps));
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [T, hidden] with a unit last stride");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type());
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  HEADRACE_DISPATCH_FLOAT(x.scalar_type(), "rms_norm", [&] {
+    rms_norm_impl<scalar_t>(x, weight, out, eps);
+  });
+  return out;
+}
+
+void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && residual.stride(1) == 1, "rows need a unit stride");
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type());
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type());
+  HEADRACE_DISPATCH_FLOAT(x.scalar_type(), "fused_add_rms_norm", [&] {
+    fused_add_rms_norm_impl<scalar_t>(x, residual, weight, eps);
+  });
+}
+
+// x ← x * cos + rotate_half(x) * sin for every head of every token, in place (rotate-half
+// convention: the first and second halves of head_dim pair up).
+template <typename T, typename C>
+void rotate_heads(at::Tensor& x, const int64_t* positions, const C* cos, const C* sin,
+                  int64_t table_stride) {
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  T* p = x.data_ptr<T>();
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dim), c(dim), s(dim);
+    for (int64_t t = begin; t < end; ++t) {
+      to_float(cos + positions[t] * table_stride, c.data(), dim);
+      to_float(sin + positions[t] * table_stride, s.data(), dim);
+      for (int64_t h = 0; h < heads; ++h) {
+        T* r = p + t * s0 + h * s1;
+        to_float(r, row.data(), dim);
+        for (int64_t i = 0; i < half; ++i) {
+          r[i] = static_cast<T>(row[i] * c[i] + (-row[i + half]) * s[i]);
+          r[i + half] = static_cast<T>(row[i + half] * c[i + half] + row[i] * s[i + half]);
+        }
+      }
+    }
+  });
+}
+
+void rotary_embedding(at::Tensor& query, at::Tensor& key, const at::Tensor& positions,
+                      const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3, "query: [T, H, D]; key: [T, KVH, D]");
+  TORCH_CHECK(query.stride(2) == 1 && key.stride(2) == 1, "heads need a unit last stride");
+  TORCH_CHECK(query.size(2) % 2 == 0 && cos.size(1) == query.size(2), "cos/sin: [positions, D]");
+  TORCH_CHECK(cos.stride(1) == 1 && sin.strides() == cos.strides());
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  HEADRACE_DISPATCH_FLOAT(query.scalar_type(), "rotary", [&] {
+    using T = scalar_t;
+    HEADRACE_DISPATCH_FLOAT(cos.scalar_type(), "rotary_table", [&] {
+      rotate_heads<T, scalar_t>(query, pos, cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                                cos.stride(0));
+      rotate_heads<T, scalar_t>(key, pos, cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                                cos.stride(0));
+    });
+  });
+}
+
+// [T, 2I] (gate, then up) → [T, I]: silu(gate) * up, rounded once.
+template <typename T>
+void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
+  const int64_t rows = x.size(0), inner = out.size(1);
+  const T* src = x.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t xs = x.stride(0), os = out.stride(0);
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(inner), u(inner);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = src + r * xs;
+      to_float(gate, g.data(), inner);
+      to_float(gate + inner, u.data(), inner);
+      // silu(g) = g / (1 + exp(-g)), vectorized (a scalar exp per element was the cost).
+      at::vec::map2(
+          [](Vec x, Vec y) { return x / (Vec(1.0f) + x.neg().exp()) * y; }, g.data(), g.data(),
+          u.data(), inner);
+      from_float(g.data(), dst + r * os, inner);
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "x: [T, 2I]");
+  at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  HEADRACE_DISPATCH_FLOAT(x.scalar_type(), "silu_and_mul", [&] {
+    silu_and_mul_impl<scalar_t>(x, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(headrace_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def(
+      "rotary_embedding(Tensor(a!) query, Tensor(b!) key, Tensor positions, Tensor cos, "
+      "Tensor sin) -> ()");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("silu_and_mul", &silu_and_mul);
+}
+
+}  // namespace headrace_cpu

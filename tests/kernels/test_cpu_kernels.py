@@ -1,0 +1,163 @@
+"""The C++ CPU kernels (`kernels/cpu`) against their torch references.
+
+Cache writes (codes and scales included) are bit-exact; the row kernels match exactly in
+float32 and within one rounding of the output dtype in bf16/fp16 (they compute in float32
+and round once, where the references round after every op, as HF does); attention matches
+SDPA over the gathered pages to float32 accumulation error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ops import attention as fp_ops
+from ops import cpu_kernels
+from ops import kv_cache as kv_ops
+from ops.rotary import rotate_half
+from tests.kernels.paged_data import make_paged_kv
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    # Not a skip: a machine that runs the tests has a C++ compiler, and a build that fails
+    # there is a bug to see.
+    assert cpu_kernels.load(), "the CPU kernels did not build (see the log)"
+
+
+def ops() -> object:
+    return torch.ops.headrace_cpu
+
+
+def ulp_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Equal in float32; within one rounding step of `dtype` elsewhere."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+        return
+    eps = torch.finfo(dtype).eps
+    diff = (actual.float() - expected.float()).abs()
+    bound = eps * expected.float().abs().clamp_min(1e-2) + 1e-3
+    assert bool((diff <= bound).all()), f"max diff {diff.max().item()}"
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_rms_norm_matches_the_model_norm(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 576, generator=gen) * 3).to(dtype)
+    weight = (torch.rand(576, generator=gen) + 0.5).to(dtype)
+    ulp_close(ops().rms_norm(x, weight, 1e-5), reference_rms_norm(x, weight, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fused_add_rms_norm_updates_both_in_place(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 96, generator=gen).to(dtype)
+    residual = torch.randn(9, 96, generator=gen).to(dtype)
+    weight = (torch.rand(96, generator=gen) + 0.5).to(dtype)
+    expected_sum = x + residual
+    expected = reference_rms_norm(expected_sum, weight, 1e-6)
+    ops().fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(residual, expected_sum)
+    ulp_close(x, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_rotary_rotates_strided_heads_in_place(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    tokens, heads, kv_heads, dim = 11, 6, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    table = torch.randn(100, dim, generator=gen).to(dtype)
+    sin_table = torch.randn(100, dim, generator=gen).to(dtype)
+    positions = torch.randint(0, 100, (tokens,), generator=gen)
+    cos, sin = table[positions].unsqueeze(1).float(), sin_table[positions].unsqueeze(1).float()
+    # The kernel's arithmetic: float32, rounded once.
+    expected_q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
+    expected_k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+    ops().rotary_embedding(q, k, positions, table, sin_table)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_silu_and_mul(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 2 * 1536, generator=gen) * 4).to(dtype)
+    gate, up = x.float().chunk(2, dim=-1)
+    expected = (F.silu(gate) * up).to(dtype)
+    ulp_close(ops().silu_and_mul(x), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("int8", [False, True], ids=["fp", "int8"])
+def test_reshape_and_cache_is_bit_exact(dtype: torch.dtype, int8: bool) -> None:
+    gen = torch.Generator().manual_seed(4)
+    blocks, block_size, kv_heads, dim = 6, 16, 3, 64
+    shape = (blocks, block_size, kv_heads, dim)
+    cache_dtype = torch.int8 if int8 else dtype
+    pools = [fp_ops.allocate_kv_cache(*shape, cache_dtype, torch.device("cpu")) for _ in range(4)]
+    scales = [
+        kv_ops.allocate_kv_scales(*shape[:3], torch.float16, torch.device("cpu")) if int8 else None
+        for _ in range(4)
+    ]
+    key = (torch.randn(20, kv_heads, dim, generator=gen) * 2).to(dtype)
+    value = torch.randn(20, kv_heads, dim, generator=gen).to(dtype)
+    key[3] = 0  # an all-zero row takes the floor scale
+    slots = torch.randperm(blocks * block_size, generator=gen)[:20]
+    kv_ops.reshape_and_cache(key, value, pools[0], pools[1], slots, scales[0], scales[1])
+    ops().reshape_and_cache(key, value, pools[2], pools[3], slots, scales[2], scales[3])
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    if int8:
+        assert torch.equal(scales[0], scales[2]) and torch.equal(scales[1], scales[3])
+
+
+def test_reshape_and_cache_skips_negative_slots() -> None:
+    pool = torch.zeros(2, 4, 1, 8)
+    other = torch.zeros(2, 4, 1, 8)
+    x = torch.ones(2, 1, 8)
+    ops().reshape_and_cache(x, x, pool, other, torch.tensor([5, -1]))
+    assert pool.sum() == 8 and pool[1, 1].sum() == 8
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("int8", [False, True], ids=["fp", "int8"])
+def test_paged_decode_attention_matches_sdpa_over_the_pages(dtype: torch.dtype, int8: bool) -> None:
+    lengths = [1, 15, 16, 17, 70, 203]
+    kv_heads, heads, dim, block_size = 2, 6, 64, 16
+    paged = make_paged_kv(
+        lengths, block_size, kv_heads, dim, dtype, int8, torch.device("cpu"), head_major=True
+    )
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(len(lengths), heads, dim, generator=gen).to(dtype)
+    context_lens = torch.tensor(lengths, dtype=torch.int32)
+    scale = dim**-0.5
+    out = ops().paged_decode_attention(
+        query,
+        paged.key_cache,
+        paged.value_cache,
+        paged.block_tables,
+        context_lens,
+        scale,
+        paged.key_scales,
+        paged.value_scales,
+    )
+    assert out.shape == query.shape and out.dtype == dtype
+    for i in range(len(lengths)):
+        k, v = paged.dequantized(i)  # [n, KVH, D] float32, as cached
+        expected = F.scaled_dot_product_attention(
+            query[i].float().unsqueeze(1),  # [H, 1, D]
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            scale=scale,
+            enable_gqa=True,
+        ).squeeze(1)
+        tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        torch.testing.assert_close(out[i].float(), expected, rtol=tol, atol=tol)

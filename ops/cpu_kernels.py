@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("attention.cpp", "elementwise.cpp")
+SOURCES = ("attention.cpp", "elementwise.cpp", "gemm_amx.cpp", "quant.cpp")
 _SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cpu"
 
 
@@ -49,7 +49,7 @@ def vec_capability(flags: frozenset[str]) -> str:
 
 
 def _build_flags(capability: str) -> list[str]:
-    flags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-march=native", "-fopenmp"]
     # No fused multiply-adds the source does not ask for: the elementwise kernels then round
     # exactly as the torch ops they replace do in float32.
     flags.append("-ffp-contract=off")

@@ -8,19 +8,22 @@ GEMM runs in float32: bf16 x bf16 products are exact in float32 and half-precisi
 accumulate in float32 anyway, so the result is the same computation, rounded to the model
 dtype once at the end. Activations, the KV cache and everything else keep the model dtype.
 
-Where the CPU does multiply bf16 natively (AVX512-BF16 or AMX), the GEMM runs on a copy of
-the weight that oneDNN has reordered once into its blocked layout (`packed_weight`): the
-plain `F.linear` call reorders (or reads unblocked) the weight on every call, which made the
-SmolLM2 decode step 1.3-1.5x slower (54 → 43 ms at batch 1, 118 → 80 ms at batch 32, 2-core
-Xeon with AMX).
+Where the CPU multiplies bf16 natively, the GEMM runs on a copy of the weight packed once
+(`packed_weight`): with AMX, our kernel's tile layout (kernels/cpu/gemm_amx.cpp, which streams
+the weights at up to 2x oneDNN's speed for the few rows of a decode step); with AVX512-BF16
+alone, oneDNN's blocked layout (the plain `F.linear` call reorders the weight on every call,
+which made the SmolLM2 decode step 1.3-1.5x slower).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ops import cpu_kernels
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -42,22 +45,50 @@ def gemm_weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def packs_weights(weight: torch.Tensor) -> bool:
-    """Whether `linear` runs this weight from a oneDNN-packed copy (`packed_weight`)."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and cpu_has_native_gemm(torch.bfloat16)
-    )
+@functools.cache
+def amx_available() -> bool:
+    """Whether the CPU kernels have AMX tiles to run on (bf16 and int8)."""
+    return cpu_kernels.available() and bool(torch.ops.headrace_cpu.has_amx())
 
 
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight: [N, K] bf16 → the same values in oneDNN's blocked layout (an opaque mkldnn
-    tensor) for `linear(..., packed=...)`; only where `packs_weights(weight)`."""
-    # The layout is tuned for a batch of 32 rows; measured as fast as the per-size layouts
-    # from 1 to 256 rows on SmolLM2's projections.
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+def pack_kind(weight: torch.Tensor) -> str | None:
+    """How `linear` runs this weight: "amx" (our AMX kernel), "onednn" (oneDNN's blocked
+    layout, on CPUs with AVX512-BF16 but no AMX), or None (plain `F.linear`)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        return None
+    if amx_available():
+        return "amx"
+    if torch.backends.mkldnn.is_available() and cpu_has_native_gemm(torch.bfloat16):
+        return "onednn"
+    return None
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight: [N, K] → the copy `linear(..., packed=...)` reads, or None (`pack_kind`)."""
+    kind = pack_kind(weight)
+    if kind == "amx":
+        return torch.ops.headrace_cpu.pack_bf16(weight.detach())
+    if kind == "onednn":
+        # Tuned for a batch of 32 rows; measured as fast as the per-size layouts from 1 to
+        # 256 rows on SmolLM2's projections.
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+    return None
+
+
+class PackedCopy:
+    """A weight's packed copy for a GEMM kernel, made at first use and made again whenever
+    the weight changes (its version counter moves: a load, an in-place edit), so that it
+    never goes stale."""
+
+    def __init__(self, pack: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        self._pack = pack
+        self._cached: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        cached = self._cached
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:
+            cached = self._cached = (weight, weight._version, self._pack(weight))
+        return cached[2]
 
 
 def linear(
@@ -72,7 +103,9 @@ def linear(
     Returns [T, N] in x.dtype.
     """
     if packed is not None and x.dtype == weight.dtype:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        if packed.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return torch.ops.headrace_cpu.amx_linear_bf16(x, packed, weight.shape[0], bias)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)

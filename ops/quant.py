@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ops.cpu_kernels import use_cpu_kernels
 from ops.dispatch import use_triton
+from ops.linear import amx_available
 from ops.rotation import hadamard, rotate
 
 INT8_MAX = 127
@@ -77,6 +79,9 @@ def quantize_activations(
     x: [M, K] float; smooth: [K] float32 (SmoothQuant factors) or None; rotation: block
     Hadamard block size (1 = none) → (int8 [M, K], float32 scale [M]).
     """
+    if use_cpu_kernels(x) and x.stride(-1) == 1:
+        # One pass per row (FWHT for the rotation); the torch path below makes five.
+        return torch.ops.headrace_cpu.quantize_rows(x, smooth, rotation)
     if smooth is None and rotation == 1:
         return per_token_quant(x)
     # The kernel's tl.dot needs blocks of >= 16; smaller ones (K with few factors of 2) stay
@@ -110,6 +115,14 @@ def rmsnorm_quant(
     return quantize_symmetric(normed)
 
 
+def packed_int8_weight(qweight: torch.Tensor) -> torch.Tensor | None:
+    """qweight: [N, K] int8 → the AMX kernel's tiles of it (`int8_gemm(..., packed=)`), on
+    CPUs with AMX; None elsewhere."""
+    if qweight.device.type != "cpu" or not amx_available():
+        return None
+    return torch.ops.headrace_cpu.pack_int8(qweight)
+
+
 def int8_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -117,12 +130,17 @@ def int8_gemm(
     b_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`(a @ bᵀ) * a_scale[:, None] * b_scale[None, :] + bias` with int32 accumulation.
 
     a: [M, K] int8; a_scale: [M] float32; b: [N, K] int8 (nn.Linear layout); b_scale: [N]
-    float32; bias: [N] or None → [M, N] out_dtype.
+    float32; bias: [N] or None; packed: `packed_int8_weight(b)` or None → [M, N] out_dtype.
     """
+    if packed is not None:
+        return torch.ops.headrace_cpu.amx_linear_int8(
+            a, a_scale, packed, b_scale, b.shape[0], bias, out_dtype
+        )
     if use_triton(a):
         from kernels.int8_gemm import int8_gemm as kernel
 
@@ -144,10 +162,12 @@ def w8a8_linear(
     bias: torch.Tensor | None = None,
     smooth: torch.Tensor | None = None,
     rotation: int = 1,
+    packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: [..., K] fp16/bf16/fp32 → [..., N] in x.dtype; x is quantized per token on the fly
-    (after the division by `smooth` and the block rotation the weight was quantized with)."""
+    (after the division by `smooth` and the block rotation the weight was quantized with).
+    packed: `packed_int8_weight(weight.qweight)`, or None."""
     x2d = x.reshape(-1, x.shape[-1])
     x_q, x_scale = quantize_activations(x2d, smooth, rotation)
-    out = int8_gemm(x_q, x_scale, weight.qweight, weight.scale, bias, x.dtype)
+    out = int8_gemm(x_q, x_scale, weight.qweight, weight.scale, bias, x.dtype, packed)
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -76,3 +76,25 @@ def test_smollm2_chat_matches_transformers(smollm2_dir: Path) -> None:
     got = _ours(_engine(smollm2_dir), ids, 32, ignore_eos=False)
     assert got == expected
     assert any(len(e) < 32 for e in expected), "some answers should end with EOS"
+
+
+def test_smollm2_bfloat16_agrees_with_transformers_bfloat16(smollm2_dir: Path) -> None:
+    """The bf16 path (packed GEMMs: AMX or oneDNN where the CPU has them, the C++ row kernels)
+    scores text like transformers in bf16. Not token-exact: both round in bf16, in other
+    orders. A wrong layout or a transposed tile gives near-zero agreement."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokens = tokenizer.encode(" ".join(PROMPTS) * 3)[:160]
+    engine = Engine(
+        EngineConfig(
+            model=ModelConfig(source=str(smollm2_dir), dtype="bfloat16"),
+            cache=CacheConfig(memory_gib=0.05),
+        )
+    )
+    ours = engine.score(tokens, chunk_size=32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([tokens])).logits[0].float()
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    assert top1 >= 0.95, top1
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    assert rel < 0.05, rel

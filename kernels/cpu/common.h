@@ -18,8 +18,11 @@
 #include <type_traits>
 #include <vector>
 
-#define HEADRACE_DISPATCH_FLOAT(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+// The model dtypes: float32, bfloat16, float16.
+#define HEADRACE_DISPATCH_FLOAT(TYPE, NAME, ...)                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)         \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)              \
+                             AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace headrace_cpu {
 

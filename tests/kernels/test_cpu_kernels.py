@@ -161,3 +161,70 @@ def test_paged_decode_attention_matches_sdpa_over_the_pages(dtype: torch.dtype, 
         ).squeeze(1)
         tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
         torch.testing.assert_close(out[i].float(), expected, rtol=tol, atol=tol)
+
+
+# -- GEMMs on AMX, and W8A8's activation quantization --------------------------------------
+
+needs_amx = pytest.mark.skipif(
+    not (cpu_kernels.load() and torch.ops.headrace_cpu.has_amx()),
+    reason="this CPU has no AMX (amx_bf16/amx_int8): the AMX GEMMs cannot run here",
+)
+
+
+@needs_amx
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
+@pytest.mark.parametrize("m", [1, 16, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_bf16_linear_matches_float_math(m: int, n: int, k: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    out = ops().amx_linear_bf16(x, ops().pack_bf16(w), n, b)
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    # float32 accumulation in another order, then one bf16 rounding.
+    ulp_close(out, expected, torch.bfloat16)
+
+
+@needs_amx
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
+@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("out_dtype", FLOATS)
+def test_amx_int8_linear_is_bit_exact(m: int, n: int, k: int, out_dtype: torch.dtype) -> None:
+    from ops.quant import int8_gemm, quantize_symmetric
+
+    gen = torch.Generator().manual_seed(7)
+    wq, ws = quantize_symmetric(torch.randn(n, k, generator=gen))
+    xq, xs = quantize_symmetric(torch.randn(m, k, generator=gen) * 3)
+    bias = torch.randn(n, generator=gen).to(out_dtype)
+    out = ops().amx_linear_int8(xq, xs, ops().pack_int8(wq), ws, n, bias, out_dtype)
+    # int32 sums are exact, and the epilogue is the reference's float ops in its order.
+    assert torch.equal(out, int8_gemm(xq, xs, wq, ws, bias, out_dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("rotation", [1, 64])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_quantize_rows_matches_the_torch_quantizer(
+    dtype: torch.dtype, rotation: int, smoothed: bool
+) -> None:
+    from ops.quant import quantize_symmetric
+    from ops.rotation import rotate
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(33, 576, generator=gen).to(dtype)
+    x[:, 7] *= 40  # an outlier channel
+    x[5] = 0
+    smooth = torch.rand(576, generator=gen) + 0.5 if smoothed else None
+    x32 = x.float() / smooth if smoothed else x.float()
+    codes_ref, scale_ref = quantize_symmetric(rotate(x32, rotation) if rotation > 1 else x32)
+    codes, scale = ops().quantize_rows(x, smooth, rotation)
+    if rotation == 1:
+        assert torch.equal(codes, codes_ref) and torch.equal(scale, scale_ref)
+        return
+    # The transform sums in another order than the reference's matmul: scales agree to
+    # float32 rounding, and a code moves by one only where a value sat on a rounding edge.
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+    diff = (codes.int() - codes_ref.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 1e-3

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ops.activation import silu_and_mul
-from ops.linear import linear, packed_weight, packs_weights
+from ops.linear import PackedCopy, linear, packed_weight
 from ops.norm import fused_add_rms_norm, rms_norm
 from ops.rotary import apply_rotary_at
 from worker.models.attention import AttentionMetadata, LayerKVCache, PagedAttention
@@ -73,25 +73,17 @@ class Linear(nn.Linear):
     """nn.Linear whose GEMM goes through `ops.linear` (weights may be kept in float32 on CPUs
     without native bf16/fp16 GEMMs; see `LlamaForCausalLM.set_gemm_dtype`).
 
-    Where `ops.linear` runs GEMMs from a packed copy of the weight, the copy is made at the
-    first call and again whenever the weight changes (its version counter moves: a load, an
-    in-place edit), so the copy never goes stale.
+    Where `ops.linear` runs GEMMs from a packed copy of the weight, the copy follows the
+    weight (`ops.linear.PackedCopy`).
     """
 
-    _packed: tuple[torch.Tensor, int, torch.Tensor] | None = None
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.packed = PackedCopy(packed_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] → [T, out_features] in x.dtype."""
-        return linear(x, self.weight, self.bias, self._packed_weight())
-
-    def _packed_weight(self) -> torch.Tensor | None:
-        weight = self.weight
-        if not packs_weights(weight):
-            return None
-        cached = self._packed
-        if cached is None or cached[0] is not weight or cached[1] != weight._version:
-            cached = self._packed = (weight, weight._version, packed_weight(weight))
-        return cached[2]
+        return linear(x, self.weight, self.bias, self.packed.get(self.weight))
 
 
 class RMSNorm(nn.Module):

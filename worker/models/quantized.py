@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ops.quant import Int8Weight, quantize_weight_int8, w8a8_linear
+from ops.linear import PackedCopy
+from ops.quant import Int8Weight, packed_int8_weight, quantize_weight_int8, w8a8_linear
 from ops.quant_int4 import Int4Weight, quantize_weight_int4, w4a16_gemm
 from ops.rotation import rotate, rotate_hessian, rotation_block
 from worker.models.gptq import DEFAULT_GROUP_SIZE, gptq_quantize_int4, gptq_quantize_int8
@@ -50,6 +51,7 @@ class W8A8Linear(nn.Module):
         self.register_buffer("scale", weight.scale)
         self.register_buffer("bias", bias)
         self.register_buffer("smooth", smooth)
+        self.packed = PackedCopy(packed_int8_weight)
 
     @classmethod
     def from_linear(
@@ -92,7 +94,12 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] float (fp32/fp16/bf16) → [T, N] in x.dtype."""
         return w8a8_linear(
-            x, self.quantized_weight(), self.bias, self.smooth, max(1, self.rotation)
+            x,
+            self.quantized_weight(),
+            self.bias,
+            self.smooth,
+            max(1, self.rotation),
+            self.packed.get(self.qweight),
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,292 @@
+// Linear layers on Intel AMX: out[M, N] = x[M, K] @ W[N, K]ᵀ (+ bias), W packed once at load.
+//
+// bf16: x bf16, W bf16 → float32 accumulation (tdpbf16ps) → out bf16.
+// int8: x int8 per-token (scale [M]), W int8 per output channel (scale [N]) → int32
+//       accumulation (tdpbssd) → out = acc * x_scale[m] * w_scale[n] (+ bias), in bf16/fp16/fp32.
+//
+// Why our own kernel: a decode step multiplies a few rows by every weight of the model, so the
+// step costs what streaming the weights costs. oneDNN's GEMM reached ~8 GB/s of weights in the
+// SmolLM2 decode step on a 2-core AMX Xeon; this kernel reads each packed weight tile once per
+// 32 rows, in one sequential stream per group of 32 output columns.
+//
+// Packed layout (`pack_*`): W padded to N % 32 == 0 and K % (32 | 64) == 0, then tiles of
+// [16 k-groups][16 n][vnni] where vnni = 2 (bf16) or 4 (int8) consecutive k of one column,
+// ordered [N / 32][K / kstep][2 column halves] so that a column group is one contiguous run.
+// The torch references are ops/linear.py (`F.linear`) and ops/quant.py (`int8_gemm`).
+#include "common.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
+#define HEADRACE_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace headrace_cpu {
+namespace {
+
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kGroupCols = 32;  // two 16-column tiles per column group
+
+bool amx_ready() {
+#ifdef HEADRACE_AMX
+  // Linux hands AMX state to a process only on request (idempotent; oneDNN does the same).
+  static const bool ok = [] {
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// [N, K] → packed tiles (see the file comment); `vnni` consecutive k per column entry.
+template <typename T>
+at::Tensor pack_weight(const at::Tensor& weight, int64_t vnni) {
+  TORCH_CHECK(weight.dim() == 2, "weight: [N, K]");
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t kstep = kTileRows * vnni;  // k per tile: 32 (bf16) or 64 (int8)
+  const int64_t np = round_up(n, kGroupCols), kp = round_up(k, kstep);
+  at::Tensor packed = at::zeros({np / kGroupCols, kp / kstep, 2, kTileRows, 16 * vnni}, w.options());
+  const T* src = w.data_ptr<T>();
+  T* dst = packed.data_ptr<T>();
+  at::parallel_for(0, np / kGroupCols, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t kb = 0; kb < kp / kstep; ++kb) {
+        for (int64_t half = 0; half < 2; ++half) {
+          T* tile = dst + ((g * (kp / kstep) + kb) * 2 + half) * kTileRows * 16 * vnni;
+          for (int64_t r = 0; r < kTileRows; ++r) {
+            for (int64_t c = 0; c < 16; ++c) {
+              const int64_t col = g * kGroupCols + half * 16 + c;
+              for (int64_t e = 0; e < vnni; ++e) {
+                const int64_t kk = kb * kstep + r * vnni + e;
+                if (col < n && kk < k) tile[(r * 16 + c) * vnni + e] = src[col * k + kk];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+at::Tensor pack_bf16(const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "pack_bf16 takes a bf16 weight");
+  return pack_weight<at::BFloat16>(weight, 2);
+}
+
+at::Tensor pack_int8(const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "pack_int8 takes an int8 weight");
+  return pack_weight<int8_t>(weight, 4);
+}
+
+#ifdef HEADRACE_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-3: C[m-half][n-half]; tmm4-5: A[m-half]; tmm6-7: B[n-half]. Every row is 64 bytes.
+void configure(int64_t rows0, int64_t rows1) {
+  TileConfig cfg;
+  const int64_t rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = static_cast<uint8_t>(rows[i] > 0 ? rows[i] : 1);
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
+}
+
+// 16 float32 lanes (those in `mask`) → dst, rounded to nearest even.
+inline void store(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
+inline void store(at::BFloat16* dst, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline void store(at::Half* dst, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// One column group (32 columns) × up to 32 rows starting at `a` (row stride `lda` bytes),
+// over `kblocks` tile steps; accumulators land in `acc` ([32][32] float32 or int32).
+template <bool Int8>
+inline void group_tile(const char* a, int64_t lda, int64_t a_step, const char* b,
+                       int64_t kblocks, bool two_rows, void* acc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  constexpr int64_t kTileBytes = kTileRows * 64;
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const char* bt = b + kb * 2 * kTileBytes;
+    _mm_prefetch(bt + 8 * kTileBytes, _MM_HINT_T0);
+    _tile_loadd(6, bt, 64);
+    _tile_loadd(7, bt + kTileBytes, 64);
+    _tile_loadd(4, a + kb * a_step, lda);
+    if constexpr (Int8) {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (two_rows) {
+      _tile_loadd(5, a + 16 * lda + kb * a_step, lda);
+      if constexpr (Int8) {
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+  // acc is [32 rows][32 cols]: C tiles at (0,0), (0,16), (16,0), (16,16); 128-byte rows.
+  char* out = static_cast<char*>(acc);
+  _tile_stored(0, out, 128);
+  _tile_stored(1, out + 64, 128);
+  if (two_rows) {
+    _tile_stored(2, out + 16 * 128, 128);
+    _tile_stored(3, out + 16 * 128 + 64, 128);
+  }
+}
+
+// Shared driver: rows in chunks of 32, column groups split across threads.
+template <bool Int8, typename Epilogue>
+void amx_gemm(const char* a, int64_t m, int64_t lda, int64_t a_step, const char* packed,
+              int64_t groups, int64_t kblocks, const Epilogue& epilogue) {
+  const int64_t group_bytes = kblocks * 2 * kTileRows * 64;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[32 * 32];
+    int64_t configured = -1;
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+        const int64_t rows = std::min<int64_t>(32, m - m0);
+        if (rows != configured) {
+          configure(std::min<int64_t>(rows, 16), rows - 16);
+          configured = rows;
+        }
+        group_tile<Int8>(a + m0 * lda, lda, a_step, packed + g * group_bytes, kblocks, rows > 16,
+                         acc);
+        epilogue(acc, m0, rows, g * kGroupCols);
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+// x: [M, K] contiguous with K a multiple of `kstep`, or a zero-padded copy of it.
+at::Tensor padded_rows(const at::Tensor& x, int64_t kp) {
+  if (x.size(1) == kp && x.is_contiguous()) return x;
+  at::Tensor out = at::zeros({x.size(0), kp}, x.options());
+  out.narrow(1, 0, x.size(1)).copy_(x);
+  return out;
+}
+
+at::Tensor amx_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_ready(), "this CPU (or build) has no AMX");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x: [M, K] bf16");
+  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 32);
+  const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
+  TORCH_CHECK(x.size(1) <= kblocks * 32 && groups * kGroupCols >= n, "x / packed weight mismatch");
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0) return out;
+#ifdef HEADRACE_AMX
+  const at::Tensor xa = padded_rows(x, kblocks * 32);
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  auto epilogue = [&](const float* acc, int64_t m0, int64_t rows, int64_t col0) {
+    const int64_t cols = std::min<int64_t>(kGroupCols, n - col0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; c += 16) {
+        const __mmask16 mask = tail_mask(cols - c);
+        __m512 v = _mm512_maskz_loadu_ps(mask, acc + r * 32 + c);
+        if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + col0 + c));
+        store(o + (m0 + r) * n + col0 + c, v, mask);
+      }
+    }
+  };
+  amx_gemm<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2, 64,
+                  static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
+#endif
+  return out;
+}
+
+at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& packed,
+                           const at::Tensor& w_scale, int64_t n,
+                           const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  TORCH_CHECK(amx_ready(), "this CPU (or build) has no AMX");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x: [M, K] int8");
+  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 64);
+  const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
+  TORCH_CHECK(x.size(1) <= kblocks * 64 && groups * kGroupCols >= n, "x / packed weight mismatch");
+  at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype));
+  if (m == 0) return out;
+#ifdef HEADRACE_AMX
+  const at::Tensor xa = padded_rows(x, kblocks * 64);
+  const at::Tensor xs = x_scale.to(at::kFloat).contiguous();
+  const at::Tensor ws = w_scale.to(at::kFloat).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* xsp = xs.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  HEADRACE_DISPATCH_FLOAT(out_dtype, "amx_linear_int8", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    auto epilogue = [&](const float* acc_f, int64_t m0, int64_t rows, int64_t col0) {
+      const int32_t* acc = reinterpret_cast<const int32_t*>(acc_f);
+      const int64_t cols = std::min<int64_t>(kGroupCols, n - col0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 s = _mm512_set1_ps(xsp[m0 + r]);
+        for (int64_t c = 0; c < cols; c += 16) {
+          const __mmask16 mask = tail_mask(cols - c);
+          // The reference's order: (acc * x_scale) * w_scale, then + bias.
+          __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + r * 32 + c));
+          v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(mask, wsp + col0 + c));
+          if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + col0 + c));
+          store(o + (m0 + r) * n + col0 + c, v, mask);
+        }
+      }
+    };
+    amx_gemm<true>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1), 64,
+                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
+  });
+#endif
+  return out;
+}
+
+bool has_amx() { return amx_ready(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(headrace_cpu, m) {
+  m.def("has_amx() -> bool", &has_amx);
+  m.def("pack_bf16(Tensor weight) -> Tensor");
+  m.def("pack_int8(Tensor weight) -> Tensor");
+  m.def("amx_linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor");
+  m.def(
+      "amx_linear_int8(Tensor x, Tensor x_scale, Tensor packed, Tensor w_scale, int n, "
+      "Tensor? bias, ScalarType out_dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {
+  m.impl("pack_bf16", &pack_bf16);
+  m.impl("pack_int8", &pack_int8);
+  m.impl("amx_linear_bf16", &amx_linear_bf16);
+  m.impl("amx_linear_int8", &amx_linear_int8);
+}
+
+}  // namespace headrace_cpu

@@ -17,6 +17,7 @@ def allocate_kv_cache(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device,
+    token_minor: bool = False,
 ) -> torch.Tensor:
     """One layer's K (or V) pool, zeroed.
 
@@ -25,7 +26,16 @@ def allocate_kv_cache(
     attention then gathers whole per-head pages (block_size * head_dim contiguous
     elements) instead of head_dim-sized rows, several times faster on CPU. Kernels
     address the pool through its strides, so either storage order works for them.
+
+    token_minor: pages `[num_blocks, num_kv_heads, head_dim, block_size]` instead, for the
+    keys of the CPU kernels (`ops.kv_cache.token_minor_keys`): one row then holds a value of
+    every token of the page, so a page's scores are vector FMAs across its tokens.
     """
+    if token_minor:
+        pages = torch.zeros(
+            num_blocks, num_kv_heads, head_dim, block_size, dtype=dtype, device=device
+        )
+        return pages.permute(0, 3, 1, 2)
     pages = torch.zeros(num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype, device=device)
     return pages.permute(0, 2, 1, 3)
 

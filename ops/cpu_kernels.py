@@ -91,6 +91,11 @@ def load() -> bool:
     return True
 
 
+def lanes() -> int:
+    """float32 lanes of the kernels' vectors (16 with AVX512, 8 with AVX2, 1 otherwise)."""
+    return {"AVX512": 16, "AVX2": 8}.get(vec_capability(cpu_flags()), 1)
+
+
 def available() -> bool:
     """Whether `torch.ops.headrace_cpu` is there (building it on first call)."""
     return load()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ops import attention as fp_ops
+from ops import cpu_kernels
 from ops.cpu_kernels import use_cpu_kernels
 from ops.dispatch import use_triton
 from ops.quant import INT8_MAX, MIN_SCALE, round_half_up
@@ -40,6 +41,14 @@ def allocate_kv_scales(
     head-major storage, matching `ops.attention.allocate_kv_cache`'s pages."""
     pages = torch.zeros(num_blocks, num_kv_heads, block_size, dtype=dtype, device=device)
     return pages.permute(0, 2, 1)
+
+
+def token_minor_keys(device: torch.device, block_size: int) -> bool:
+    """Whether the key pools on `device` should be token-minor (`allocate_kv_cache`): where
+    the CPU kernels run decode attention, with pages of whole vectors of tokens."""
+    return (
+        device.type == "cpu" and cpu_kernels.available() and block_size % cpu_kernels.lanes() == 0
+    )
 
 
 def quantize_kv(

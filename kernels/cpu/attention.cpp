@@ -22,7 +22,8 @@ struct PoolView {
 PoolView pool_view(const at::Tensor& pool) {
   TORCH_CHECK(pool.dim() >= 3, "a KV pool is [num_blocks, block_size, num_kv_heads, ...]");
   if (pool.dim() == 4) {
-    TORCH_CHECK(pool.stride(3) == 1, "KV pages need a unit stride along head_dim");
+    TORCH_CHECK(pool.stride(3) == 1 || pool.stride(1) == 1,
+                "KV pages need a unit stride along head_dim (token-major) or tokens (token-minor)");
   }
   return {static_cast<char*>(pool.data_ptr()), pool.stride(0), pool.stride(1), pool.stride(2),
           pool.size(1)};
@@ -36,11 +37,22 @@ inline T* row_ptr(const PoolView& v, int64_t block, int64_t offset, int64_t head
 
 // ---- reshape_and_cache ------------------------------------------------------------------
 
+// dst[d * stride] = src[d]: a row into a token-major page (stride 1) or a token-minor one.
+template <typename T>
+inline void put_row(T* dst, int64_t stride, const T* src, int64_t dim) {
+  if (stride == 1) {
+    std::memcpy(dst, src, dim * sizeof(T));
+  } else {
+    for (int64_t d = 0; d < dim; ++d) dst[d * stride] = src[d];
+  }
+}
+
 template <typename T>
 void cache_rows(const at::Tensor& x, const at::Tensor& cache, const int64_t* slots,
                 int64_t num_tokens) {
   const int64_t heads = x.size(1), dim = x.size(2);
   const PoolView pool = pool_view(cache);
+  const int64_t dim_stride = cache.stride(3);
   const T* src = x.data_ptr<T>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1);
   at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
@@ -49,7 +61,7 @@ void cache_rows(const at::Tensor& x, const at::Tensor& cache, const int64_t* slo
       if (slot < 0) continue;  // a padding token
       for (int64_t h = 0; h < heads; ++h) {
         T* dst = row_ptr<T>(pool, slot / pool.block_size, slot % pool.block_size, h);
-        std::memcpy(dst, src + t * s0 + h * s1, dim * sizeof(T));
+        put_row(dst, dim_stride, src + t * s0 + h * s1, dim);
       }
     }
   });
@@ -62,6 +74,7 @@ void cache_rows_int8(const at::Tensor& x, const at::Tensor& cache, const at::Ten
                      const int64_t* slots, int64_t num_tokens) {
   const int64_t heads = x.size(1), dim = x.size(2);
   const PoolView pool = pool_view(cache);
+  const int64_t dim_stride = cache.stride(3);
   const PoolView scale_pool = pool_view(scales);
   const T* src = x.data_ptr<T>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1);
@@ -81,7 +94,7 @@ void cache_rows_int8(const at::Tensor& x, const at::Tensor& cache, const at::Ten
         int8_t* dst = row_ptr<int8_t>(pool, block, offset, h);
         for (int64_t d = 0; d < dim; ++d) {
           const float q = std::floor(row[d] / scale + 0.5f);
-          dst[d] = static_cast<int8_t>(std::min(std::max(q, -kInt8Max), kInt8Max));
+          dst[d * dim_stride] = static_cast<int8_t>(std::min(std::max(q, -kInt8Max), kInt8Max));
         }
       }
     }
@@ -117,51 +130,170 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
 }
 
 // ---- paged decode attention ---------------------------------------------------------------
+//
+// One (sequence, kv head) at a time, for the `groups` query heads that share it; two passes
+// over its pages (scores, then values), the scores of the whole context in a float32 buffer.
+// Key pages may be token-minor ([head_dim, block_size] per page and head: what ModelRunner
+// allocates on CPUs that run these kernels): a page's scores are then `head_dim` vector FMAs
+// across its tokens per query head, with no horizontal sums. Token-major keys take one dot
+// product per token. Value pages are token-major.
 
-// q · k for `groups` query rows against one cached row, in float32.
-inline void dot_rows(const float* q, int64_t groups, int64_t dim, const float* k, float* out) {
-  for (int64_t g = 0; g < groups; ++g) out[g] = dot(q + g * dim, k, dim);
+// Vec::size() consecutive elements of `p`, widened to float32.
+template <typename C>
+inline Vec load_float(const C* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    return Vec(_mm512_loadu_ps(p));
+  } else if constexpr (std::is_same_v<C, at::BFloat16>) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  } else if constexpr (std::is_same_v<C, at::Half>) {
+    return Vec(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  } else {
+    static_assert(std::is_same_v<C, int8_t>);
+    return Vec(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+  }
+#else
+  alignas(64) float tmp[Vec::size()];
+  to_float(p, tmp, Vec::size());
+  return Vec::loadu(tmp);
+#endif
 }
 
-// One (sequence, kv head): softmax(q Kᵀ · scale) V for the `groups` query heads that share it.
-// Two passes over the pages (scores, then values); scores for the whole context sit in
-// `scores` ([groups, context_len] float32), which stays small next to the pages themselves.
+struct DecodeScratch {
+  std::vector<float> q, scores, page;
+};
+
 template <typename T, typename C, typename S>
-void attend_one(const T* q, int64_t q_head_stride, T* out, int64_t out_head_stride,
-                const PoolView& kp, const PoolView& vp, const PoolView* ksp, const PoolView* vsp,
-                const int64_t* table, int64_t context_len, int64_t kv_head, int64_t groups,
-                int64_t dim, float scale, std::vector<float>& scores, std::vector<float>& qf,
-                std::vector<float>& row, std::vector<float>& acc) {
-  qf.resize(groups * dim);
-  for (int64_t g = 0; g < groups; ++g) to_float(q + g * q_head_stride, qf.data() + g * dim, dim);
-  scores.resize(groups * context_len);
-  row.resize(dim);
-  const int64_t bs = kp.block_size;
-  std::vector<float> s(groups);
-  for (int64_t pos = 0; pos < context_len; ++pos) {
-    const int64_t block = table[pos / bs], offset = pos % bs;
-    to_float(row_ptr<C>(kp, block, offset, kv_head), row.data(), dim);
-    dot_rows(qf.data(), groups, dim, row.data(), s.data());
-    float k_scale = scale;
-    if constexpr (std::is_same_v<C, int8_t>) {
-      k_scale *= static_cast<float>(*row_ptr<S>(*ksp, block, offset, kv_head));
+struct DecodeArgs {
+  const PoolView kp, vp;
+  const PoolView* ksp;  // scale pools (int8 caches), else null
+  const PoolView* vsp;
+  int64_t k_dim_stride, groups, dim;
+  float scale;
+};
+
+// scores[g * ctx + pos] = q_g · k_pos (times the key's scale for int8), for one page.
+// kGroups > 0: the number of query heads per kv head, known at compile time (accumulators in
+// registers); 0: any number (the generic path).
+template <int kGroups, typename T, typename C, typename S>
+inline void page_scores(const DecodeArgs<T, C, S>& a, const float* q, int64_t block,
+                        int64_t kv_head, int64_t pos0, int64_t n, int64_t ctx, float* scores,
+                        float* tmp) {
+  const C* page = row_ptr<C>(a.kp, block, 0, kv_head);
+  constexpr int64_t w = Vec::size();
+  const int64_t groups = kGroups > 0 ? kGroups : a.groups;
+  if (a.kp.token_stride == 1 && kGroups > 0) {
+    // Token-minor page: row d holds the d-th value of every token; one widened row feeds
+    // every query head.
+    for (int64_t t0 = 0; t0 < n; t0 += w) {
+      Vec acc[kGroups > 0 ? kGroups : 1];
+      for (int g = 0; g < kGroups; ++g) acc[g] = Vec(0.0f);
+      const C* col = page + t0;
+      for (int64_t d = 0; d < a.dim; ++d) {
+        const Vec kv = load_float(col + d * a.k_dim_stride);
+        for (int g = 0; g < kGroups; ++g) acc[g] = at::vec::fmadd(Vec(q[g * a.dim + d]), kv, acc[g]);
+      }
+      const int64_t count = std::min<int64_t>(w, n - t0);
+      for (int g = 0; g < kGroups; ++g) acc[g].store(scores + g * ctx + pos0 + t0, count);
     }
-    for (int64_t g = 0; g < groups; ++g) scores[g * context_len + pos] = s[g] * k_scale;
+  } else if (a.kp.token_stride == 1) {
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t d = 0; d < a.dim; ++d) tmp[d] = static_cast<float>(page[d * a.k_dim_stride + t]);
+      for (int64_t g = 0; g < groups; ++g) scores[g * ctx + pos0 + t] = dot(q + g * a.dim, tmp, a.dim);
+    }
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
+      to_float(page + t * a.kp.token_stride, tmp, a.dim);
+      for (int64_t g = 0; g < groups; ++g) scores[g * ctx + pos0 + t] = dot(q + g * a.dim, tmp, a.dim);
+    }
   }
-  for (int64_t g = 0; g < groups; ++g) softmax_inplace(scores.data() + g * context_len, context_len);
-  acc.assign(groups * dim, 0.0f);
-  for (int64_t pos = 0; pos < context_len; ++pos) {
-    const int64_t block = table[pos / bs], offset = pos % bs;
-    to_float(row_ptr<C>(vp, block, offset, kv_head), row.data(), dim);
-    float v_scale = 1.0f;
-    if constexpr (std::is_same_v<C, int8_t>) {
-      v_scale = static_cast<float>(*row_ptr<S>(*vsp, block, offset, kv_head));
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      axpy(scores[g * context_len + pos] * v_scale, row.data(), acc.data() + g * dim, dim);
+  if constexpr (std::is_same_v<C, int8_t>) {
+    for (int64_t t = 0; t < n; ++t) {
+      const float ks = static_cast<float>(*row_ptr<S>(*a.ksp, block, t, kv_head));
+      for (int64_t g = 0; g < groups; ++g) scores[g * ctx + pos0 + t] *= ks;
     }
   }
-  for (int64_t g = 0; g < groups; ++g) from_float(acc.data() + g * dim, out + g * out_head_stride, dim);
+}
+
+// acc[g] += Σ_t p[g][t] v_t for one page (int8: p times the value's scale).
+template <int kGroups, typename T, typename C, typename S>
+inline void page_values(const DecodeArgs<T, C, S>& a, const float* probs, int64_t block,
+                        int64_t kv_head, int64_t pos0, int64_t n, int64_t ctx, float* tmp,
+                        float* acc) {
+  const C* page = row_ptr<C>(a.vp, block, 0, kv_head);
+  constexpr int64_t w = Vec::size();
+  const int64_t groups = kGroups > 0 ? kGroups : a.groups;
+  const int64_t ts = a.vp.token_stride;
+  // This page's weights, [groups][n] (tmp).
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t t = 0; t < n; ++t) {
+      float pt = probs[g * ctx + pos0 + t];
+      if constexpr (std::is_same_v<C, int8_t>) {
+        pt *= static_cast<float>(*row_ptr<S>(*a.vsp, block, t, kv_head));
+      }
+      tmp[g * n + t] = pt;
+    }
+  }
+  if constexpr (kGroups > 0) {
+    if (a.dim % w == 0) {
+      for (int64_t d0 = 0; d0 < a.dim; d0 += w) {
+        Vec sum[kGroups];
+        for (int g = 0; g < kGroups; ++g) sum[g] = Vec::loadu(acc + g * a.dim + d0);
+        for (int64_t t = 0; t < n; ++t) {
+          const Vec v = load_float(page + t * ts + d0);
+          for (int g = 0; g < kGroups; ++g) sum[g] = at::vec::fmadd(Vec(tmp[g * n + t]), v, sum[g]);
+        }
+        for (int g = 0; g < kGroups; ++g) sum[g].store(acc + g * a.dim + d0);
+      }
+      return;
+    }
+  }
+  std::vector<float> row(a.dim);
+  for (int64_t t = 0; t < n; ++t) {
+    to_float(page + t * ts, row.data(), a.dim);
+    for (int64_t g = 0; g < groups; ++g) axpy(tmp[g * n + t], row.data(), acc + g * a.dim, a.dim);
+  }
+}
+
+// Pages sit at unrelated addresses, so no hardware prefetcher follows a sequence from one
+// page to the next: the next page is requested while this one is computed.
+inline void prefetch_page(const void* page, int64_t bytes) {
+  const char* p = static_cast<const char*>(page);
+  for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(p + line);
+}
+
+template <int kGroups, typename T, typename C, typename S>
+void attend_one(const DecodeArgs<T, C, S>& a, const T* q, int64_t q_head_stride, T* out,
+                int64_t out_head_stride, const int64_t* table, int64_t ctx, int64_t kv_head,
+                DecodeScratch& s) {
+  const int64_t bs = a.kp.block_size, groups = a.groups, dim = a.dim;
+  s.q.resize(groups * dim);
+  for (int64_t g = 0; g < groups; ++g) {
+    to_float(q + g * q_head_stride, s.q.data() + g * dim, dim);
+    for (int64_t d = 0; d < dim; ++d) s.q[g * dim + d] *= a.scale;
+  }
+  s.scores.resize(groups * ctx);
+  s.page.resize(std::max<int64_t>(dim, groups * bs) + Vec::size());
+  const int64_t page_bytes = bs * dim * static_cast<int64_t>(sizeof(C));
+  const int64_t last = (ctx - 1) / bs;
+  for (int64_t pos0 = 0; pos0 < ctx; pos0 += bs) {
+    const int64_t next = std::min(pos0 / bs + 1, last);
+    prefetch_page(row_ptr<C>(a.kp, table[next], 0, kv_head), page_bytes);
+    page_scores<kGroups>(a, s.q.data(), table[pos0 / bs], kv_head, pos0, std::min(bs, ctx - pos0), ctx,
+                s.scores.data(), s.page.data());
+  }
+  for (int64_t g = 0; g < groups; ++g) softmax_inplace(s.scores.data() + g * ctx, ctx);
+  // The query buffer is free again: it accumulates the output now.
+  std::fill(s.q.begin(), s.q.end(), 0.0f);
+  prefetch_page(row_ptr<C>(a.vp, table[0], 0, kv_head), page_bytes);
+  for (int64_t pos0 = 0; pos0 < ctx; pos0 += bs) {
+    const int64_t next = std::min(pos0 / bs + 1, last);
+    prefetch_page(row_ptr<C>(a.vp, table[next], 0, kv_head), page_bytes);
+    page_values<kGroups>(a, s.scores.data(), table[pos0 / bs], kv_head, pos0, std::min(bs, ctx - pos0),
+                ctx, s.page.data(), s.q.data());
+  }
+  for (int64_t g = 0; g < groups; ++g) from_float(s.q.data() + g * dim, out + g * out_head_stride, dim);
 }
 
 template <typename T, typename C, typename S>
@@ -171,12 +303,17 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
                       const at::Tensor& context_lens, double scale, at::Tensor& out) {
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), dim = query.size(2);
   const int64_t kv_heads = key_cache.size(2), groups = num_heads / kv_heads;
-  const PoolView kp = pool_view(key_cache), vp = pool_view(value_cache);
+  TORCH_CHECK(value_cache.stride(3) == 1, "value pages must be token-major");
   PoolView ksp{}, vsp{};
   if (key_scale != nullptr) {
     ksp = pool_view(*key_scale);
     vsp = pool_view(*value_scale);
   }
+  const DecodeArgs<T, C, S> args{pool_view(key_cache), pool_view(value_cache),
+                                 key_scale ? &ksp : nullptr, value_scale ? &vsp : nullptr,
+                                 key_cache.stride(3), groups, dim, static_cast<float>(scale)};
+  TORCH_CHECK(args.kp.token_stride != 1 || args.kp.block_size % Vec::size() == 0,
+              "token-minor key pages need a block size that is a multiple of ", Vec::size());
   const at::Tensor tables = block_tables.to(at::kLong).contiguous();
   const at::Tensor lens = context_lens.to(at::kLong).contiguous();
   const int64_t* tab = tables.data_ptr<int64_t>();
@@ -186,17 +323,31 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
   T* o = out.data_ptr<T>();
   const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
   const int64_t os0 = out.stride(0), os1 = out.stride(1);
-  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, row, acc;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t seq = i / kv_heads, kv_head = i % kv_heads;
-      const int64_t first = kv_head * groups;
-      attend_one<T, C, S>(q + seq * qs0 + first * qs1, qs1, o + seq * os0 + first * os1, os1, kp,
-                          vp, key_scale ? &ksp : nullptr, value_scale ? &vsp : nullptr,
-                          tab + seq * width, len[seq], kv_head, groups, dim,
-                          static_cast<float>(scale), scores, qf, row, acc);
-    }
-  });
+  auto run = [&](auto groups_tag) {
+    constexpr int kGroups = decltype(groups_tag)::value;
+    at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      DecodeScratch scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t seq = i / kv_heads, kv_head = i % kv_heads;
+        const int64_t first = kv_head * groups;
+        attend_one<kGroups, T, C, S>(args, q + seq * qs0 + first * qs1, qs1,
+                                     o + seq * os0 + first * os1, os1, tab + seq * width,
+                                     len[seq], kv_head, scratch);
+      }
+    });
+  };
+  // The usual GQA ratios get accumulators in registers; any other takes the generic path.
+  switch (groups) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    case 7: run(std::integral_constant<int, 7>{}); break;
+    case 8: run(std::integral_constant<int, 8>{}); break;
+    default: run(std::integral_constant<int, 0>{}); break;
+  }
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,

@@ -53,20 +53,23 @@ def make_paged_kv(
     seed: int = 0,
     scale_dtype: torch.dtype = torch.float16,
     head_major: bool = False,
+    token_minor_keys: bool = False,
 ) -> PagedKV:
     """Write random K/V of each sequence into shuffled pages (through the torch write ops).
 
     head_major: pools from `allocate_kv_cache`/`allocate_kv_scales` (the engine's storage
-    order) instead of contiguous token-major ones.
+    order) instead of contiguous token-major ones; token_minor_keys: with token-minor key
+    pages (what the engine allocates for the CPU kernels).
     """
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // block_size) for n in lengths) + 3
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     cache_dtype = torch.int8 if int8 else dtype
     if head_major:
-        key_cache, value_cache = (
-            fp_ops.allocate_kv_cache(*shape, cache_dtype, device) for _ in range(2)
+        key_cache = fp_ops.allocate_kv_cache(
+            *shape, cache_dtype, device, token_minor=token_minor_keys
         )
+        value_cache = fp_ops.allocate_kv_cache(*shape, cache_dtype, device)
         key_scales, value_scales = (
             kv_ops.allocate_kv_scales(*shape[:3], scale_dtype, device) if int8 else None
             for _ in range(2)

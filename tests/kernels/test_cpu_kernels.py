@@ -98,12 +98,17 @@ def test_silu_and_mul(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("int8", [False, True], ids=["fp", "int8"])
-def test_reshape_and_cache_is_bit_exact(dtype: torch.dtype, int8: bool) -> None:
+@pytest.mark.parametrize("token_minor", [False, True], ids=["token-major", "token-minor"])
+def test_reshape_and_cache_is_bit_exact(dtype: torch.dtype, int8: bool, token_minor: bool) -> None:
     gen = torch.Generator().manual_seed(4)
     blocks, block_size, kv_heads, dim = 6, 16, 3, 64
     shape = (blocks, block_size, kv_heads, dim)
     cache_dtype = torch.int8 if int8 else dtype
-    pools = [fp_ops.allocate_kv_cache(*shape, cache_dtype, torch.device("cpu")) for _ in range(4)]
+    cpu = torch.device("cpu")
+    pools = [
+        fp_ops.allocate_kv_cache(*shape, cache_dtype, cpu, token_minor=token_minor)
+        for _ in range(4)
+    ]
     scales = [
         kv_ops.allocate_kv_scales(*shape[:3], torch.float16, torch.device("cpu")) if int8 else None
         for _ in range(4)
@@ -129,11 +134,23 @@ def test_reshape_and_cache_skips_negative_slots() -> None:
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("int8", [False, True], ids=["fp", "int8"])
-def test_paged_decode_attention_matches_sdpa_over_the_pages(dtype: torch.dtype, int8: bool) -> None:
+@pytest.mark.parametrize("token_minor", [False, True], ids=["token-major", "token-minor"])
+@pytest.mark.parametrize("dim", [64, 40])
+def test_paged_decode_attention_matches_sdpa_over_the_pages(
+    dtype: torch.dtype, int8: bool, token_minor: bool, dim: int
+) -> None:
     lengths = [1, 15, 16, 17, 70, 203]
-    kv_heads, heads, dim, block_size = 2, 6, 64, 16
+    kv_heads, heads, block_size = 2, 6, 16
     paged = make_paged_kv(
-        lengths, block_size, kv_heads, dim, dtype, int8, torch.device("cpu"), head_major=True
+        lengths,
+        block_size,
+        kv_heads,
+        dim,
+        dtype,
+        int8,
+        torch.device("cpu"),
+        head_major=True,
+        token_minor_keys=token_minor,
     )
     gen = torch.Generator().manual_seed(5)
     query = torch.randn(len(lengths), heads, dim, generator=gen).to(dtype)

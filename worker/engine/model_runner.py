@@ -13,7 +13,7 @@ import torch
 
 from ops import cpu_kernels
 from ops.attention import DecodeWorkspace, allocate_kv_cache
-from ops.kv_cache import allocate_kv_scales, decode_mask, device_lens
+from ops.kv_cache import allocate_kv_scales, decode_mask, device_lens, token_minor_keys
 from worker.config import CacheConfig
 from worker.engine.scheduler import ScheduledChunk
 from worker.models.attention import AttentionMetadata, DecodeGroup, LayerKVCache
@@ -75,19 +75,18 @@ class ModelRunner:
         )
 
     def _allocate_layer(self, kv_cache_dtype: str, dtype: torch.dtype) -> LayerKVCache:
-        """Head-major K/V pools [num_blocks, block_size, KVH, D] (+ scale pools for int8)."""
+        """Head-major K/V pools [num_blocks, block_size, KVH, D] (+ scale pools for int8);
+        token-minor keys where the CPU kernels want them (`ops.kv_cache.token_minor_keys`)."""
         args = self.model.args
-        shape = (self.num_blocks, self.block_size, args.num_kv_heads)
+        shape = (self.num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
+        pool_dtype = torch.int8 if kv_cache_dtype == "int8" else dtype
+        key_layout = token_minor_keys(self.device, self.block_size)
+        key = allocate_kv_cache(*shape, pool_dtype, self.device, token_minor=key_layout)
+        value = allocate_kv_cache(*shape, pool_dtype, self.device)
         if kv_cache_dtype != "int8":
-            key, value = (
-                allocate_kv_cache(*shape, args.head_dim, dtype, self.device) for _ in range(2)
-            )
             return LayerKVCache(key, value)
-        key, value = (
-            allocate_kv_cache(*shape, args.head_dim, torch.int8, self.device) for _ in range(2)
-        )
         key_scale, value_scale = (
-            allocate_kv_scales(*shape, SCALE_DTYPE, self.device) for _ in range(2)
+            allocate_kv_scales(*shape[:3], SCALE_DTYPE, self.device) for _ in range(2)
         )
         return LayerKVCache(key, value, key_scale, value_scale)
 

@@ -247,6 +247,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     throughput.warm_up_engine(engine, warm_prompt)
     ours = throughput.run_engine(engine, workload)
     device = engine.device
+    kernels = engine.runner.kernel_paths
     del engine  # frees the KV cache before the next engine or the baseline loads
     gc.collect()
 
@@ -286,6 +287,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         headrace=ours,
         transformers=baseline,
         unquantized=reference,
+        kernels=kernels,
     )
     print(json.dumps(report.to_dict()) if args.json else report.format_table(), flush=True)
     return 0

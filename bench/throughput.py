@@ -71,6 +71,7 @@ class BenchReport:
     headrace: RunResult
     transformers: RunResult | None
     unquantized: RunResult | None = None  # our engine without quantization, same run
+    kernels: dict[str, str] | None = None  # `ops.device.kernel_paths`: CPU flags, kernels
 
     @property
     def ratio(self) -> float | None:
@@ -106,6 +107,8 @@ class BenchReport:
         if base is not None:
             rows.append(_row(f"transformers (batch {self.baseline_batch_size})", base))
             rows.append(f"{'ratio':28}{self.ratio:>13.2f}x")
+        if self.kernels:
+            rows += [""] + [f"{name:11}{path}" for name, path in self.kernels.items()]
         ttft = f"{_latency(ours.ttft_s, 50)} / {_latency(ours.ttft_s, 99)}"
         tpot = f"{_latency(ours.tpot_s, 50)} / {_latency(ours.tpot_s, 99)}"
         rows += ["", f"headrace TTFT p50 / p99    {ttft}", f"headrace TPOT p50 / p99    {tpot}"]

@@ -56,7 +56,7 @@ def pack_kind(weight: torch.Tensor) -> str | None:
     layout, on CPUs with AVX512-BF16 but no AMX), or None (plain `F.linear`)."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
-    if amx_available():
+    if amx_available():  # AMX implies AVX512-BF16: the row kernels and epilogues use it
         return "amx"
     if torch.backends.mkldnn.is_available() and cpu_has_native_gemm(torch.bfloat16):
         return "onednn"

@@ -158,3 +158,16 @@ def test_bench_throughput_single_dumps_and_replays_its_workload(
     assert main([*argv, "--workload-file", str(dumped)]) == 0
     replay = json.loads(capsys.readouterr().out)
     assert replay["workload"] == report["workload"] and replay["headrace"]["output_tokens"] == 5
+
+
+def test_bench_throughput_reports_the_cpu_and_its_kernels(
+    tiny_model_dir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--dtype", "bfloat16"]
+    argv += ["--workload", "single", "--prompt-len", "4", "--output-len", "2"]
+    argv += ["--kv-cache-memory", "0.01", "--no-baseline", "--json"]
+    assert main(argv) == 0
+    kernels = json.loads(capsys.readouterr().out)["kernels"]
+    assert {"cpu_flags", "gemm", "gemm_int8", "attention", "row_ops"} <= set(kernels)
+    assert main(argv[:-1]) == 0  # the table lists them too
+    assert f"gemm       {kernels['gemm']}" in capsys.readouterr().out

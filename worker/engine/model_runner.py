@@ -13,6 +13,7 @@ import torch
 
 from ops import cpu_kernels
 from ops.attention import DecodeWorkspace, allocate_kv_cache
+from ops.device import kernel_paths
 from ops.kv_cache import allocate_kv_scales, decode_mask, device_lens, token_minor_keys
 from worker.config import CacheConfig
 from worker.engine.scheduler import ScheduledChunk
@@ -53,6 +54,8 @@ class ModelRunner:
         self.device = device
         if device.type == "cpu":
             cpu_kernels.load()  # built here, at start-up (once per machine), not mid-step
+        self.kernel_paths = kernel_paths(device, dtype)
+        log.info("kernels: %s", ", ".join(f"{k}: {v}" for k, v in self.kernel_paths.items()))
         self.block_size = cache_config.block_size
         per_block = kv_bytes_per_block(model, self.block_size, dtype, cache_config.dtype)
         self.num_blocks = cache_config.num_blocks or int(

@@ -293,14 +293,8 @@ def prefill_attention_int8(
             # Bottom-right aligned causal mask: query j sits at position prefix + j.
             q_pos = torch.arange(prefix, context_len, device=query.device)
             mask = torch.arange(context_len, device=query.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(
-            query[start:end].transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scale,
-            enable_gqa=True,
+        o = fp_ops.sdpa(
+            query[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale
         )
         out[start:end] = o.transpose(0, 1)
     return out

@@ -7,30 +7,42 @@
 namespace headrace_cpu {
 namespace {
 
-// out = weight * round(x * rsqrt(mean(x²) + eps)), as HF's LlamaRMSNorm rounds (x in float32).
 template <typename T>
-inline void rms_norm_row(const float* x, const T* weight, T* out, int64_t n, float eps) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+std::vector<float> weight_float(const at::Tensor& weight) {
+  std::vector<float> w(weight.numel());
+  to_float(weight.data_ptr<T>(), w.data(), weight.numel());
+  return w;
+}
+
+// out = weight * round(x * rsqrt(mean(x²) + eps)), as HF's LlamaRMSNorm rounds (x in float32;
+// `x` is overwritten). w: the weight in float32.
+template <typename T>
+inline void rms_norm_row(float* x, const float* w, T* out, int64_t n, float eps) {
+  const float ss = at::vec::map_reduce_all<float>(
+      [](Vec v) { return v * v; }, [](Vec a, Vec b) { return a + b; }, x, n);
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) {
-    const T normed = static_cast<T>(x[i] * r);
-    out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
+  at::vec::map([r](Vec v) { return v * Vec(r); }, x, x, n);
+  if constexpr (!std::is_same_v<T, float>) {
+    // The normalized row is rounded to T before the weight multiplies it (HF's order).
+    from_float(x, out, n);
+    to_float(out, x, n);
   }
+  at::vec::map2([](Vec a, Vec b) { return a * b; }, x, x, w, n);
+  from_float(x, out, n);
 }
 
 template <typename T>
 void rms_norm_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out, double eps) {
   const int64_t rows = x.size(0), n = x.size(1);
   const T* src = x.data_ptr<T>();
-  const T* w = weight.data_ptr<T>();
+  const std::vector<float> w = weight_float<T>(weight);
   T* dst = out.data_ptr<T>();
   const int64_t xs = x.stride(0), os = out.stride(0);
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> row(n);
     for (int64_t r = begin; r < end; ++r) {
       to_float(src + r * xs, row.data(), n);
-      rms_norm_row(row.data(), w, dst + r * os, n, static_cast<float>(eps));
+      rms_norm_row(row.data(), w.data(), dst + r * os, n, static_cast<float>(eps));
     }
   });
 }
@@ -42,18 +54,19 @@ void fused_add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tens
   const int64_t rows = x.size(0), n = x.size(1);
   T* xp = x.data_ptr<T>();
   T* rp = residual.data_ptr<T>();
-  const T* w = weight.data_ptr<T>();
+  const std::vector<float> w = weight_float<T>(weight);
   const int64_t xs = x.stride(0), rs = residual.stride(0);
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(n);
+    std::vector<float> row(n), other(n);
     for (int64_t r = begin; r < end; ++r) {
       T* xr = xp + r * xs;
       T* rr = rp + r * rs;
-      for (int64_t i = 0; i < n; ++i) {
-        rr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
-        row[i] = static_cast<float>(rr[i]);
-      }
-      rms_norm_row(row.data(), w, xr, n, static_cast<float>(eps));
+      to_float(xr, row.data(), n);
+      to_float(rr, other.data(), n);
+      at::vec::map2([](Vec a, Vec b) { return a + b; }, row.data(), row.data(), other.data(), n);
+      from_float(row.data(), rr, n);  // the sum, rounded to T: the new residual
+      to_float(rr, row.data(), n);
+      rms_norm_row(row.data(), w.data(), xr, n, static_cast<float>(eps));
     }
   });
 }
@@ -86,7 +99,7 @@ void rotate_heads(at::Tensor& x, const int64_t* positions, const C* cos, const C
   T* p = x.data_ptr<T>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1);
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(dim), c(dim), s(dim);
+    std::vector<float> row(dim), rotated(dim), c(dim), s(dim);
     for (int64_t t = begin; t < end; ++t) {
       to_float(cos + positions[t] * table_stride, c.data(), dim);
       to_float(sin + positions[t] * table_stride, s.data(), dim);
@@ -94,9 +107,10 @@ void rotate_heads(at::Tensor& x, const int64_t* positions, const C* cos, const C
         T* r = p + t * s0 + h * s1;
         to_float(r, row.data(), dim);
         for (int64_t i = 0; i < half; ++i) {
-          r[i] = static_cast<T>(row[i] * c[i] + (-row[i + half]) * s[i]);
-          r[i + half] = static_cast<T>(row[i + half] * c[i + half] + row[i] * s[i + half]);
+          rotated[i] = row[i] * c[i] + (-row[i + half]) * s[i];
+          rotated[i + half] = row[i + half] * c[i + half] + row[i] * s[i + half];
         }
+        from_float(rotated.data(), r, dim);
       }
     }
   });

@@ -185,3 +185,45 @@ TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {
 }
 
 }  // namespace headrace_cpu
+
+namespace headrace_cpu {
+namespace {
+
+// The first index of each row's maximum (NaN counts as the maximum, as in torch.argmax).
+template <typename T>
+void argmax_impl(const at::Tensor& x, at::Tensor& out) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  const T* src = x.data_ptr<T>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  const int64_t xs = x.stride(0);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(n);
+    for (int64_t r = begin; r < end; ++r) {
+      to_float(src + r * xs, row.data(), n);
+      const float max = at::vec::reduce_all<float>(
+          [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row.data(), n);
+      int64_t index = 0;
+      if (std::isnan(max)) {
+        while (!std::isnan(row[index])) ++index;
+      } else {
+        while (row[index] != max) ++index;
+      }
+      dst[r] = index;
+    }
+  });
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) > 0, "x: [R, V], V > 0");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  HEADRACE_DISPATCH_FLOAT(x.scalar_type(), "argmax_rows", [&] { argmax_impl<scalar_t>(x, out); });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(headrace_cpu, m) { m.def("argmax_rows(Tensor x) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) { m.impl("argmax_rows", &argmax_rows); }
+
+}  // namespace headrace_cpu

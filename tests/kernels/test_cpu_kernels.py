@@ -245,3 +245,13 @@ def test_quantize_rows_matches_the_torch_quantizer(
     torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
     diff = (codes.int() - codes_ref.int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_argmax_rows_picks_the_first_maximum_like_torch(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 49152, generator=gen).to(dtype)
+    x[1, 10] = x[1, 20] = 1e4  # a tie: the first wins
+    x[2, 33] = float("nan")  # NaN counts as the maximum
+    x[3] = 0
+    assert torch.equal(ops().argmax_rows(x), x.argmax(-1))

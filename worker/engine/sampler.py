@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ops.sampling import argmax
 from worker.engine.params import SamplingParams
 from worker.engine.sequence import Sequence, TokenLogprobs
 
@@ -63,14 +64,14 @@ class Sampler:
         x = apply_penalties(raw, seqs, eos_token_ids)
         random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= _GREEDY_EPS]
         if not random_rows:
-            tokens = x.argmax(dim=-1)
+            tokens = argmax(x)
         elif len(random_rows) == len(seqs):
             tokens = self._sample(x, seqs)
         else:
             greedy_rows = [i for i, s in enumerate(seqs) if s.params.temperature < _GREEDY_EPS]
             g, r = _index(greedy_rows, x.device), _index(random_rows, x.device)
             tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
-            tokens[g] = x[g].argmax(dim=-1)
+            tokens[g] = argmax(x[g])
             tokens[r] = self._sample(x[r], [seqs[i] for i in random_rows])
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _logprobs(raw, token_ids, [s.params for s in seqs]))

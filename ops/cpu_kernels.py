@@ -48,8 +48,23 @@ def vec_capability(flags: frozenset[str]) -> str:
     return "DEFAULT"
 
 
-def _build_flags(capability: str) -> list[str]:
-    flags = ["-O3", "-march=native", "-fopenmp"]
+# HEADRACE_CPU_ISA builds for less than the host has, to check the AVX2 and scalar paths on
+# an AVX-512 machine: "avx2" (x86-64-v3: AVX2, FMA) or "scalar" (x86-64 baseline).
+_ISA_OVERRIDES = {"avx2": ("x86-64-v3", "AVX2"), "scalar": ("x86-64", "DEFAULT")}
+
+
+def _target() -> tuple[str, str]:
+    """(-march value, at::vec capability) of the build."""
+    isa = os.environ.get("HEADRACE_CPU_ISA", "native")
+    if isa in _ISA_OVERRIDES:
+        return _ISA_OVERRIDES[isa]
+    if isa != "native":
+        raise ValueError(f"HEADRACE_CPU_ISA must be native, avx2 or scalar, got {isa!r}")
+    return "native", vec_capability(cpu_flags())
+
+
+def _build_flags(march: str, capability: str) -> list[str]:
+    flags = ["-O3", f"-march={march}", "-fopenmp"]
     # No fused multiply-adds the source does not ask for: the elementwise kernels then round
     # exactly as the torch ops they replace do in float32.
     flags.append("-ffp-contract=off")
@@ -66,8 +81,8 @@ def load() -> bool:
         return False
     from torch.utils import cpp_extension
 
-    capability = vec_capability(cpu_flags())
-    cflags = _build_flags(capability)
+    march, capability = _target()
+    cflags = _build_flags(march, capability)
     digest = hashlib.sha256()
     for name in (*SOURCES, "common.h"):
         digest.update((_SOURCE_DIR / name).read_bytes())
@@ -91,9 +106,14 @@ def load() -> bool:
     return True
 
 
+def capability() -> str:
+    """The at::vec capability the kernels are built for: AVX512, AVX2 or DEFAULT."""
+    return _target()[1]
+
+
 def lanes() -> int:
-    """float32 lanes of the kernels' vectors (16 with AVX512, 8 with AVX2, 1 otherwise)."""
-    return {"AVX512": 16, "AVX2": 8}.get(vec_capability(cpu_flags()), 1)
+    """float32 lanes of the kernels' vectors: 16 with AVX512, else 8."""
+    return 16 if _target()[1] == "AVX512" else 8  # at::vec is 32 bytes wide below AVX512
 
 
 def available() -> bool:

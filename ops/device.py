@@ -54,7 +54,7 @@ def kernel_paths(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     cpp = "C++ kernels (kernels/cpu)" if built else "torch ops"
     return {
         "cpu_flags": " ".join(f for f in CPU_FLAGS if f in flags) or "(none of interest)",
-        "vec": cpu_kernels.vec_capability(flags) if built else "-",
+        "vec": cpu_kernels.capability() if built else "-",
         "gemm": gemm,
         "gemm_int8": gemm_int8,
         "attention": cpp,

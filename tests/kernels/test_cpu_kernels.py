@@ -255,3 +255,20 @@ def test_argmax_rows_picks_the_first_maximum_like_torch(dtype: torch.dtype) -> N
     x[2, 33] = float("nan")  # NaN counts as the maximum
     x[3] = 0
     assert torch.equal(ops().argmax_rows(x), x.argmax(-1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_narrower_builds_pass_these_tests(isa: str) -> None:
+    """The kernels built for AVX2 and for baseline x86-64 (HEADRACE_CPU_ISA), as on the CPUs
+    this project also runs on, pass the same tests (their AMX ones skip)."""
+    import os
+    import subprocess
+    import sys
+
+    if cpu_kernels.vec_capability(cpu_kernels.cpu_flags()) != "AVX512" and isa == "avx2":
+        pytest.skip("this host's own build is the AVX2 one, tested above")
+    env = {**os.environ, "HEADRACE_CPU_ISA": isa}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", __file__]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -27,6 +27,7 @@ SOURCES = ("attention.cpp", "elementwise.cpp", "gemm_amx.cpp", "quant.cpp")
 _SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cpu"
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:

@@ -51,6 +51,13 @@ def token_minor_keys(device: torch.device, block_size: int) -> bool:
     )
 
 
+def decode_pads_to_longest(device: torch.device) -> bool:
+    """Whether `paged_decode_attention` on `device` gathers every sequence of a call to the
+    longest one's length (the torch path: callers split decodes into groups of similar
+    length and pass the mask); the Triton and CPU kernels read each sequence's own pages."""
+    return device.type != "cuda" and not cpu_kernels.available()
+
+
 def quantize_kv(
     x: torch.Tensor, scale_dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor]:

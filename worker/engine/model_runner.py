@@ -14,7 +14,13 @@ import torch
 from ops import cpu_kernels
 from ops.attention import DecodeWorkspace, allocate_kv_cache
 from ops.device import kernel_paths
-from ops.kv_cache import allocate_kv_scales, decode_mask, device_lens, token_minor_keys
+from ops.kv_cache import (
+    allocate_kv_scales,
+    decode_mask,
+    decode_pads_to_longest,
+    device_lens,
+    token_minor_keys,
+)
 from worker.config import CacheConfig
 from worker.engine.scheduler import ScheduledChunk
 from worker.models.attention import AttentionMetadata, DecodeGroup, LayerKVCache
@@ -55,6 +61,7 @@ class ModelRunner:
         if device.type == "cpu":
             cpu_kernels.load()  # built here, at start-up (once per machine), not mid-step
         self.kernel_paths = kernel_paths(device, dtype)
+        self._pads = decode_pads_to_longest(device)
         log.info("kernels: %s", ", ".join(f"{k}: {v}" for k, v in self.kernel_paths.items()))
         self.block_size = cache_config.block_size
         per_block = kv_bytes_per_block(model, self.block_size, dtype, cache_config.dtype)
@@ -160,9 +167,15 @@ class ModelRunner:
         )
 
     def _decode_groups(self, decodes: list[ScheduledChunk]) -> tuple[DecodeGroup, ...]:
-        """Split length-sorted decodes where padding to the group's longest would waste most."""
-        groups, start = [], 0
+        """Split length-sorted decodes where padding to the group's longest would waste most
+        (only where attention pads: `ops.kv_cache.decode_pads_to_longest`; one call per
+        layer for all decodes elsewhere)."""
+        if not decodes:
+            return ()
         lens = [c.seq.num_computed_tokens + 1 for c in decodes]
+        if not self._pads:
+            return (self._decode_group(decodes, lens, 0, len(decodes)),)
+        groups, start = [], 0
         for i in range(1, len(decodes) + 1):
             if i == len(decodes) or (i - start >= 8 and lens[i] > self.GROUP_SPREAD * lens[start]):
                 groups.append(self._decode_group(decodes, lens, start, i))
@@ -174,9 +187,9 @@ class ModelRunner:
     ) -> DecodeGroup:
         tables = self._block_table([c.seq.block_ids for c in decodes[start:end]])
         context_lens = torch.tensor(lens[start:end], dtype=torch.int32, device=self.device)
-        # The kernels read context_lens; the CPU paths mask with it once per step, not per layer.
+        # The kernels read context_lens; the torch path masks with it once per step, not per layer.
         mask = None
-        if self.device.type != "cuda":
+        if self._pads:
             mask = decode_mask(context_lens, tables.shape[1] * self.block_size)
         return DecodeGroup(start, end, tables, context_lens, mask)
 

@@ -169,24 +169,33 @@ inline void group_tile(const char* a, int64_t lda, int64_t a_step, const char* b
   }
 }
 
+// Column groups per block: a block's weight tiles (kNBlock x kblocks x 2 KB) stay in L2 while
+// every 32-row chunk of x passes over them (7% faster than one group at a time for 512-row
+// prefill GEMMs; repacking x into tile order as well measured 20% slower, so x is read in place).
+constexpr int64_t kNBlock = 8;
+
 // Shared driver: rows in chunks of 32, column groups split across threads.
+// x: `a`, rows `lda` bytes apart; each k-step reads the next 64 bytes of a row.
 template <bool Int8, typename Epilogue>
-void amx_gemm(const char* a, int64_t m, int64_t lda, int64_t a_step, const char* packed,
-              int64_t groups, int64_t kblocks, const Epilogue& epilogue) {
+void amx_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
+              int64_t kblocks, const Epilogue& epilogue) {
   const int64_t group_bytes = kblocks * 2 * kTileRows * 64;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[32 * 32];
     int64_t configured = -1;
-    for (int64_t g = begin; g < end; ++g) {
+    for (int64_t g0 = begin; g0 < end; g0 += kNBlock) {
+      const int64_t g1 = std::min(end, g0 + kNBlock);
       for (int64_t m0 = 0; m0 < m; m0 += 32) {
         const int64_t rows = std::min<int64_t>(32, m - m0);
         if (rows != configured) {
           configure(std::min<int64_t>(rows, 16), rows - 16);
           configured = rows;
         }
-        group_tile<Int8>(a + m0 * lda, lda, a_step, packed + g * group_bytes, kblocks, rows > 16,
-                         acc);
-        epilogue(acc, m0, rows, g * kGroupCols);
+        for (int64_t g = g0; g < g1; ++g) {
+          group_tile<Int8>(a + m0 * lda, lda, 64, packed + g * group_bytes, kblocks, rows > 16,
+                           acc);
+          epilogue(acc, m0, rows, g * kGroupCols);
+        }
       }
     }
     _tile_release();
@@ -227,7 +236,7 @@ at::Tensor amx_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
       }
     }
   };
-  amx_gemm<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2, 64,
+  amx_gemm<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
 #endif
   return out;
@@ -268,7 +277,7 @@ at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const
         }
       }
     };
-    amx_gemm<true>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1), 64,
+    amx_gemm<true>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1),
                    static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
   });
 #endif

@@ -198,32 +198,53 @@ def test_engine_quantized_at_load_generates(arch: str, scheme: str, tiny_model_d
 
 
 @pytest.fixture(scope="module")
-def smollm2_float(smollm2_dir: Path) -> tuple[torch.Tensor, list[list[int]]]:
+def smollm2_float(smollm2_dir: Path) -> tuple[torch.Tensor, list[list[int]], Engine]:
     engine = _engine(smollm2_dir)
-    return _score(engine), _greedy(engine, SMOLLM2_PROMPTS, max_tokens=4)
+    return _score(engine), _greedy(engine, SMOLLM2_PROMPTS, max_tokens=4), engine
 
 
 SMOLLM2_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
 
+def _greedy_deficits(reference: Engine, prompt: str, tokens: list[int]) -> list[float]:
+    """How far below the reference model's best logit each generated token was, step by step
+    (teacher-forced on `tokens`): 0 where the reference would have chosen the same token."""
+    ids = list(reference.tokenizer(prompt).input_ids)
+    logits = reference.score(ids + tokens)[len(ids) - 1 : len(ids) - 1 + len(tokens)]
+    chosen = logits.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+    return (logits.max(-1).values - chosen).tolist()
+
+
 @pytest.mark.parametrize(
-    ("scheme", "min_top1", "prompts_agreeing"),
-    # Measured on TEXT (50 positions): w8a8 top-1 0.86, mean cosine 0.98; w4a16 0.62 and
-    # 0.79 (the GGUF weights are already 4-bit on another grid, so int4 re-quantizes them
-    # lossily). A transposed weight or a wrong scale axis gives ~0 agreement.
-    [("w8a8", 0.75, 2), ("w4a16", 0.5, 1)],
+    ("scheme", "min_top1", "prompts", "max_deficit"),
+    # Measured on TEXT (50 positions): w8a8 top-1 0.94-0.98, mean cosine 0.999; w4a16 0.62
+    # and 0.79 (the GGUF weights are already 4-bit on another grid, so int4 re-quantizes
+    # them lossily). A transposed weight or a wrong scale axis gives ~0 agreement.
+    # Greedy continuations need not match the float ones token for token: SmolLM2's first
+    # token after the code prompt is a near tie in float32 (753 vs 3987: 0.04 apart), which
+    # int8 rounding may break either way. Each generated token must instead be one the float
+    # model ranks within `max_deficit` of its best (measured: w8a8 at most 0.04; w4a16 0 on
+    # the prose prompt, 2.2 on the code one).
+    [("w8a8", 0.75, 2, 0.25), ("w4a16", 0.5, 1, 0.5)],
 )
 def test_smollm2_quantized_agrees_with_float(
-    scheme: str, min_top1: float, prompts_agreeing: int, smollm2_dir: Path, smollm2_float
+    scheme: str,
+    min_top1: float,
+    prompts: int,
+    max_deficit: float,
+    smollm2_dir: Path,
+    smollm2_float,
 ) -> None:
-    reference, reference_tokens = smollm2_float
+    reference, _, float_engine = smollm2_float
     engine = _engine(smollm2_dir, scheme)
     logits = _score(engine)
     top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     assert top1 >= min_top1
     assert _cosine(logits, reference).mean() > (0.95 if scheme == "w8a8" else 0.5)
-    prompts = SMOLLM2_PROMPTS[:prompts_agreeing]
-    assert _greedy(engine, prompts, max_tokens=4) == reference_tokens[:prompts_agreeing]
+    generated = _greedy(engine, SMOLLM2_PROMPTS[:prompts], max_tokens=4)
+    for prompt, tokens in zip(SMOLLM2_PROMPTS, generated, strict=False):
+        deficits = _greedy_deficits(float_engine, prompt, tokens)
+        assert max(deficits) <= max_deficit, (prompt, tokens, deficits)
 
 
 # -- `headrace quantize` checkpoints --------------------------------------------------------
@@ -363,7 +384,7 @@ def test_w4a16_g32_checkpoint_round_trip_keeps_float_zeros(tiny_model_dir, tmp_p
 def test_smollm2_w4a16_g32_is_lossless(smollm2_dir: Path, smollm2_float) -> None:
     """SmolLM2's float weights are a dequantized Q4_1 (blocks of 32): groups of 32 with real
     zero points land on the same grid, so the quantized model computes the float one."""
-    reference, reference_tokens = smollm2_float
+    reference, reference_tokens, _ = smollm2_float
     engine = _engine(smollm2_dir, "w4a16-g32")
     logits = _score(engine)
     assert (logits.argmax(-1) == reference.argmax(-1)).all()

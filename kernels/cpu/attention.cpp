@@ -138,28 +138,6 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
 // across its tokens per query head, with no horizontal sums. Token-major keys take one dot
 // product per token. Value pages are token-major.
 
-// Vec::size() consecutive elements of `p`, widened to float32.
-template <typename C>
-inline Vec load_float(const C* p) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<C, float>) {
-    return Vec(_mm512_loadu_ps(p));
-  } else if constexpr (std::is_same_v<C, at::BFloat16>) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
-  } else if constexpr (std::is_same_v<C, at::Half>) {
-    return Vec(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-  } else {
-    static_assert(std::is_same_v<C, int8_t>);
-    return Vec(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
-  }
-#else
-  alignas(64) float tmp[Vec::size()];
-  to_float(p, tmp, Vec::size());
-  return Vec::loadu(tmp);
-#endif
-}
-
 struct DecodeScratch {
   std::vector<float> q, scores, page;
 };

@@ -32,13 +32,53 @@ namespace headrace_cpu {
 
 using Vec = at::vec::Vectorized<float>;
 
+// W consecutive values of T (a float type, or int8 codes) widened to float32 in one vector.
+template <typename T>
+inline Vec load_float(const T* src) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(src);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, int8_t>) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+    } else {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      } else {
+        static_assert(std::is_same_v<T, c10::Half>);
+        return _mm512_cvtph_ps(raw);
+      }
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, int8_t>) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    } else {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      } else {
+        static_assert(std::is_same_v<T, c10::Half>);
+        return _mm256_cvtph_ps(raw);
+      }
+    }
+#else
+    float values[Vec::size()];
+    for (int64_t i = 0; i < Vec::size(); ++i) values[i] = static_cast<float>(src[i]);
+    return Vec::loadu(values);
+#endif
+  }
+}
+
+// One vector per step (at::vec's widening of bf16/fp16 arrays is its generic per-element
+// loop).
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, n * sizeof(float));
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) load_float(src + i).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // Round to T (nearest even); at::vec's vector conversion (a scalar c10 rounding per element

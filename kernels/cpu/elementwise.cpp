@@ -106,7 +106,14 @@ void rotate_heads(at::Tensor& x, const int64_t* positions, const C* cos, const C
       for (int64_t h = 0; h < heads; ++h) {
         T* r = p + t * s0 + h * s1;
         to_float(r, row.data(), dim);
-        for (int64_t i = 0; i < half; ++i) {
+        constexpr int64_t w = Vec::size();
+        int64_t i = 0;
+        for (; i + w <= half; i += w) {
+          const Vec x1 = Vec::loadu(&row[i]), x2 = Vec::loadu(&row[i + half]);
+          (x1 * Vec::loadu(&c[i]) + x2.neg() * Vec::loadu(&s[i])).store(&rotated[i]);
+          (x2 * Vec::loadu(&c[i + half]) + x1 * Vec::loadu(&s[i + half])).store(&rotated[i + half]);
+        }
+        for (; i < half; ++i) {
           rotated[i] = row[i] * c[i] + (-row[i + half]) * s[i];
           rotated[i + half] = row[i + half] * c[i + half] + row[i] * s[i + half];
         }

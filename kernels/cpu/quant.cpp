@@ -10,49 +10,145 @@ namespace {
 constexpr float kInt8Max = 127.0f;
 constexpr float kMinScale = 1.0f / 1048576.0f;  // 2^-20, ops.quant.MIN_SCALE
 
-// x ← x H for each block of `block` values, H the normalized Sylvester Hadamard matrix.
-inline void hadamard_blocks(float* x, int64_t n, int64_t block) {
-  const float norm = 1.0f / std::sqrt(static_cast<float>(block));
-  for (int64_t start = 0; start < n; start += block) {
-    float* b = x + start;
-    for (int64_t h = 1; h < block; h *= 2) {
-      for (int64_t i = 0; i < block; i += 2 * h) {
-        for (int64_t j = i; j < i + h; ++j) {
-          const float a = b[j], c = b[j + h];
-          b[j] = a + c;
-          b[j + h] = a - c;
+// x ← x H for each block of `block` values, H the normalized Sylvester Hadamard matrix
+// (the normalization is left to the caller). Butterflies of span h ≥ W (the vector width)
+// run on whole vectors; the spans below W together are H_W applied to each W-chunk, done as
+// W broadcast-FMAs against H_W's rows (`small`: W vectors) instead of scalar shuffles.
+inline void hadamard_blocks(float* x, int64_t n, int64_t block, const Vec* small) {
+  constexpr int64_t w = Vec::size();
+  if (block < w) {  // too small for vectors: scalar butterflies
+    for (int64_t start = 0; start < n; start += block) {
+      float* b = x + start;
+      for (int64_t h = 1; h < block; h *= 2) {
+        for (int64_t i = 0; i < block; i += 2 * h) {
+          for (int64_t j = i; j < i + h; ++j) {
+            const float a = b[j], c = b[j + h];
+            b[j] = a + c;
+            b[j + h] = a - c;
+          }
         }
       }
     }
-    for (int64_t i = 0; i < block; ++i) b[i] *= norm;
+    return;
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+  // In registers: span h is y = x * sign_h + x[j ^ h] (one permute and one FMA per stage).
+  (void)small;
+  alignas(64) int32_t idx[4][16];
+  alignas(64) float sign[4][16];
+  for (int s = 0; s < 4; ++s) {
+    for (int j = 0; j < 16; ++j) {
+      idx[s][j] = j ^ (1 << s);
+      sign[s][j] = (j >> s) & 1 ? -1.0f : 1.0f;
+    }
+  }
+  __m512i perm[4];
+  __m512 sg[4];
+  for (int s = 0; s < 4; ++s) {
+    perm[s] = _mm512_load_si512(idx[s]);
+    sg[s] = _mm512_load_ps(sign[s]);
+  }
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    for (int s = 0; s < 4; ++s) v = _mm512_fmadd_ps(v, sg[s], _mm512_permutexvar_ps(perm[s], v));
+    _mm512_storeu_ps(x + i, v);
+  }
+#else
+  // H_W on each chunk as W broadcast-FMAs against its rows, four chunks at a time (four
+  // independent FMA chains instead of one W-long dependency).
+  int64_t i = 0;
+  for (; i + 4 * w <= n; i += 4 * w) {
+    Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+    for (int64_t j = 0; j < w; ++j) {
+      a0 = at::vec::fmadd(Vec(x[i + j]), small[j], a0);
+      a1 = at::vec::fmadd(Vec(x[i + w + j]), small[j], a1);
+      a2 = at::vec::fmadd(Vec(x[i + 2 * w + j]), small[j], a2);
+      a3 = at::vec::fmadd(Vec(x[i + 3 * w + j]), small[j], a3);
+    }
+    a0.store(x + i);
+    a1.store(x + i + w);
+    a2.store(x + i + 2 * w);
+    a3.store(x + i + 3 * w);
+  }
+  for (; i < n; i += w) {
+    Vec acc(0.0f);
+    for (int64_t j = 0; j < w; ++j) acc = at::vec::fmadd(Vec(x[i + j]), small[j], acc);
+    acc.store(x + i);
+  }
+#endif
+  for (int64_t start = 0; start < n; start += block) {
+    float* b = x + start;
+    for (int64_t h = w; h < block; h *= 2) {
+      for (int64_t i = 0; i < block; i += 2 * h) {
+        for (int64_t j = i; j < i + h; j += w) {
+          const Vec a = Vec::loadu(b + j), c = Vec::loadu(b + j + h);
+          (a + c).store(b + j);
+          (a - c).store(b + j + h);
+        }
+      }
+    }
   }
 }
 
+// out[i] = (int8) x[i] for x already integral and within ±127.
+inline void store_int8(const float* x, int8_t* out, int64_t n) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; i + 16 <= n; i += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_loadu_ps(x + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(q));
+  }
+#endif
+  for (; i < n; ++i) out[i] = static_cast<int8_t>(x[i]);
+}
+
+// The rows of H_W (unnormalized Sylvester: H[i][j] = (-1)^popcount(i & j)).
+inline std::vector<Vec> hadamard_rows() {
+  constexpr int64_t w = Vec::size();
+  std::vector<Vec> rows;
+  float row[w];
+  for (int64_t i = 0; i < w; ++i) {
+    for (int64_t j = 0; j < w; ++j) row[j] = __builtin_popcountll(i & j) % 2 ? -1.0f : 1.0f;
+    rows.push_back(Vec::loadu(row));
+  }
+  return rows;
+}
+
 template <typename T>
-void quantize_rows_impl(const at::Tensor& x, const float* smooth, int64_t rotation,
+void quantize_rows_impl(const at::Tensor& x, const float* inv_smooth, int64_t rotation,
                         at::Tensor& codes, at::Tensor& scales) {
   const int64_t rows = x.size(0), k = x.size(1);
   const T* src = x.data_ptr<T>();
   int8_t* dst = codes.data_ptr<int8_t>();
   float* sc = scales.data_ptr<float>();
   const int64_t xs = x.stride(0);
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+  const std::vector<Vec> small = rotation > 1 ? hadamard_rows() : std::vector<Vec>();
+  const float norm = rotation > 1 ? 1.0f / std::sqrt(static_cast<float>(rotation)) : 1.0f;
+  // Rows are short (K ~ 10^3): a thread per few rows only pays off with several of them.
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(k);
+    float* v = row.data();
     for (int64_t r = begin; r < end; ++r) {
-      to_float(src + r * xs, row.data(), k);
-      if (smooth != nullptr) {
-        for (int64_t i = 0; i < k; ++i) row[i] /= smooth[i];
+      to_float(src + r * xs, v, k);
+      if (inv_smooth != nullptr) {
+        at::vec::map2([](Vec a, Vec b) { return a * b; }, v, v, inv_smooth, k);
       }
-      if (rotation > 1) hadamard_blocks(row.data(), k, rotation);
-      float amax = 0.0f;
-      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+      if (rotation > 1) {
+        hadamard_blocks(v, k, rotation, small.data());
+        at::vec::map([norm](Vec a) { return a * Vec(norm); }, v, v, k);
+      }
+      const float amax = at::vec::map_reduce_all<float>(
+          [](Vec a) { return a.abs(); }, [](Vec a, Vec b) { return at::vec::maximum(a, b); }, v,
+          k);
       const float scale = std::max(amax / kInt8Max, kMinScale);
       sc[r] = scale;
-      int8_t* out = dst + r * k;
-      for (int64_t i = 0; i < k; ++i) {
-        const float q = std::floor(row[i] / scale + 0.5f);
-        out[i] = static_cast<int8_t>(std::min(std::max(q, -kInt8Max), kInt8Max));
-      }
+      // round half up, as ops.quant.round_half_up: floor(x / scale + 0.5), clamped. Products
+      // with reciprocals instead of the reference's divisions (two divisions per element were
+      // most of this kernel's time): a code moves by one where a value sits on a rounding edge.
+      const Vec inv(1.0f / scale), half(0.5f), lo(-kInt8Max), hi(kInt8Max);
+      at::vec::map(
+          [=](Vec a) { return at::vec::clamp((a * inv + half).floor(), lo, hi); }, v, v, k);
+      store_int8(v, dst + r * k, k);
     }
   });
 }
@@ -67,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x,
   at::Tensor smooth32;
   if (smooth.has_value()) {
     TORCH_CHECK(smooth->numel() == k, "smooth: [K]");
-    smooth32 = smooth->to(at::kFloat).contiguous();
+    smooth32 = smooth->to(at::kFloat).reciprocal();
   }
   at::Tensor codes = at::empty({x.size(0), k}, x.options().dtype(at::kChar));
   at::Tensor scales = at::empty({x.size(0)}, x.options().dtype(at::kFloat));

@@ -80,21 +80,29 @@ void cache_rows_int8(const at::Tensor& x, const at::Tensor& cache, const at::Ten
   const int64_t s0 = x.stride(0), s1 = x.stride(1);
   at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(dim);
+    std::vector<int8_t> codes(dim);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slot = slots[t];
       if (slot < 0) continue;
       const int64_t block = slot / pool.block_size, offset = slot % pool.block_size;
       for (int64_t h = 0; h < heads; ++h) {
-        to_float(src + t * s0 + h * s1, row.data(), dim);
-        float amax = 0.0f;
-        for (int64_t d = 0; d < dim; ++d) amax = std::max(amax, std::fabs(row[d]));
+        float* r = row.data();
+        to_float(src + t * s0 + h * s1, r, dim);
+        const float amax = at::vec::map_reduce_all<float>(
+            [](Vec v) { return v.abs(); }, [](Vec a, Vec b) { return at::vec::maximum(a, b); },
+            r, dim);
         const S stored = static_cast<S>(std::max(amax / kInt8Max, kMinScale));
         const float scale = static_cast<float>(stored);
         *row_ptr<S>(scale_pool, block, offset, h) = stored;
+        const Vec vs(scale), half(0.5f), lo(-kInt8Max), hi(kInt8Max);
+        at::vec::map(
+            [=](Vec v) { return at::vec::clamp((v / vs + half).floor(), lo, hi); }, r, r, dim);
         int8_t* dst = row_ptr<int8_t>(pool, block, offset, h);
-        for (int64_t d = 0; d < dim; ++d) {
-          const float q = std::floor(row[d] / scale + 0.5f);
-          dst[d * dim_stride] = static_cast<int8_t>(std::min(std::max(q, -kInt8Max), kInt8Max));
+        if (dim_stride == 1) {
+          store_int8(r, dst, dim);
+        } else {  // token-minor key page
+          store_int8(r, codes.data(), dim);
+          for (int64_t d = 0; d < dim; ++d) dst[d * dim_stride] = codes[d];
         }
       }
     }
@@ -139,8 +147,23 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
 // product per token. Value pages are token-major.
 
 struct DecodeScratch {
-  std::vector<float> q, scores, page;
+  std::vector<float> q, scores, page, scales;
 };
+
+// The n scales of one page and kv head (int8 caches), widened to float32 a vector at a time:
+// a software float16 conversion per token cost more than the page's dot products.
+template <typename S>
+inline void page_scales(const PoolView& v, int64_t block, int64_t head, int64_t n, float* out) {
+  constexpr int64_t w = Vec::size();
+  const S* p = row_ptr<S>(v, block, 0, head);
+  for (int64_t t0 = 0; t0 < n; t0 += w) {
+    S raw[w];
+    const int64_t count = std::min(w, n - t0);
+    for (int64_t j = 0; j < count; ++j) raw[j] = p[(t0 + j) * v.token_stride];
+    for (int64_t j = count; j < w; ++j) raw[j] = S(0.0f);
+    load_float(raw).store(out + t0);
+  }
+}
 
 template <typename T, typename C, typename S>
 struct DecodeArgs {
@@ -157,7 +180,9 @@ struct DecodeArgs {
 template <int kGroups, typename T, typename C, typename S>
 inline void page_scores(const DecodeArgs<T, C, S>& a, const float* q, int64_t block,
                         int64_t kv_head, int64_t pos0, int64_t n, int64_t ctx, float* scores,
-                        float* tmp) {
+                        float* tmp, float* ks) {
+  constexpr bool kInt8 = std::is_same_v<C, int8_t>;
+  if constexpr (kInt8) page_scales<S>(*a.ksp, block, kv_head, n, ks);
   const C* page = row_ptr<C>(a.kp, block, 0, kv_head);
   constexpr int64_t w = Vec::size();
   const int64_t groups = kGroups > 0 ? kGroups : a.groups;
@@ -173,8 +198,13 @@ inline void page_scores(const DecodeArgs<T, C, S>& a, const float* q, int64_t bl
         for (int g = 0; g < kGroups; ++g) acc[g] = at::vec::fmadd(Vec(q[g * a.dim + d]), kv, acc[g]);
       }
       const int64_t count = std::min<int64_t>(w, n - t0);
+      if constexpr (kInt8) {
+        const Vec scale = Vec::loadu(ks + t0);
+        for (int g = 0; g < kGroups; ++g) acc[g] = acc[g] * scale;
+      }
       for (int g = 0; g < kGroups; ++g) acc[g].store(scores + g * ctx + pos0 + t0, count);
     }
+    return;
   } else if (a.kp.token_stride == 1) {
     for (int64_t t = 0; t < n; ++t) {
       for (int64_t d = 0; d < a.dim; ++d) tmp[d] = static_cast<float>(page[d * a.k_dim_stride + t]);
@@ -186,10 +216,9 @@ inline void page_scores(const DecodeArgs<T, C, S>& a, const float* q, int64_t bl
       for (int64_t g = 0; g < groups; ++g) scores[g * ctx + pos0 + t] = dot(q + g * a.dim, tmp, a.dim);
     }
   }
-  if constexpr (std::is_same_v<C, int8_t>) {
+  if constexpr (kInt8) {
     for (int64_t t = 0; t < n; ++t) {
-      const float ks = static_cast<float>(*row_ptr<S>(*a.ksp, block, t, kv_head));
-      for (int64_t g = 0; g < groups; ++g) scores[g * ctx + pos0 + t] *= ks;
+      for (int64_t g = 0; g < groups; ++g) scores[g * ctx + pos0 + t] *= ks[t];
     }
   }
 }
@@ -198,20 +227,19 @@ inline void page_scores(const DecodeArgs<T, C, S>& a, const float* q, int64_t bl
 template <int kGroups, typename T, typename C, typename S>
 inline void page_values(const DecodeArgs<T, C, S>& a, const float* probs, int64_t block,
                         int64_t kv_head, int64_t pos0, int64_t n, int64_t ctx, float* tmp,
-                        float* acc) {
+                        float* acc, float* vs) {
   const C* page = row_ptr<C>(a.vp, block, 0, kv_head);
   constexpr int64_t w = Vec::size();
   const int64_t groups = kGroups > 0 ? kGroups : a.groups;
   const int64_t ts = a.vp.token_stride;
   // This page's weights, [groups][n] (tmp).
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t t = 0; t < n; ++t) {
-      float pt = probs[g * ctx + pos0 + t];
-      if constexpr (std::is_same_v<C, int8_t>) {
-        pt *= static_cast<float>(*row_ptr<S>(*a.vsp, block, t, kv_head));
-      }
-      tmp[g * n + t] = pt;
+  if constexpr (std::is_same_v<C, int8_t>) {
+    page_scales<S>(*a.vsp, block, kv_head, n, vs);
+    for (int64_t g = 0; g < groups; ++g) {
+      at::vec::map2([](Vec p, Vec v) { return p * v; }, tmp + g * n, probs + g * ctx + pos0, vs, n);
     }
+  } else {
+    for (int64_t g = 0; g < groups; ++g) std::copy_n(probs + g * ctx + pos0, n, tmp + g * n);
   }
   if constexpr (kGroups > 0) {
     if (a.dim % w == 0) {
@@ -253,13 +281,14 @@ void attend_one(const DecodeArgs<T, C, S>& a, const T* q, int64_t q_head_stride,
   }
   s.scores.resize(groups * ctx);
   s.page.resize(std::max<int64_t>(dim, groups * bs) + Vec::size());
+  s.scales.resize(bs + Vec::size());
   const int64_t page_bytes = bs * dim * static_cast<int64_t>(sizeof(C));
   const int64_t last = (ctx - 1) / bs;
   for (int64_t pos0 = 0; pos0 < ctx; pos0 += bs) {
     const int64_t next = std::min(pos0 / bs + 1, last);
     prefetch_page(row_ptr<C>(a.kp, table[next], 0, kv_head), page_bytes);
     page_scores<kGroups>(a, s.q.data(), table[pos0 / bs], kv_head, pos0, std::min(bs, ctx - pos0), ctx,
-                s.scores.data(), s.page.data());
+                s.scores.data(), s.page.data(), s.scales.data());
   }
   for (int64_t g = 0; g < groups; ++g) softmax_inplace(s.scores.data() + g * ctx, ctx);
   // The query buffer is free again: it accumulates the output now.
@@ -269,7 +298,7 @@ void attend_one(const DecodeArgs<T, C, S>& a, const T* q, int64_t q_head_stride,
     const int64_t next = std::min(pos0 / bs + 1, last);
     prefetch_page(row_ptr<C>(a.vp, table[next], 0, kv_head), page_bytes);
     page_values<kGroups>(a, s.scores.data(), table[pos0 / bs], kv_head, pos0, std::min(bs, ctx - pos0),
-                ctx, s.page.data(), s.q.data());
+                ctx, s.page.data(), s.q.data(), s.scales.data());
   }
   for (int64_t g = 0; g < groups; ++g) from_float(s.q.data() + g * dim, out + g * out_head_stride, dim);
 }

@@ -92,6 +92,18 @@ inline void from_float(const float* src, T* dst, int64_t n) {
   }
 }
 
+// out[i] = (int8) x[i] for x already integral and within ±127.
+inline void store_int8(const float* x, int8_t* out, int64_t n) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; i + 16 <= n; i += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_loadu_ps(x + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(q));
+  }
+#endif
+  for (; i < n; ++i) out[i] = static_cast<int8_t>(x[i]);
+}
+
 inline float reduce_sum(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
 }

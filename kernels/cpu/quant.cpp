@@ -90,18 +90,6 @@ inline void hadamard_blocks(float* x, int64_t n, int64_t block, const Vec* small
   }
 }
 
-// out[i] = (int8) x[i] for x already integral and within ±127.
-inline void store_int8(const float* x, int8_t* out, int64_t n) {
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  for (; i + 16 <= n; i += 16) {
-    const __m512i q = _mm512_cvtps_epi32(_mm512_loadu_ps(x + i));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(q));
-  }
-#endif
-  for (; i < n; ++i) out[i] = static_cast<int8_t>(x[i]);
-}
-
 // The rows of H_W (unnormalized Sylvester: H[i][j] = (-1)^popcount(i & j)).
 inline std::vector<Vec> hadamard_rows() {
   constexpr int64_t w = Vec::size();
@@ -160,15 +148,17 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x,
   const int64_t k = x.size(1);
   TORCH_CHECK(rotation >= 1 && (rotation & (rotation - 1)) == 0 && k % rotation == 0,
               "rotation must be a power of two dividing K");
-  at::Tensor smooth32;
+  std::vector<float> inv_smooth;  // 1 / smooth (a torch op here cost more than the divides)
   if (smooth.has_value()) {
     TORCH_CHECK(smooth->numel() == k, "smooth: [K]");
-    smooth32 = smooth->to(at::kFloat).reciprocal();
+    const at::Tensor s32 = smooth->to(at::kFloat).contiguous();
+    inv_smooth.resize(k);
+    at::vec::map([](Vec v) { return v.reciprocal(); }, inv_smooth.data(), s32.data_ptr<float>(), k);
   }
   at::Tensor codes = at::empty({x.size(0), k}, x.options().dtype(at::kChar));
   at::Tensor scales = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   HEADRACE_DISPATCH_FLOAT(x.scalar_type(), "quantize_rows", [&] {
-    quantize_rows_impl<scalar_t>(x, smooth32.defined() ? smooth32.data_ptr<float>() : nullptr,
+    quantize_rows_impl<scalar_t>(x, inv_smooth.empty() ? nullptr : inv_smooth.data(),
                                  rotation, codes, scales);
   });
   return {codes, scales};

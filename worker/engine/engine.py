@@ -196,7 +196,7 @@ class Engine:
             while seq.num_computed_tokens < len(token_ids):
                 n = min(chunk_size, len(token_ids) - seq.num_computed_tokens)
                 logits, _ = self.runner.execute([ScheduledChunk(seq, n)], all_logits=True)
-                rows.append(logits)
+                rows.append(logits.float())
                 seq.num_computed_tokens += n
         finally:
             self.allocator.free(seq.block_ids)

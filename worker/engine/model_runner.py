@@ -111,7 +111,7 @@ class ModelRunner:
         """Run one forward pass over `chunks`.
 
         Returns:
-            logits [num_sampled, vocab] float32 and the chunks they belong to
+            logits [num_sampled, vocab] (model dtype) and the chunks they belong to
             (those that reach their sequence's last token), in that row order.
             With `all_logits` (teacher-forced scoring): logits of every token of the step,
             [num_tokens, vocab], prefill chunks first in their given order, then decodes.

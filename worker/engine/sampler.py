@@ -60,14 +60,17 @@ class Sampler:
         eos_token_ids: frozenset[int],
     ) -> SamplerOutput:
         """logits: [len(seqs), >= vocab_size], any float dtype; extra (padded) columns are ignored."""
-        raw = logits[:, : self.vocab_size].float()
+        # Greedy rows without penalties take the argmax of the raw logits: widening
+        # [rows, 49k] bf16 logits to float32 first cost more than the argmax.
+        raw = logits[:, : self.vocab_size]
         x = apply_penalties(raw, seqs, eos_token_ids)
         random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= _GREEDY_EPS]
         if not random_rows:
             tokens = argmax(x)
         elif len(random_rows) == len(seqs):
-            tokens = self._sample(x, seqs)
+            tokens = self._sample(x.float(), seqs)
         else:
+            x = x.float()
             greedy_rows = [i for i, s in enumerate(seqs) if s.params.temperature < _GREEDY_EPS]
             g, r = _index(greedy_rows, x.device), _index(random_rows, x.device)
             tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
@@ -112,8 +115,8 @@ def apply_penalties(
 ) -> torch.Tensor:
     """Repetition, presence and frequency penalties and min_tokens masking.
 
-    logits: [len(seqs), V] float32. Returns it untouched when no row needs any of
-    these, else a penalized copy. Repetition (HF/vLLM) covers prompt + output
+    logits: [len(seqs), V] any float dtype. Returns it untouched when no row needs any of
+    these, else a penalized float32 copy. Repetition (HF/vLLM) covers prompt + output
     tokens: positive logits are divided by the penalty, negative ones multiplied.
     Presence/frequency (OpenAI) cover output tokens only: l -= f * count + p * (count > 0).
     min_tokens masks the stop tokens (EOS unless ignore_eos, and stop_token_ids).
@@ -128,7 +131,7 @@ def apply_penalties(
     short = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
     if not (rep or occ or short):
         return logits
-    out = logits.clone()
+    out = logits.to(torch.float32, copy=True)
     if rep:
         lists = [seqs[i].prompt_token_ids + seqs[i].output_token_ids for i in rep]
         rows, toks, _ = _unique_pairs(rep, lists, vocab, out.device)
@@ -271,7 +274,8 @@ def _logprobs(
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return out
-    lp = torch.log_softmax(raw if len(rows) == len(params) else raw[_index(rows, raw.device)], -1)
+    picked = raw if len(rows) == len(params) else raw[_index(rows, raw.device)]
+    lp = torch.log_softmax(picked.float(), -1)
     chosen_ids = torch.tensor([token_ids[i] for i in rows], device=raw.device)
     chosen = lp.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
     max_n = max(params[i].logprobs or 0 for i in rows)

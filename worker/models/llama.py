@@ -226,5 +226,6 @@ class LlamaForCausalLM(nn.Module):
         return changed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [S, hidden] (only the positions being sampled) → logits [S, vocab] float32."""
-        return self.lm_head(hidden).float()
+        """hidden: [S, hidden] (only the positions being sampled) → logits [S, vocab] in the
+        model dtype (the sampler widens what it needs: greedy rows never are)."""
+        return self.lm_head(hidden)

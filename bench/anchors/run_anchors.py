@@ -35,6 +35,8 @@ from typing import TextIO
 DEFAULT_DIR = Path(os.environ.get("ANCHORS_DIR", Path.home() / ".cache" / "headrace-anchors"))
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 ENGINES = {
+    "headrace-bf16": "headrace bf16 (`headrace bench throughput`)",
+    "headrace-int8": "headrace W8A8 + int8 KV",
     "ov-fp16": "OpenVINO GenAI fp16 IR, bf16 KV",
     "ov-int8": "OpenVINO GenAI int8 IR, u8 KV",
     "llama-f16": "llama.cpp F16 (batched-bench)",
@@ -43,7 +45,7 @@ ENGINES = {
     "llama-server-q8_0": "llama.cpp Q8_0 (server, -np N)",
     "ct2": "CTranslate2 int8",
 }
-DEFAULT_ENGINES = "ov-fp16,ov-int8,llama-f16,llama-q8_0,llama-server-f16,llama-server-q8_0,ct2"
+DEFAULT_ENGINES = "headrace-bf16,headrace-int8,ov-fp16,ov-int8,llama-f16,llama-q8_0,llama-server-f16,llama-server-q8_0,ct2"
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,15 @@ class Timings:
         )
 
 
+def _best(results: Sequence[Result]) -> list[Result]:
+    """Per workload, the run with the most output tokens/s (of the settings tried)."""
+    best: dict[str, Result] = {}
+    for r in results:
+        if r.workload not in best or r.output_tok_s > best[r.workload].output_tok_s:
+            best[r.workload] = r
+    return list(best.values())
+
+
 def _p50_ms(values: Sequence[float]) -> float | None:
     return statistics.median(values) * 1000 if values else None
 
@@ -204,7 +215,7 @@ def run_openvino(
     """ContinuousBatchingPipeline, once per max_num_batched_tokens; the best one per workload."""
     import openvino_genai as ov_genai
 
-    best: dict[str, Result] = {}
+    results = []
     for mbt in batched_tokens:
         sched = ov_genai.SchedulerConfig()
         sched.cache_size = 2  # GB of KV cache: far more than any of these workloads needs
@@ -217,10 +228,9 @@ def run_openvino(
             _ov_generate(pipe, w.warmup())
             result = _ov_generate(pipe, w).result(engine, w, f"max_num_batched_tokens={mbt}")
             _log(result)
-            if w.label not in best or result.output_tok_s > best[w.label].output_tok_s:
-                best[w.label] = result
+            results.append(result)
         del pipe
-    return list(best.values())
+    return _best(results)
 
 
 def _ov_generate(pipe: object, w: Workload) -> Timings:
@@ -249,6 +259,41 @@ def _ov_generate(pipe: object, w: Workload) -> Timings:
                 timings.record(i, now, sum(len(o.generated_ids) for o in h.read().values()))
     timings.wall_s = time.perf_counter() - start
     return timings
+
+
+# --- headrace ----------------------------------------------------------------------------
+
+
+def run_headrace(
+    engine: str,
+    workloads: Sequence[Workload],
+    files: Sequence[str],
+    threads: int,
+    options: Sequence[str],
+) -> list[Result]:
+    """`headrace bench throughput --workload-file` in the project's .venv, one process per
+    workload (its JSON: output tokens, wall time, TTFT and TPOT percentiles)."""
+    headrace = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "headrace"
+    results = []
+    for w, path in zip(workloads, files, strict=True):
+        cmd = [str(headrace), "bench", "throughput", "--workload-file", str(path)]
+        cmd += ["--no-baseline", "--json", "--num-threads", str(threads), *options]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        run = json.loads(proc.stdout.splitlines()[-1])["headrace"]
+        ttft, tpot = run.get("ttft_p50_s"), run.get("tpot_p50_s")
+        result = Result(
+            engine,
+            w.label,
+            len(w.requests),
+            int(run["output_tokens"]),
+            float(run["elapsed_s"]),
+            None if ttft is None else ttft * 1000,
+            None if tpot is None else tpot * 1000,
+            " ".join(options) or "bfloat16",
+        )
+        _log(str(result))
+        results.append(result)
+    return results
 
 
 # --- CTranslate2 -------------------------------------------------------------------------
@@ -310,13 +355,18 @@ def _ct2_generate(gen: object, vocab: list[str], w: Workload) -> Timings:
 
 
 def run_llama_batched_bench(
-    engine: str, binary: Path, gguf: Path, workloads: Sequence[Workload], threads: int
+    engine: str,
+    binary: Path,
+    gguf: Path,
+    workloads: Sequence[Workload],
+    threads: int,
+    flash_attn: Sequence[str],
 ) -> list[Result]:
     """llama-batched-bench for workloads whose requests all share one (P, O): B sequences
     of P random prompt tokens prefilled together, then O batched decode steps. It cannot
     run mixed lengths (or our token ids: its prompts are random tokens of the same length).
     TTFT = its prompt time T_PP (every first token waits for the whole batched prefill),
-    TPOT = T_TG / O."""
+    TPOT = T_TG / O. Each `flash_attn` setting is tried; the best is reported."""
     results = []
     for w in workloads:
         shape = w.uniform_shape()
@@ -325,63 +375,70 @@ def run_llama_batched_bench(
             continue
         prompt_len, output_len, batch = shape
         ctx = max(256, math.ceil(batch * (prompt_len + output_len) / 256) * 256)
-        cmd = [
-            str(binary), "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512",
-            "-npp", str(prompt_len), "-ntg", str(output_len), "-npl", str(batch),
-            "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl",
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        line = [s for s in proc.stdout.splitlines() + proc.stderr.splitlines() if s[:1] == "{"]
-        row = json.loads(line[-1])
-        result = Result(
-            engine,
-            w.label,
-            batch,
-            batch * output_len,
-            row["t"],
-            row["t_pp"] * 1000,
-            row["t_tg"] / output_len * 1000,
-            f"flash_attn={row['flash_attn']}",
-        )
-        results.append(result)
-        _log(result)
-    return results
+        for fa in flash_attn:
+            cmd = [
+                str(binary), "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512",
+                "-npp", str(prompt_len), "-ntg", str(output_len), "-npl", str(batch),
+                "-t", str(threads), "-tb", str(threads), "-fa", fa, "--output-format", "jsonl",
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows = [s for s in proc.stdout.splitlines() + proc.stderr.splitlines() if s[:1] == "{"]
+            row = json.loads(rows[-1])
+            tpot_ms = row["t_tg"] / output_len * 1000
+            ttft_ms = row["t_pp"] * 1000
+            note = f"-fa {fa}"
+            results.append(
+                Result(engine, w.label, batch, batch * output_len, row["t"], ttft_ms, tpot_ms, note)
+            )
+            _log(results[-1])
+    return _best(results)
 
 
 def run_llama_server(
-    engine: str, binary: Path, gguf: Path, workloads: Sequence[Workload], threads: int
+    engine: str,
+    binary: Path,
+    gguf: Path,
+    workloads: Sequence[Workload],
+    threads: int,
+    flash_attn: Sequence[str],
 ) -> list[Result]:
-    """llama-server with one slot per request (continuous batching, unified KV cache), all
-    requests POSTed at once to /completion as token ids. TTFT_i = its response time minus
-    its `predicted_ms` (the server's time from first to last token); TPOT_i = predicted_ms
-    / (n - 1)."""
+    """llama-server with one slot per request (continuous batching; per-slot KV cache, each
+    slot as long as the longest request), all requests POSTed at once to /completion as
+    token ids. TTFT_i = its response time minus its `predicted_ms` (the server's time from
+    first to last token); TPOT_i = predicted_ms / (n - 1). Each `flash_attn` setting is
+    tried; the best is reported."""
     results = []
     for w in workloads:
-        ctx = math.ceil(sum(len(r.prompt) + r.output_len for r in w.requests) / 256 + 1) * 256
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [
-            str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(ctx), "-np", str(len(w.requests)), "--kv-unified", "-cb",
-            "-b", "2048", "-ub", "512", "-t", str(threads), "-tb", str(threads),
-            "--cache-ram", "0", "--no-webui",
-        ]  # fmt: skip
-        with tempfile.TemporaryFile() as log, subprocess.Popen(cmd, stdout=log, stderr=log) as srv:
-            try:
-                url = f"http://127.0.0.1:{port}"
-                _wait_healthy(url, srv)
-                _server_generate(url, w.warmup())
-                timings = _server_generate(url, w)
-            except Exception:
-                log.seek(0)
-                sys.stderr.write(log.read().decode(errors="replace")[-3000:])
-                raise
-            finally:
-                srv.terminate()
-        results.append(timings.result(engine, w, f"-np {len(w.requests)} -c {ctx}"))
-        _log(results[-1])
-    return results
+        n = len(w.requests)
+        slot = math.ceil(max(len(r.prompt) + r.output_len for r in w.requests) / 256) * 256
+        for fa in flash_attn:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [
+                str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                "-c", str(n * slot), "-np", str(n), "--no-kv-unified", "-cb", "-fa", fa,
+                "-b", "2048", "-ub", "512", "-t", str(threads), "-tb", str(threads),
+                "--cache-ram", "0", "--no-webui",
+            ]  # fmt: skip
+            with (
+                tempfile.TemporaryFile() as log,
+                subprocess.Popen(cmd, stdout=log, stderr=log) as srv,
+            ):
+                try:
+                    url = f"http://127.0.0.1:{port}"
+                    _wait_healthy(url, srv)
+                    _server_generate(url, w.warmup())
+                    timings = _server_generate(url, w)
+                except Exception:
+                    log.seek(0)
+                    sys.stderr.write(log.read().decode(errors="replace")[-3000:])
+                    raise
+                finally:
+                    srv.terminate()
+            results.append(timings.result(engine, w, f"-np {n} -c {n}x{slot} -fa {fa}"))
+            _log(results[-1])
+    return _best(results)
 
 
 def _wait_healthy(url: str, srv: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
@@ -477,7 +534,8 @@ class Report:
 
     @classmethod
     def merge(cls, paths: Sequence[str]) -> Report:
-        """The `--json` outputs of several runs (e.g. one per engine) as one report."""
+        """The `--json` outputs of several runs (e.g. one per engine, or repeats) as one
+        report; of repeated (engine, workload) runs, the fastest is kept."""
         init = {f.name for f in fields(Result) if f.init}
         reports = [json.loads(Path(p).read_text()) for p in paths]
         versions: dict[str, str] = {}
@@ -489,9 +547,16 @@ class Report:
             results += [
                 Result(**{k: v for k, v in r.items() if k in init}) for r in data["results"]
             ]
+        best: dict[tuple[str, str], Result] = {}
+        for r in results:
+            key = (r.engine, r.workload)
+            if key not in best or r.output_tok_s > best[key].output_tok_s:
+                best[key] = r
+        results = list(best.values())
         times = sorted({data["time"] for data in reports})
         first = reports[0]
-        return cls(", ".join(times), first["cpu"], versions, first["threads"], workloads, results)
+        span = times[0] if len(times) == 1 else f"{times[0]} to {times[-1]}"
+        return cls(span, first["cpu"], versions, first["threads"], workloads, results)
 
     def print_tables(self, out: TextIO) -> None:
         flags = self.cpu["flags"]
@@ -572,6 +637,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="OpenVINO scheduler max_num_batched_tokens values to try; the best is reported",
     )
     parser.add_argument(
+        "--llama-flash-attn",
+        default="on,off",
+        help="llama.cpp -fa values to try (on, off, auto); the best is reported",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="one JSON object on stdout (tables go to stderr)"
     )
     args = parser.parse_args(argv)
@@ -592,20 +662,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     t = args.threads
     bin_dir, gguf = anchors / "llama-build" / "bin", anchors / "gguf"
     mbt = [int(x) for x in args.ov_max_batched_tokens.split(",")]
+    fa = args.llama_flash_attn.split(",")
+    files = args.workload_file
     runners: dict[str, Callable[[], list[Result]]] = {
+        "headrace-bf16": lambda: run_headrace("headrace-bf16", workloads, files, t, []),
+        "headrace-int8": lambda: run_headrace(
+            "headrace-int8",
+            workloads,
+            files,
+            t,
+            ["--quantization", "w8a8", "--kv-cache-dtype", "int8"],
+        ),
         "ov-fp16": lambda: run_openvino("ov-fp16", anchors / "ov-fp16", "bf16", workloads, t, mbt),
         "ov-int8": lambda: run_openvino("ov-int8", anchors / "ov-int8", "u8", workloads, t, mbt),
         "llama-f16": lambda: run_llama_batched_bench(
-            "llama-f16", bin_dir / "llama-batched-bench", gguf / "model-f16.gguf", workloads, t
+            "llama-f16", bin_dir / "llama-batched-bench", gguf / "model-f16.gguf", workloads, t, fa
         ),
         "llama-q8_0": lambda: run_llama_batched_bench(
-            "llama-q8_0", bin_dir / "llama-batched-bench", gguf / "model-q8_0.gguf", workloads, t
+            "llama-q8_0",
+            bin_dir / "llama-batched-bench",
+            gguf / "model-q8_0.gguf",
+            workloads,
+            t,
+            fa,
         ),
         "llama-server-f16": lambda: run_llama_server(
-            "llama-server-f16", bin_dir / "llama-server", gguf / "model-f16.gguf", workloads, t
+            "llama-server-f16", bin_dir / "llama-server", gguf / "model-f16.gguf", workloads, t, fa
         ),
         "llama-server-q8_0": lambda: run_llama_server(
-            "llama-server-q8_0", bin_dir / "llama-server", gguf / "model-q8_0.gguf", workloads, t
+            "llama-server-q8_0",
+            bin_dir / "llama-server",
+            gguf / "model-q8_0.gguf",
+            workloads,
+            t,
+            fa,
         ),
         "ct2": lambda: run_ctranslate2("ct2", anchors / "ct2-int8", workloads, t),
     }

@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-2}
 LLAMA_CPP_PYTHON_VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}  # its vendor/llama.cpp is built
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}  # empty: PyPI only (offline mirrors)
 WITH_CT2=${WITH_CT2:-1}
 NICE=(nice -n 19)
 

@@ -153,9 +153,10 @@ struct DecodeScratch {
 // The n scales of one page and kv head (int8 caches), widened to float32 a vector at a time:
 // a software float16 conversion per token cost more than the page's dot products.
 template <typename S>
-inline void page_scales(const PoolView& v, int64_t block, int64_t head, int64_t n, float* out) {
+inline void page_scales(const PoolView& v, int64_t block, int64_t head, int64_t n, float* out,
+                        int64_t offset = 0) {
   constexpr int64_t w = Vec::size();
-  const S* p = row_ptr<S>(v, block, 0, head);
+  const S* p = row_ptr<S>(v, block, offset, head);
   for (int64_t t0 = 0; t0 < n; t0 += w) {
     S raw[w];
     const int64_t count = std::min(w, n - t0);
@@ -269,6 +270,117 @@ inline void prefetch_page(const void* page, int64_t bytes) {
   for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(p + line);
 }
 
+// ---- register-blocked path: token-minor keys, a compile-time GQA ratio, dim % W == 0 ----
+//
+// Scores: kSlices slices of W tokens at once, each key row widened once and multiplied into
+// kGroups x kSlices accumulators (a query value broadcast once per d feeds kSlices FMAs).
+// Values: for each token, kGroups probabilities broadcast once feed kGroups x kVecs FMAs over
+// kVecs vectors of head_dim. Both keep ~12 accumulators in registers; the per-page loops
+// they replace issued ~3 loads/conversions per FMA.
+
+template <int kGroups>
+constexpr int kBlocked = kGroups <= 3 ? 4 : (kGroups <= 6 ? 2 : 1);
+
+template <int kGroups, int kSlices, typename T, typename C, typename S>
+inline void score_slices(const DecodeArgs<T, C, S>& a, const float* q, const int64_t* table,
+                         int64_t pos0, int64_t ctx, int64_t kv_head, float* scores, float* ks) {
+  constexpr int64_t w = Vec::size();
+  const int64_t bs = a.kp.block_size;
+  const C* col[kSlices];
+  for (int p = 0; p < kSlices; ++p) {
+    const int64_t pos = pos0 + p * w;
+    col[p] = row_ptr<C>(a.kp, table[pos / bs], 0, kv_head) + pos % bs;
+  }
+  Vec acc[kGroups][kSlices];
+  for (int g = 0; g < kGroups; ++g)
+    for (int p = 0; p < kSlices; ++p) acc[g][p] = Vec(0.0f);
+  for (int64_t d = 0; d < a.dim; ++d) {
+    Vec kv[kSlices];
+    for (int p = 0; p < kSlices; ++p) kv[p] = load_float(col[p] + d * a.k_dim_stride);
+    for (int g = 0; g < kGroups; ++g) {
+      const Vec qd(q[g * a.dim + d]);
+      for (int p = 0; p < kSlices; ++p) acc[g][p] = at::vec::fmadd(qd, kv[p], acc[g][p]);
+    }
+  }
+  for (int p = 0; p < kSlices; ++p) {
+    const int64_t pos = pos0 + p * w, count = std::min(w, ctx - pos);
+    if constexpr (std::is_same_v<C, int8_t>) {
+      page_scales<S>(*a.ksp, table[pos / bs], kv_head, count, ks, pos % bs);
+      const Vec scale = Vec::loadu(ks);
+      for (int g = 0; g < kGroups; ++g) acc[g][p] = acc[g][p] * scale;
+    }
+    for (int g = 0; g < kGroups; ++g) acc[g][p].store(scores + g * ctx + pos, count);
+  }
+}
+
+template <int kGroups, int kVecs, typename T, typename C, typename S>
+inline void value_block(const DecodeArgs<T, C, S>& a, const float* probs, const int64_t* table,
+                        int64_t ctx, int64_t kv_head, int64_t d0, float* out) {
+  constexpr int64_t w = Vec::size();
+  const int64_t bs = a.vp.block_size, ts = a.vp.token_stride;
+  const int64_t page_bytes = bs * ts * static_cast<int64_t>(sizeof(C));
+  const int64_t last = (ctx - 1) / bs;
+  Vec acc[kGroups][kVecs];
+  for (int g = 0; g < kGroups; ++g)
+    for (int c = 0; c < kVecs; ++c) acc[g][c] = Vec(0.0f);
+  for (int64_t pos0 = 0; pos0 < ctx; pos0 += bs) {
+    prefetch_page(row_ptr<C>(a.vp, table[std::min(pos0 / bs + 1, last)], 0, kv_head), page_bytes);
+    const C* page = row_ptr<C>(a.vp, table[pos0 / bs], 0, kv_head) + d0;
+    const int64_t n = std::min(bs, ctx - pos0);
+    for (int64_t t = 0; t < n; ++t) {
+      Vec v[kVecs];
+      for (int c = 0; c < kVecs; ++c) v[c] = load_float(page + t * ts + c * w);
+      for (int g = 0; g < kGroups; ++g) {
+        const Vec pt(probs[g * ctx + pos0 + t]);
+        for (int c = 0; c < kVecs; ++c) acc[g][c] = at::vec::fmadd(pt, v[c], acc[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < kGroups; ++g)
+    for (int c = 0; c < kVecs; ++c) acc[g][c].store(out + g * a.dim + d0 + c * w);
+}
+
+template <int kGroups, typename T, typename C, typename S>
+void attend_blocked(const DecodeArgs<T, C, S>& a, int64_t ctx, const int64_t* table,
+                    int64_t kv_head, DecodeScratch& s) {
+  constexpr int64_t w = Vec::size();
+  constexpr int kSlices = kBlocked<kGroups>;
+  const int64_t bs = a.kp.block_size;
+  const int64_t page_bytes = bs * a.dim * static_cast<int64_t>(sizeof(C));
+  const int64_t slices = (ctx + w - 1) / w, last = (ctx - 1) / bs;
+  float* scores = s.scores.data();
+  int64_t j = 0;
+  for (; j + kSlices <= slices; j += kSlices) {
+    // The next group's pages (pages sit at unrelated addresses: no hardware prefetch).
+    for (int64_t pg = ((j + kSlices) * w) / bs; pg <= std::min(((j + 2 * kSlices) * w - 1) / bs, last); ++pg) {
+      prefetch_page(row_ptr<C>(a.kp, table[pg], 0, kv_head), page_bytes);
+    }
+    score_slices<kGroups, kSlices>(a, s.q.data(), table, j * w, ctx, kv_head, scores,
+                                   s.scales.data());
+  }
+  for (; j < slices; ++j) {
+    score_slices<kGroups, 1>(a, s.q.data(), table, j * w, ctx, kv_head, scores, s.scales.data());
+  }
+  for (int g = 0; g < kGroups; ++g) softmax_inplace(scores + g * ctx, ctx);
+  if constexpr (std::is_same_v<C, int8_t>) {  // fold each value's scale into its weight
+    for (int64_t pos0 = 0; pos0 < ctx; pos0 += bs) {
+      const int64_t n = std::min(bs, ctx - pos0);
+      page_scales<S>(*a.vsp, table[pos0 / bs], kv_head, n, s.scales.data());
+      for (int g = 0; g < kGroups; ++g) {
+        float* p = scores + g * ctx + pos0;
+        at::vec::map2([](Vec x, Vec y) { return x * y; }, p, p, s.scales.data(), n);
+      }
+    }
+  }
+  // The query buffer is free again: it receives the output.
+  int64_t d0 = 0;
+  constexpr int kVecs = kBlocked<kGroups>;
+  for (; d0 + kVecs * w <= a.dim; d0 += kVecs * w) {
+    value_block<kGroups, kVecs>(a, scores, table, ctx, kv_head, d0, s.q.data());
+  }
+  for (; d0 < a.dim; d0 += w) value_block<kGroups, 1>(a, scores, table, ctx, kv_head, d0, s.q.data());
+}
+
 template <int kGroups, typename T, typename C, typename S>
 void attend_one(const DecodeArgs<T, C, S>& a, const T* q, int64_t q_head_stride, T* out,
                 int64_t out_head_stride, const int64_t* table, int64_t ctx, int64_t kv_head,
@@ -282,6 +394,13 @@ void attend_one(const DecodeArgs<T, C, S>& a, const T* q, int64_t q_head_stride,
   s.scores.resize(groups * ctx);
   s.page.resize(std::max<int64_t>(dim, groups * bs) + Vec::size());
   s.scales.resize(bs + Vec::size());
+  if constexpr (kGroups > 0) {
+    if (a.kp.token_stride == 1 && dim % Vec::size() == 0) {
+      attend_blocked<kGroups>(a, ctx, table, kv_head, s);
+      for (int64_t g = 0; g < groups; ++g) from_float(s.q.data() + g * dim, out + g * out_head_stride, dim);
+      return;
+    }
+  }
   const int64_t page_bytes = bs * dim * static_cast<int64_t>(sizeof(C));
   const int64_t last = (ctx - 1) / bs;
   for (int64_t pos0 = 0; pos0 < ctx; pos0 += bs) {

@@ -139,8 +139,22 @@ def test_reshape_and_cache_skips_negative_slots() -> None:
 def test_paged_decode_attention_matches_sdpa_over_the_pages(
     dtype: torch.dtype, int8: bool, token_minor: bool, dim: int
 ) -> None:
+    _check_decode_attention(dtype, int8, token_minor, dim, heads=6)
+
+
+# The register-blocked path (token-minor keys) tiles by GQA ratio: 1-3 query heads per kv
+# head take 4 slices / vectors at once, 4-6 take 2, 7-8 take 1.
+@pytest.mark.parametrize("int8", [False, True], ids=["fp", "int8"])
+@pytest.mark.parametrize("heads", [2, 10, 16])
+def test_paged_decode_attention_gqa_ratios(int8: bool, heads: int) -> None:
+    _check_decode_attention(torch.float32, int8, True, 64, heads)
+
+
+def _check_decode_attention(
+    dtype: torch.dtype, int8: bool, token_minor: bool, dim: int, heads: int
+) -> None:
     lengths = [1, 15, 16, 17, 70, 203]
-    kv_heads, heads, block_size = 2, 6, 16
+    kv_heads, block_size = 2, 16
     paged = make_paged_kv(
         lengths,
         block_size,

@@ -109,3 +109,40 @@ def linear(
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def _interleave_halves(t: torch.Tensor) -> torch.Tensor:
+    """[2I, ...] (gate rows, then up rows) → the same rows as 16 gate, 16 up, 16 gate, ..."""
+    gate, up = t.chunk(2, dim=0)
+    rest = t.shape[1:]
+    return torch.stack([gate.reshape(-1, 16, *rest), up.reshape(-1, 16, *rest)], 1).reshape(t.shape)
+
+
+def gated_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight: [2I, K] of a fused gate_up projection → its AMX tiles with each 32-column group
+    holding 16 gate columns and the matching 16 up columns (`linear_silu`), or None where the
+    AMX kernel does not run it."""
+    if pack_kind(weight) != "amx" or weight.shape[0] % 32:
+        return None
+    return torch.ops.headrace_cpu.pack_bf16(_interleave_halves(weight.detach()))
+
+
+def linear_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gated: torch.Tensor | None,
+    packed: Callable[[], torch.Tensor | None],
+) -> torch.Tensor:
+    """silu(gate) * up of `linear(x, weight, bias)`, weight [2I, K] (gate rows, then up rows):
+    x [T, K] → [T, I] in x.dtype.
+
+    gated: `gated_packed_weight(weight)` (one AMX GEMM whose epilogue applies the activation,
+    same values as the two steps), or None: then `packed()` gives `linear`'s packed copy.
+    """
+    from ops.activation import silu_and_mul
+
+    if gated is not None and x.dtype == weight.dtype and x.dim() == 2:
+        b = None if bias is None else _interleave_halves(bias)
+        return torch.ops.headrace_cpu.amx_linear_silu_bf16(x, gated, weight.shape[0] // 2, b)
+    return silu_and_mul(linear(x, weight, bias, packed()))

@@ -242,6 +242,45 @@ at::Tensor amx_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
   return out;
 }
 
+// silu(gate) * up of a gate_up projection whose packed weight holds, in each 32-column group,
+// 16 gate columns and the 16 matching up columns (`ops.linear.gated_packed_weight`): the
+// epilogue writes [M, inner] directly, so the [M, 2 * inner] projection output is never
+// stored and read back. The values are those of amx_linear_bf16 then silu_and_mul: gate and
+// up rounded to bf16 first, then the same float32 ops in the same order.
+at::Tensor amx_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t inner,
+                                const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_ready(), "this CPU (or build) has no AMX");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x: [M, K] bf16");
+  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 32);
+  const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
+  TORCH_CHECK(inner % 16 == 0 && groups * kGroupCols == 2 * inner, "packed: 2 * inner columns");
+  TORCH_CHECK(x.size(1) <= kblocks * 32, "x / packed weight mismatch");
+  at::Tensor out = at::empty({m, inner}, x.options());
+  if (m == 0) return out;
+#ifdef HEADRACE_AMX
+  const at::Tensor xa = padded_rows(x, kblocks * 32);
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;  // interleaved like the weight
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  auto rounded = [](__m512 v) { return Vec(_mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v))); };
+  auto epilogue = [&](const float* acc, int64_t m0, int64_t rows, int64_t col0) {
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 gate = _mm512_loadu_ps(acc + r * 32), up = _mm512_loadu_ps(acc + r * 32 + 16);
+      if (bp) {
+        gate = _mm512_add_ps(gate, _mm512_loadu_ps(bp + col0));
+        up = _mm512_add_ps(up, _mm512_loadu_ps(bp + col0 + 16));
+      }
+      const Vec g = rounded(gate), u = rounded(up);
+      const Vec v = g / (Vec(1.0f) + g.neg().exp_u20()) * u;  // silu_and_mul's bf16 path
+      store(o + (m0 + r) * inner + col0 / 2, __m512(v), __mmask16(0xFFFF));
+    }
+  };
+  amx_gemm<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
+                  static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
+#endif
+  return out;
+}
+
 at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& packed,
                            const at::Tensor& w_scale, int64_t n,
                            const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
@@ -293,6 +332,7 @@ TORCH_LIBRARY_FRAGMENT(headrace_cpu, m) {
   m.def("pack_bf16(Tensor weight) -> Tensor");
   m.def("pack_int8(Tensor weight) -> Tensor");
   m.def("amx_linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor");
+  m.def("amx_linear_silu_bf16(Tensor x, Tensor packed, int inner, Tensor? bias=None) -> Tensor");
   m.def(
       "amx_linear_int8(Tensor x, Tensor x_scale, Tensor packed, Tensor w_scale, int n, "
       "Tensor? bias, ScalarType out_dtype) -> Tensor");
@@ -302,6 +342,7 @@ TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {
   m.impl("pack_bf16", &pack_bf16);
   m.impl("pack_int8", &pack_int8);
   m.impl("amx_linear_bf16", &amx_linear_bf16);
+  m.impl("amx_linear_silu_bf16", &amx_linear_silu_bf16);
   m.impl("amx_linear_int8", &amx_linear_int8);
 }
 

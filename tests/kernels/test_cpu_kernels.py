@@ -219,6 +219,25 @@ def test_amx_bf16_linear_matches_float_math(m: int, n: int, k: int, bias: bool) 
 
 
 @needs_amx
+@pytest.mark.parametrize(("inner", "k"), [(1536, 576), (48, 100)])
+@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_gate_up_with_silu_equals_the_two_steps(inner: int, k: int, m: int, bias: bool) -> None:
+    from ops.activation import silu_and_mul
+    from ops.linear import gated_packed_weight, linear, linear_silu, packed_weight
+
+    gen = torch.Generator().manual_seed(12)
+    weight = torch.randn(2 * inner, k, generator=gen).bfloat16()
+    b = torch.randn(2 * inner, generator=gen).bfloat16() if bias else None
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    gated = gated_packed_weight(weight)
+    assert gated is not None
+    out = linear_silu(x, weight, b, gated, lambda: None)
+    # Same roundings in the same order: gate and up to bf16, then silu_and_mul's float32 ops.
+    assert torch.equal(out, silu_and_mul(linear(x, weight, b, packed_weight(weight))))
+
+
+@needs_amx
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 17, 40])
 @pytest.mark.parametrize("out_dtype", FLOATS)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ops.activation import silu_and_mul
-from ops.linear import PackedCopy, linear, packed_weight
+from ops.linear import PackedCopy, gated_packed_weight, linear, linear_silu, packed_weight
 from ops.norm import fused_add_rms_norm, rms_norm
 from ops.rotary import apply_rotary_at
 from worker.models.attention import AttentionMetadata, LayerKVCache, PagedAttention
@@ -86,6 +86,27 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.packed.get(self.weight))
 
 
+class GatedLinear(Linear):
+    """The fused gate_up projection of the MLP: `silu(x)` returns silu(gate) * up of its
+    output, in one AMX GEMM where `ops.linear` has it (`linear_silu`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.gated = PackedCopy(gated_packed_weight)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in_features] → [T, out_features // 2] in x.dtype."""
+        if self._forward_pre_hooks or self._forward_hooks:  # calibration watches forward()
+            return silu_and_mul(self(x))
+        return linear_silu(
+            x,
+            self.weight,
+            self.bias,
+            self.gated.get(self.weight),
+            lambda: self.packed.get(self.weight),
+        )
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back, then scaled (the order HF uses; `ops.norm`)."""
 
@@ -144,11 +165,14 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.intermediate_size = args.intermediate_size
-        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, args.mlp_bias)
+        self.gate_up_proj = GatedLinear(args.hidden_size, 2 * args.intermediate_size, args.mlp_bias)
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj  # a quantized module once W8A8 / W4A16 replaced it
+        if isinstance(gate_up, GatedLinear):
+            return self.down_proj(gate_up.silu(x))
+        return self.down_proj(silu_and_mul(gate_up(x)))
 
 
 class DecoderLayer(nn.Module):

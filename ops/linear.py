@@ -111,7 +111,7 @@ def linear(
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
-def _interleave_halves(t: torch.Tensor) -> torch.Tensor:
+def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
     """[2I, ...] (gate rows, then up rows) → the same rows as 16 gate, 16 up, 16 gate, ..."""
     gate, up = t.chunk(2, dim=0)
     rest = t.shape[1:]
@@ -124,7 +124,7 @@ def gated_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     AMX kernel does not run it."""
     if pack_kind(weight) != "amx" or weight.shape[0] % 32:
         return None
-    return torch.ops.headrace_cpu.pack_bf16(_interleave_halves(weight.detach()))
+    return torch.ops.headrace_cpu.pack_bf16(interleave_gate_up(weight.detach()))
 
 
 def linear_silu(
@@ -143,6 +143,6 @@ def linear_silu(
     from ops.activation import silu_and_mul
 
     if gated is not None and x.dtype == weight.dtype and x.dim() == 2:
-        b = None if bias is None else _interleave_halves(bias)
+        b = None if bias is None else interleave_gate_up(bias)
         return torch.ops.headrace_cpu.amx_linear_silu_bf16(x, gated, weight.shape[0] // 2, b)
     return silu_and_mul(linear(x, weight, bias, packed()))

@@ -20,7 +20,7 @@ import torch
 
 from ops.cpu_kernels import use_cpu_kernels
 from ops.dispatch import use_triton
-from ops.linear import amx_available
+from ops.linear import amx_available, interleave_gate_up
 from ops.rotation import hadamard, rotate
 
 INT8_MAX = 127
@@ -123,6 +123,14 @@ def packed_int8_weight(qweight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.headrace_cpu.pack_int8(qweight)
 
 
+def packed_int8_gated(qweight: torch.Tensor) -> torch.Tensor | None:
+    """qweight: [2I, K] int8 of a gate_up projection → AMX tiles with 16 gate and the matching
+    16 up columns per 32-column group (`w8a8_linear_silu`), on CPUs with AMX; None elsewhere."""
+    if qweight.device.type != "cpu" or not amx_available() or qweight.shape[0] % 32:
+        return None
+    return torch.ops.headrace_cpu.pack_int8(interleave_gate_up(qweight))
+
+
 def int8_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -171,3 +179,21 @@ def w8a8_linear(
     x_q, x_scale = quantize_activations(x2d, smooth, rotation)
     out = int8_gemm(x_q, x_scale, weight.qweight, weight.scale, bias, x.dtype, packed)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def w8a8_linear_silu(
+    x: torch.Tensor,
+    weight: Int8Weight,
+    bias: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    rotation: int,
+    gated: torch.Tensor,
+) -> torch.Tensor:
+    """silu(gate) * up of `w8a8_linear(x, weight, ...)` for a [2I, K] gate_up weight, in one
+    AMX GEMM (gated: `packed_int8_gated(weight.qweight)`): x [T, K] → [T, I] in x.dtype, the
+    same values as the two steps."""
+    x_q, x_scale = quantize_activations(x, smooth, rotation)
+    inner = weight.qweight.shape[0] // 2
+    return torch.ops.headrace_cpu.amx_linear_int8_silu(
+        x_q, x_scale, gated, weight.scale, inner, bias, x.dtype
+    )

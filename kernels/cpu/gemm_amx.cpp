@@ -323,6 +323,71 @@ at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const
   return out;
 }
 
+// W8A8's gate_up projection and silu in one GEMM (packed as for amx_linear_silu_bf16): the
+// values of amx_linear_int8 then silu_and_mul (gate and up rounded to out_dtype first; the
+// weight scales and bias stay in gate-then-up order).
+at::Tensor amx_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scale,
+                                const at::Tensor& packed, const at::Tensor& w_scale,
+                                int64_t inner, const std::optional<at::Tensor>& bias,
+                                at::ScalarType out_dtype) {
+  TORCH_CHECK(amx_ready(), "this CPU (or build) has no AMX");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x: [M, K] int8");
+  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 64);
+  const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
+  TORCH_CHECK(inner % 16 == 0 && groups * kGroupCols == 2 * inner, "packed: 2 * inner columns");
+  TORCH_CHECK(x.size(1) <= kblocks * 64, "x / packed weight mismatch");
+  at::Tensor out = at::empty({m, inner}, x.options().dtype(out_dtype));
+  if (m == 0) return out;
+#ifdef HEADRACE_AMX
+  const at::Tensor xa = padded_rows(x, kblocks * 64);
+  const at::Tensor xs = x_scale.to(at::kFloat).contiguous();
+  const at::Tensor ws = w_scale.to(at::kFloat).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* xsp = xs.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  HEADRACE_DISPATCH_FLOAT(out_dtype, "amx_linear_int8_silu", [&] {
+    using T = scalar_t;
+    T* o = out.data_ptr<T>();
+    auto rounded = [](__m512 v) -> Vec {
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v));
+      } else if constexpr (std::is_same_v<T, at::Half>) {
+        return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      } else {
+        return v;
+      }
+    };
+    auto epilogue = [&](const float* acc_f, int64_t m0, int64_t rows, int64_t col0) {
+      const int32_t* acc = reinterpret_cast<const int32_t*>(acc_f);
+      const int64_t c = col0 / 2;  // this group's first gate (and up) column
+      const __m512 wg = _mm512_loadu_ps(wsp + c), wu = _mm512_loadu_ps(wsp + inner + c);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 s = _mm512_set1_ps(xsp[m0 + r]);
+        // The reference's order: (acc * x_scale) * w_scale, then + bias.
+        __m512 gate = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + r * 32)), s), wg);
+        __m512 up = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + r * 32 + 16)), s), wu);
+        if (bp) {
+          gate = _mm512_add_ps(gate, _mm512_loadu_ps(bp + c));
+          up = _mm512_add_ps(up, _mm512_loadu_ps(bp + inner + c));
+        }
+        const Vec g = rounded(gate), u = rounded(up);
+        Vec v;
+        if constexpr (std::is_same_v<T, float>) {  // silu_and_mul's float32 path (1-ulp exp)
+          v = g / (Vec(1.0f) + g.neg().exp()) * u;
+        } else {
+          v = g / (Vec(1.0f) + g.neg().exp_u20()) * u;
+        }
+        store(o + (m0 + r) * inner + c, __m512(v), __mmask16(0xFFFF));
+      }
+    };
+    amx_gemm<true>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1),
+                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
+  });
+#endif
+  return out;
+}
+
 bool has_amx() { return amx_ready(); }
 
 }  // namespace
@@ -334,6 +399,9 @@ TORCH_LIBRARY_FRAGMENT(headrace_cpu, m) {
   m.def("amx_linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor");
   m.def("amx_linear_silu_bf16(Tensor x, Tensor packed, int inner, Tensor? bias=None) -> Tensor");
   m.def(
+      "amx_linear_int8_silu(Tensor x, Tensor x_scale, Tensor packed, Tensor w_scale, int inner, "
+      "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def(
       "amx_linear_int8(Tensor x, Tensor x_scale, Tensor packed, Tensor w_scale, int n, "
       "Tensor? bias, ScalarType out_dtype) -> Tensor");
 }
@@ -344,6 +412,7 @@ TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {
   m.impl("amx_linear_bf16", &amx_linear_bf16);
   m.impl("amx_linear_silu_bf16", &amx_linear_silu_bf16);
   m.impl("amx_linear_int8", &amx_linear_int8);
+  m.impl("amx_linear_int8_silu", &amx_linear_int8_silu);
 }
 
 }  // namespace headrace_cpu

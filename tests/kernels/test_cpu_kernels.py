@@ -238,6 +238,34 @@ def test_amx_gate_up_with_silu_equals_the_two_steps(inner: int, k: int, m: int, 
 
 
 @needs_amx
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_w8a8_gate_up_with_silu_equals_the_two_steps(
+    dtype: torch.dtype, m: int, bias: bool
+) -> None:
+    from ops.activation import silu_and_mul
+    from ops.quant import (
+        packed_int8_gated,
+        packed_int8_weight,
+        quantize_weight_int8,
+        w8a8_linear,
+        w8a8_linear_silu,
+    )
+
+    gen = torch.Generator().manual_seed(13)
+    weight = quantize_weight_int8(torch.randn(2 * 1536, 576, generator=gen))
+    b = torch.randn(2 * 1536, generator=gen).to(dtype) if bias else None
+    smooth = torch.rand(576, generator=gen) + 0.5
+    x = torch.randn(m, 576, generator=gen).to(dtype)
+    gated = packed_int8_gated(weight.qweight)
+    assert gated is not None
+    out = w8a8_linear_silu(x, weight, b, smooth, 64, gated)
+    two_steps = w8a8_linear(x, weight, b, smooth, 64, packed_int8_weight(weight.qweight))
+    assert torch.equal(out, silu_and_mul(two_steps))
+
+
+@needs_amx
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 17, 40])
 @pytest.mark.parametrize("out_dtype", FLOATS)

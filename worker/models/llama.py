@@ -169,10 +169,12 @@ class MLP(nn.Module):
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj  # a quantized module once W8A8 / W4A16 replaced it
-        if isinstance(gate_up, GatedLinear):
-            return self.down_proj(gate_up.silu(x))
-        return self.down_proj(silu_and_mul(gate_up(x)))
+        # GatedLinear, and W8A8's module that replaces it, apply the activation in the GEMM
+        # where they can; W4A16's has no such path.
+        fused = getattr(self.gate_up_proj, "silu", None)
+        if fused is not None:
+            return self.down_proj(fused(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -13,8 +13,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ops.activation import silu_and_mul
 from ops.linear import PackedCopy
-from ops.quant import Int8Weight, packed_int8_weight, quantize_weight_int8, w8a8_linear
+from ops.quant import (
+    Int8Weight,
+    packed_int8_gated,
+    packed_int8_weight,
+    quantize_weight_int8,
+    w8a8_linear,
+    w8a8_linear_silu,
+)
 from ops.quant_int4 import Int4Weight, quantize_weight_int4, w4a16_gemm
 from ops.rotation import rotate, rotate_hessian, rotation_block
 from worker.models.gptq import DEFAULT_GROUP_SIZE, gptq_quantize_int4, gptq_quantize_int8
@@ -52,6 +60,7 @@ class W8A8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("smooth", smooth)
         self.packed = PackedCopy(packed_int8_weight)
+        self.gated = PackedCopy(packed_int8_gated)
 
     @classmethod
     def from_linear(
@@ -101,6 +110,17 @@ class W8A8Linear(nn.Module):
             max(1, self.rotation),
             self.packed.get(self.qweight),
         )
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """For a gate_up projection (output rows: gate, then up): silu(gate) * up of forward(x),
+        in one AMX GEMM where there is one. x: [T, K] → [T, N / 2] in x.dtype."""
+        gated = None
+        if not (self._forward_pre_hooks or self._forward_hooks) and x.dim() == 2:
+            gated = self.gated.get(self.qweight)
+        if gated is None:
+            return silu_and_mul(self(x))
+        rotation = max(1, self.rotation)
+        return w8a8_linear_silu(x, self.quantized_weight(), self.bias, self.smooth, rotation, gated)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rotation={self.rotation}"

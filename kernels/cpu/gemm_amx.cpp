@@ -281,6 +281,22 @@ at::Tensor amx_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed, i
   return out;
 }
 
+// W8A8 GEMM inputs as the epilogues read them: x padded to whole k-steps, scales and bias
+// in float32 (the tensors own the memory the pointers address).
+struct Int8Operands {
+  at::Tensor xa, xs, ws, b;
+  const float *xsp, *wsp, *bp;
+  Int8Operands(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w_scale,
+               const std::optional<at::Tensor>& bias, int64_t kblocks)
+      : xa(padded_rows(x, kblocks * 64)),
+        xs(x_scale.to(at::kFloat).contiguous()),
+        ws(w_scale.to(at::kFloat).contiguous()),
+        b(bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor()),
+        xsp(xs.data_ptr<float>()),
+        wsp(ws.data_ptr<float>()),
+        bp(b.defined() ? b.data_ptr<float>() : nullptr) {}
+};
+
 at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& packed,
                            const at::Tensor& w_scale, int64_t n,
                            const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
@@ -292,13 +308,8 @@ at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const
   at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype));
   if (m == 0) return out;
 #ifdef HEADRACE_AMX
-  const at::Tensor xa = padded_rows(x, kblocks * 64);
-  const at::Tensor xs = x_scale.to(at::kFloat).contiguous();
-  const at::Tensor ws = w_scale.to(at::kFloat).contiguous();
-  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* xsp = xs.data_ptr<float>();
-  const float* wsp = ws.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const Int8Operands ops(x, x_scale, w_scale, bias, kblocks);
+  const float *xsp = ops.xsp, *wsp = ops.wsp, *bp = ops.bp;
   HEADRACE_DISPATCH_FLOAT(out_dtype, "amx_linear_int8", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     auto epilogue = [&](const float* acc_f, int64_t m0, int64_t rows, int64_t col0) {
@@ -316,7 +327,7 @@ at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const
         }
       }
     };
-    amx_gemm<true>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1),
+    amx_gemm<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
                    static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
   });
 #endif
@@ -339,13 +350,8 @@ at::Tensor amx_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scale,
   at::Tensor out = at::empty({m, inner}, x.options().dtype(out_dtype));
   if (m == 0) return out;
 #ifdef HEADRACE_AMX
-  const at::Tensor xa = padded_rows(x, kblocks * 64);
-  const at::Tensor xs = x_scale.to(at::kFloat).contiguous();
-  const at::Tensor ws = w_scale.to(at::kFloat).contiguous();
-  const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* xsp = xs.data_ptr<float>();
-  const float* wsp = ws.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const Int8Operands ops(x, x_scale, w_scale, bias, kblocks);
+  const float *xsp = ops.xsp, *wsp = ops.wsp, *bp = ops.bp;
   HEADRACE_DISPATCH_FLOAT(out_dtype, "amx_linear_int8_silu", [&] {
     using T = scalar_t;
     T* o = out.data_ptr<T>();
@@ -381,7 +387,7 @@ at::Tensor amx_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scale,
         store(o + (m0 + r) * inner + c, __m512(v), __mmask16(0xFFFF));
       }
     };
-    amx_gemm<true>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1),
+    amx_gemm<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
                    static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
   });
 #endif

@@ -128,21 +128,10 @@ def gated_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear_silu(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    gated: torch.Tensor | None,
-    packed: Callable[[], torch.Tensor | None],
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: torch.Tensor
 ) -> torch.Tensor:
-    """silu(gate) * up of `linear(x, weight, bias)`, weight [2I, K] (gate rows, then up rows):
-    x [T, K] → [T, I] in x.dtype.
-
-    gated: `gated_packed_weight(weight)` (one AMX GEMM whose epilogue applies the activation,
-    same values as the two steps), or None: then `packed()` gives `linear`'s packed copy.
+    """silu(gate) * up of `linear(x, weight, bias)` in one AMX GEMM whose epilogue applies the
+    activation (the same values as the two steps): weight [2I, K] (gate rows, then up rows),
+    bias [2I] in the same order, gated: `gated_packed_weight(weight)`; x [T, K] bf16 → [T, I].
     """
-    from ops.activation import silu_and_mul
-
-    if gated is not None and x.dtype == weight.dtype and x.dim() == 2:
-        b = None if bias is None else interleave_gate_up(bias)
-        return torch.ops.headrace_cpu.amx_linear_silu_bf16(x, gated, weight.shape[0] // 2, b)
-    return silu_and_mul(linear(x, weight, bias, packed()))
+    return torch.ops.headrace_cpu.amx_linear_silu_bf16(x, gated, weight.shape[0] // 2, bias)

@@ -260,19 +260,20 @@ at::Tensor amx_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed, i
 #ifdef HEADRACE_AMX
   const at::Tensor xa = padded_rows(x, kblocks * 32);
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;  // interleaved like the weight
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;  // gate, then up
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
   auto rounded = [](__m512 v) { return Vec(_mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v))); };
   auto epilogue = [&](const float* acc, int64_t m0, int64_t rows, int64_t col0) {
+    const int64_t c = col0 / 2;  // this group's first gate (and up) column
     for (int64_t r = 0; r < rows; ++r) {
       __m512 gate = _mm512_loadu_ps(acc + r * 32), up = _mm512_loadu_ps(acc + r * 32 + 16);
       if (bp) {
-        gate = _mm512_add_ps(gate, _mm512_loadu_ps(bp + col0));
-        up = _mm512_add_ps(up, _mm512_loadu_ps(bp + col0 + 16));
+        gate = _mm512_add_ps(gate, _mm512_loadu_ps(bp + c));
+        up = _mm512_add_ps(up, _mm512_loadu_ps(bp + inner + c));
       }
       const Vec g = rounded(gate), u = rounded(up);
       const Vec v = g / (Vec(1.0f) + g.neg().exp_u20()) * u;  // silu_and_mul's bf16 path
-      store(o + (m0 + r) * inner + col0 / 2, __m512(v), __mmask16(0xFFFF));
+      store(o + (m0 + r) * inner + c, __m512(v), __mmask16(0xFFFF));
     }
   };
   amx_gemm<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,

@@ -232,7 +232,7 @@ def test_amx_gate_up_with_silu_equals_the_two_steps(inner: int, k: int, m: int, 
     x = torch.randn(m, k, generator=gen).bfloat16()
     gated = gated_packed_weight(weight)
     assert gated is not None
-    out = linear_silu(x, weight, b, gated, lambda: None)
+    out = linear_silu(x, weight, b, gated)
     # Same roundings in the same order: gate and up to bf16, then silu_and_mul's float32 ops.
     assert torch.equal(out, silu_and_mul(linear(x, weight, b, packed_weight(weight))))
 

@@ -96,15 +96,13 @@ class GatedLinear(Linear):
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in_features] → [T, out_features // 2] in x.dtype."""
-        if self._forward_pre_hooks or self._forward_hooks:  # calibration watches forward()
+        gated = None
+        # Calibration's hooks watch forward(); the fused GEMM takes 2-D x of the weight dtype.
+        if not (self._forward_pre_hooks or self._forward_hooks) and x.dim() == 2:
+            gated = self.gated.get(self.weight) if x.dtype == self.weight.dtype else None
+        if gated is None:
             return silu_and_mul(self(x))
-        return linear_silu(
-            x,
-            self.weight,
-            self.bias,
-            self.gated.get(self.weight),
-            lambda: self.packed.get(self.weight),
-        )
+        return linear_silu(x, self.weight, self.bias, gated)
 
 
 class RMSNorm(nn.Module):

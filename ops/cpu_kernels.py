@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("attention.cpp", "elementwise.cpp", "gemm_amx.cpp", "quant.cpp")
+SOURCES = ("attention.cpp", "elementwise.cpp", "gemm.cpp", "quant.cpp")
 _SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cpu"
 
 
@@ -69,6 +69,7 @@ def _build_flags(march: str, capability: str) -> list[str]:
     # No fused multiply-adds the source does not ask for: the elementwise kernels then round
     # exactly as the torch ops they replace do in float32.
     flags.append("-ffp-contract=off")
+    flags += os.environ.get("HEADRACE_XFLAGS", "").split()
     flags.append(f"-DCPU_CAPABILITY={capability}")
     if capability != "DEFAULT":
         flags.append(f"-DCPU_CAPABILITY_{capability}")
@@ -85,7 +86,8 @@ def load() -> bool:
     march, capability = _target()
     cflags = _build_flags(march, capability)
     digest = hashlib.sha256()
-    for name in (*SOURCES, "common.h"):
+    headers = sorted(p.name for p in _SOURCE_DIR.glob("*.h"))
+    for name in (*SOURCES, *headers):
         digest.update((_SOURCE_DIR / name).read_bytes())
     digest.update(" ".join(cflags).encode())
     digest.update(" ".join(sorted(cpu_flags())).encode())

@@ -30,23 +30,27 @@ def kernel_paths(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     if device.type == "cuda":
         return {"gemm": "cuBLAS", "gemm_int8": "triton", "attention": "triton", "row_ops": "triton"}
     from ops import cpu_kernels
-    from ops.linear import amx_available, gemm_weight_dtype, pack_kind
+    from ops.linear import gemm_kernel, gemm_weight_dtype, pack_kind
     from ops.quant import cpu_has_int8_gemm
 
     flags = cpu_kernels.cpu_flags()
     built = cpu_kernels.available()
     weight_dtype = gemm_weight_dtype(dtype, device)
     kind = pack_kind(torch.empty(0, dtype=weight_dtype))
-    if kind == "amx":
-        gemm = "AMX kernel (kernels/cpu/gemm_amx.cpp)"
+    ours = {
+        "amx": "our AMX kernel (kernels/cpu/gemm.cpp)",
+        "avx512": "our AVX-512 dot-product kernel (kernels/cpu/gemm.cpp)",
+    }.get(gemm_kernel(), "")
+    if kind == "headrace":
+        gemm = ours
     elif kind == "onednn":
         gemm = "oneDNN, packed weights"
     elif weight_dtype != dtype:
         gemm = f"float32 GEMM on {str(dtype).removeprefix('torch.')}-valued weights (no native half GEMM)"
     else:
         gemm = f"torch {str(dtype).removeprefix('torch.')} GEMM"
-    if amx_available():
-        gemm_int8 = "AMX kernel (kernels/cpu/gemm_amx.cpp)"
+    if ours:
+        gemm_int8 = ours
     elif cpu_has_int8_gemm():
         gemm_int8 = "torch._int_mm (VNNI)"
     else:

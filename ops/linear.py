@@ -9,10 +9,11 @@ accumulate in float32 anyway, so the result is the same computation, rounded to 
 dtype once at the end. Activations, the KV cache and everything else keep the model dtype.
 
 Where the CPU multiplies bf16 natively, the GEMM runs on a copy of the weight packed once
-(`packed_weight`): with AMX, our kernel's tile layout (kernels/cpu/gemm_amx.cpp, which streams
-the weights at up to 2x oneDNN's speed for the few rows of a decode step); with AVX512-BF16
-alone, oneDNN's blocked layout (the plain `F.linear` call reorders the weight on every call,
-which made the SmolLM2 decode step 1.3-1.5x slower).
+(`packed_weight`): with AMX or AVX512-BF16, our kernel's layout (kernels/cpu/gemm.cpp, which
+streams the weights at up to 2x oneDNN's speed for the few rows of a decode step and applies
+the MLP's activation in its epilogue); where our kernels are not built, oneDNN's blocked
+layout (the plain `F.linear` call reorders the weight on every call, which made the SmolLM2
+decode step 1.3-1.5x slower).
 """
 
 from __future__ import annotations
@@ -46,18 +47,25 @@ def gemm_weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 @functools.cache
+def gemm_kernel() -> str:
+    """What our packed GEMMs (bf16 and int8, kernels/cpu/gemm.cpp) run on: "amx", "avx512"
+    (AVX512-VNNI and AVX512-BF16 dot products), or "" where they cannot run."""
+    return str(torch.ops.headrace_cpu.gemm_kernel()) if cpu_kernels.available() else ""
+
+
 def amx_available() -> bool:
     """Whether the CPU kernels have AMX tiles to run on (bf16 and int8)."""
-    return cpu_kernels.available() and bool(torch.ops.headrace_cpu.has_amx())
+    return gemm_kernel() == "amx"
 
 
 def pack_kind(weight: torch.Tensor) -> str | None:
-    """How `linear` runs this weight: "amx" (our AMX kernel), "onednn" (oneDNN's blocked
-    layout, on CPUs with AVX512-BF16 but no AMX), or None (plain `F.linear`)."""
+    """How `linear` runs this weight: "headrace" (our kernel, on AMX or AVX512-BF16),
+    "onednn" (oneDNN's blocked layout, where the CPU has bf16 instructions but our kernels
+    are not built), or None (plain `F.linear`)."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
-    if amx_available():  # AMX implies AVX512-BF16: the row kernels and epilogues use it
-        return "amx"
+    if gemm_kernel():  # implies AVX512-BF16: the row kernels and epilogues use it
+        return "headrace"
     if torch.backends.mkldnn.is_available() and cpu_has_native_gemm(torch.bfloat16):
         return "onednn"
     return None
@@ -66,7 +74,7 @@ def pack_kind(weight: torch.Tensor) -> str | None:
 def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """weight: [N, K] → the copy `linear(..., packed=...)` reads, or None (`pack_kind`)."""
     kind = pack_kind(weight)
-    if kind == "amx":
+    if kind == "headrace":
         return torch.ops.headrace_cpu.pack_bf16(weight.detach())
     if kind == "onednn":
         # Tuned for a batch of 32 rows; measured as fast as the per-size layouts from 1 to
@@ -105,7 +113,7 @@ def linear(
     if packed is not None and x.dtype == weight.dtype:
         if packed.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        return torch.ops.headrace_cpu.amx_linear_bf16(x, packed, weight.shape[0], bias)
+        return torch.ops.headrace_cpu.packed_linear_bf16(x, packed, weight.shape[0], bias)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
@@ -119,10 +127,10 @@ def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
 
 
 def gated_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight: [2I, K] of a fused gate_up projection → its AMX tiles with each 32-column group
-    holding 16 gate columns and the matching 16 up columns (`linear_silu`), or None where the
-    AMX kernel does not run it."""
-    if pack_kind(weight) != "amx" or weight.shape[0] % 32:
+    """weight: [2I, K] of a fused gate_up projection → its packed copy with each 32-column
+    group holding 16 gate columns and the matching 16 up columns (`linear_silu`), or None
+    where our kernel does not run it."""
+    if pack_kind(weight) != "headrace" or weight.shape[0] % 32:
         return None
     return torch.ops.headrace_cpu.pack_bf16(interleave_gate_up(weight.detach()))
 
@@ -130,8 +138,8 @@ def gated_packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def linear_silu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: torch.Tensor
 ) -> torch.Tensor:
-    """silu(gate) * up of `linear(x, weight, bias)` in one AMX GEMM whose epilogue applies the
+    """silu(gate) * up of `linear(x, weight, bias)` in one GEMM whose epilogue applies the
     activation (the same values as the two steps): weight [2I, K] (gate rows, then up rows),
     bias [2I] in the same order, gated: `gated_packed_weight(weight)`; x [T, K] bf16 → [T, I].
     """
-    return torch.ops.headrace_cpu.amx_linear_silu_bf16(x, gated, weight.shape[0] // 2, bias)
+    return torch.ops.headrace_cpu.packed_linear_silu_bf16(x, gated, weight.shape[0] // 2, bias)

@@ -20,7 +20,7 @@ import torch
 
 from ops.cpu_kernels import use_cpu_kernels
 from ops.dispatch import use_triton
-from ops.linear import amx_available, interleave_gate_up
+from ops.linear import gemm_kernel, interleave_gate_up
 from ops.rotation import hadamard, rotate
 
 INT8_MAX = 127
@@ -116,17 +116,18 @@ def rmsnorm_quant(
 
 
 def packed_int8_weight(qweight: torch.Tensor) -> torch.Tensor | None:
-    """qweight: [N, K] int8 → the AMX kernel's tiles of it (`int8_gemm(..., packed=)`), on
-    CPUs with AMX; None elsewhere."""
-    if qweight.device.type != "cpu" or not amx_available():
+    """qweight: [N, K] int8 → our kernel's packed copy of it (`int8_gemm(..., packed=)`), on
+    CPUs with AMX or AVX512-VNNI; None elsewhere."""
+    if qweight.device.type != "cpu" or not gemm_kernel():
         return None
     return torch.ops.headrace_cpu.pack_int8(qweight)
 
 
 def packed_int8_gated(qweight: torch.Tensor) -> torch.Tensor | None:
-    """qweight: [2I, K] int8 of a gate_up projection → AMX tiles with 16 gate and the matching
-    16 up columns per 32-column group (`w8a8_linear_silu`), on CPUs with AMX; None elsewhere."""
-    if qweight.device.type != "cpu" or not amx_available() or qweight.shape[0] % 32:
+    """qweight: [2I, K] int8 of a gate_up projection → our kernel's packed copy with 16 gate
+    and the matching 16 up columns per 32-column group (`w8a8_linear_silu`), on CPUs with
+    AMX or AVX512-VNNI; None elsewhere."""
+    if qweight.device.type != "cpu" or not gemm_kernel() or qweight.shape[0] % 32:
         return None
     return torch.ops.headrace_cpu.pack_int8(interleave_gate_up(qweight))
 
@@ -146,7 +147,7 @@ def int8_gemm(
     float32; bias: [N] or None; packed: `packed_int8_weight(b)` or None → [M, N] out_dtype.
     """
     if packed is not None:
-        return torch.ops.headrace_cpu.amx_linear_int8(
+        return torch.ops.headrace_cpu.packed_linear_int8(
             a, a_scale, packed, b_scale, b.shape[0], bias, out_dtype
         )
     if use_triton(a):
@@ -190,10 +191,10 @@ def w8a8_linear_silu(
     gated: torch.Tensor,
 ) -> torch.Tensor:
     """silu(gate) * up of `w8a8_linear(x, weight, ...)` for a [2I, K] gate_up weight, in one
-    AMX GEMM (gated: `packed_int8_gated(weight.qweight)`): x [T, K] → [T, I] in x.dtype, the
+    GEMM (gated: `packed_int8_gated(weight.qweight)`): x [T, K] → [T, I] in x.dtype, the
     same values as the two steps."""
     x_q, x_scale = quantize_activations(x, smooth, rotation)
     inner = weight.qweight.shape[0] // 2
-    return torch.ops.headrace_cpu.amx_linear_int8_silu(
+    return torch.ops.headrace_cpu.packed_linear_int8_silu(
         x_q, x_scale, gated, weight.scale, inner, bias, x.dtype
     )

@@ -194,35 +194,35 @@ def _check_decode_attention(
         torch.testing.assert_close(out[i].float(), expected, rtol=tol, atol=tol)
 
 
-# -- GEMMs on AMX, and W8A8's activation quantization --------------------------------------
+# -- Packed GEMMs (AMX, or AVX-512 VNNI + BF16), and W8A8's activation quantization ----------
 
-needs_amx = pytest.mark.skipif(
-    not (cpu_kernels.load() and torch.ops.headrace_cpu.has_amx()),
-    reason="this CPU has no AMX (amx_bf16/amx_int8): the AMX GEMMs cannot run here",
+needs_packed_gemm = pytest.mark.skipif(
+    not (cpu_kernels.load() and torch.ops.headrace_cpu.gemm_kernel()),
+    reason="this CPU has neither AMX nor AVX512-VNNI + AVX512-BF16: the packed GEMMs cannot run",
 )
 
 
-@needs_amx
+@needs_packed_gemm
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 16, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_amx_bf16_linear_matches_float_math(m: int, n: int, k: int, bias: bool) -> None:
+def test_packed_bf16_linear_matches_float_math(m: int, n: int, k: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(6)
     w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
     x = torch.randn(m, k, generator=gen).bfloat16()
     b = torch.randn(n, generator=gen).bfloat16() if bias else None
-    out = ops().amx_linear_bf16(x, ops().pack_bf16(w), n, b)
+    out = ops().packed_linear_bf16(x, ops().pack_bf16(w), n, b)
     expected = F.linear(x.float(), w.float(), None if b is None else b.float())
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     # float32 accumulation in another order, then one bf16 rounding.
     ulp_close(out, expected, torch.bfloat16)
 
 
-@needs_amx
+@needs_packed_gemm
 @pytest.mark.parametrize(("inner", "k"), [(1536, 576), (48, 100)])
 @pytest.mark.parametrize("m", [1, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_amx_gate_up_with_silu_equals_the_two_steps(inner: int, k: int, m: int, bias: bool) -> None:
+def test_packed_gate_up_with_silu_equals_the_two_steps(inner: int, k: int, m: int, bias: bool) -> None:
     from ops.activation import silu_and_mul
     from ops.linear import gated_packed_weight, linear, linear_silu, packed_weight
 
@@ -237,11 +237,11 @@ def test_amx_gate_up_with_silu_equals_the_two_steps(inner: int, k: int, m: int, 
     assert torch.equal(out, silu_and_mul(linear(x, weight, b, packed_weight(weight))))
 
 
-@needs_amx
+@needs_packed_gemm
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("m", [1, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_amx_w8a8_gate_up_with_silu_equals_the_two_steps(
+def test_packed_w8a8_gate_up_with_silu_equals_the_two_steps(
     dtype: torch.dtype, m: int, bias: bool
 ) -> None:
     from ops.activation import silu_and_mul
@@ -265,18 +265,18 @@ def test_amx_w8a8_gate_up_with_silu_equals_the_two_steps(
     assert torch.equal(out, silu_and_mul(two_steps))
 
 
-@needs_amx
+@needs_packed_gemm
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
-@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("m", [1, 12, 17, 40])
 @pytest.mark.parametrize("out_dtype", FLOATS)
-def test_amx_int8_linear_is_bit_exact(m: int, n: int, k: int, out_dtype: torch.dtype) -> None:
+def test_packed_int8_linear_is_bit_exact(m: int, n: int, k: int, out_dtype: torch.dtype) -> None:
     from ops.quant import int8_gemm, quantize_symmetric
 
     gen = torch.Generator().manual_seed(7)
     wq, ws = quantize_symmetric(torch.randn(n, k, generator=gen))
     xq, xs = quantize_symmetric(torch.randn(m, k, generator=gen) * 3)
     bias = torch.randn(n, generator=gen).to(out_dtype)
-    out = ops().amx_linear_int8(xq, xs, ops().pack_int8(wq), ws, n, bias, out_dtype)
+    out = ops().packed_linear_int8(xq, xs, ops().pack_int8(wq), ws, n, bias, out_dtype)
     # int32 sums are exact, and the epilogue is the reference's float ops in its order.
     assert torch.equal(out, int8_gemm(xq, xs, wq, ws, bias, out_dtype))
 

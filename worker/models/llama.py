@@ -88,7 +88,7 @@ class Linear(nn.Linear):
 
 class GatedLinear(Linear):
     """The fused gate_up projection of the MLP: `silu(x)` returns silu(gate) * up of its
-    output, in one AMX GEMM where `ops.linear` has it (`linear_silu`)."""
+    output, in one GEMM where `ops.linear` has it (`linear_silu`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)

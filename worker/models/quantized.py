@@ -113,7 +113,7 @@ class W8A8Linear(nn.Module):
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         """For a gate_up projection (output rows: gate, then up): silu(gate) * up of forward(x),
-        in one AMX GEMM where there is one. x: [T, K] → [T, N / 2] in x.dtype."""
+        in one GEMM where there is one. x: [T, K] → [T, N / 2] in x.dtype."""
         gated = None
         if not (self._forward_pre_hooks or self._forward_hooks) and x.dim() == 2:
             gated = self.gated.get(self.qweight)

@@ -1,45 +1,36 @@
-// Linear layers on Intel AMX: out[M, N] = x[M, K] @ W[N, K]ᵀ (+ bias), W packed once at load.
+// Linear layers on packed weights: out[M, N] = x[M, K] @ W[N, K]ᵀ (+ bias), W packed once at
+// load, run on AMX tiles or, on CPUs without AMX, on AVX-512 dot-product instructions
+// (gemm_drivers.h; both read the same layout).
 //
-// bf16: x bf16, W bf16 → float32 accumulation (tdpbf16ps) → out bf16.
+// bf16: x bf16, W bf16 → float32 accumulation (tdpbf16ps / vdpbf16ps) → out bf16.
 // int8: x int8 per-token (scale [M]), W int8 per output channel (scale [N]) → int32
-//       accumulation (tdpbssd) → out = acc * x_scale[m] * w_scale[n] (+ bias), in bf16/fp16/fp32.
+//       accumulation (tdpbssd / vpdpbusd) → out = acc * x_scale[m] * w_scale[n] (+ bias), in
+//       bf16/fp16/fp32.
 //
 // Why our own kernel: a decode step multiplies a few rows by every weight of the model, so the
 // step costs what streaming the weights costs. oneDNN's GEMM reached ~8 GB/s of weights in the
 // SmolLM2 decode step on a 2-core AMX Xeon; this kernel reads each packed weight tile once per
-// 32 rows, in one sequential stream per group of 32 output columns.
+// 32 rows, in one sequential stream per group of 32 output columns. Without AMX, the epilogue
+// (scales, bias, rounding, silu) fused into the GEMM is what oneDNN's and torch._int_mm's
+// calls lack.
 //
 // Packed layout (`pack_*`): W padded to N % 32 == 0 and K % (32 | 64) == 0, then tiles of
 // [16 k-groups][16 n][vnni] where vnni = 2 (bf16) or 4 (int8) consecutive k of one column,
 // ordered [N / 32][K / kstep][2 column halves] so that a column group is one contiguous run.
-// The torch references are ops/linear.py (`F.linear`) and ops/quant.py (`int8_gemm`).
+// For the AVX-512 driver, int8 weights are stored + 128 (vpdpbusd multiplies unsigned by
+// signed bytes). The torch references are ops/linear.py (`F.linear`) and ops/quant.py
+// (`int8_gemm`).
 #include "common.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
-#define HEADRACE_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "gemm_drivers.h"
 
 namespace headrace_cpu {
 namespace {
 
-constexpr int64_t kTileRows = 16;
-constexpr int64_t kGroupCols = 32;  // two 16-column tiles per column group
+using gemm::kGroupCols;
+using gemm::kTileRows;
 
-bool amx_ready() {
-#ifdef HEADRACE_AMX
-  // Linux hands AMX state to a process only on request (idempotent; oneDNN does the same).
-  static const bool ok = [] {
-    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
+bool kernel_ready() { return gemm::amx_ready() || gemm::dot_ready(); }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -82,28 +73,14 @@ at::Tensor pack_bf16(const at::Tensor& weight) {
 
 at::Tensor pack_int8(const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kChar, "pack_int8 takes an int8 weight");
-  return pack_weight<int8_t>(weight, 4);
+  at::Tensor packed = pack_weight<int8_t>(weight, 4);
+  // The AVX-512 driver's vpdpbusd takes the weights as its unsigned operand.
+  if (!gemm::amx_ready()) packed.view(at::kByte).add_(128);
+  return packed;
 }
 
-#ifdef HEADRACE_AMX
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// tmm0-3: C[m-half][n-half]; tmm4-5: A[m-half]; tmm6-7: B[n-half]. Every row is 64 bytes.
-void configure(int64_t rows0, int64_t rows1) {
-  TileConfig cfg;
-  const int64_t rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
-  for (int i = 0; i < 8; ++i) {
-    cfg.rows[i] = static_cast<uint8_t>(rows[i] > 0 ? rows[i] : 1);
-    cfg.colsb[i] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+#if defined(HEADRACE_AMX) || defined(HEADRACE_AVX512_DOT)
+#define HEADRACE_GEMM 1
 
 inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
@@ -118,89 +95,6 @@ inline void store(at::Half* dst, __m512 v, __mmask16 mask) {
   _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// Weight tiles are prefetched this many k-steps ahead: a tile load that misses the caches
-// stalls the tile unit, and the weights of a decode step come from DRAM. Sweep on a 2-core
-// Xeon (SmolLM2's 121 projections, distinct weights): no prefetch 6.8 GB/s of weights at
-// M = 32 and 15 GB/s at M = 1; 6 steps ahead 10.8 and 18.6 GB/s; 2-16 steps within noise.
-constexpr int64_t kPrefetchSteps = 6;
-
-// One column group (32 columns) × up to 32 rows starting at `a` (row stride `lda` bytes),
-// over `kblocks` tile steps; accumulators land in `acc` ([32][32] float32 or int32).
-template <bool Int8>
-inline void group_tile(const char* a, int64_t lda, int64_t a_step, const char* b,
-                       int64_t kblocks, bool two_rows, void* acc) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  constexpr int64_t kTileBytes = kTileRows * 64;
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const char* bt = b + kb * 2 * kTileBytes;
-    const char* ahead = bt + kPrefetchSteps * 2 * kTileBytes;
-    for (int64_t line = 0; line < 2 * kTileBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-    _tile_loadd(6, bt, 64);
-    _tile_loadd(7, bt + kTileBytes, 64);
-    _tile_loadd(4, a + kb * a_step, lda);
-    if constexpr (Int8) {
-      _tile_dpbssd(0, 4, 6);
-      _tile_dpbssd(1, 4, 7);
-    } else {
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-    }
-    if (two_rows) {
-      _tile_loadd(5, a + 16 * lda + kb * a_step, lda);
-      if constexpr (Int8) {
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-      } else {
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-  }
-  // acc is [32 rows][32 cols]: C tiles at (0,0), (0,16), (16,0), (16,16); 128-byte rows.
-  char* out = static_cast<char*>(acc);
-  _tile_stored(0, out, 128);
-  _tile_stored(1, out + 64, 128);
-  if (two_rows) {
-    _tile_stored(2, out + 16 * 128, 128);
-    _tile_stored(3, out + 16 * 128 + 64, 128);
-  }
-}
-
-// Column groups per block: a block's weight tiles (kNBlock x kblocks x 2 KB) stay in L2 while
-// every 32-row chunk of x passes over them (7% faster than one group at a time for 512-row
-// prefill GEMMs; repacking x into tile order as well measured 20% slower, so x is read in place).
-constexpr int64_t kNBlock = 8;
-
-// Shared driver: rows in chunks of 32, column groups split across threads.
-// x: `a`, rows `lda` bytes apart; each k-step reads the next 64 bytes of a row.
-template <bool Int8, typename Epilogue>
-void amx_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
-              int64_t kblocks, const Epilogue& epilogue) {
-  const int64_t group_bytes = kblocks * 2 * kTileRows * 64;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[32 * 32];
-    int64_t configured = -1;
-    for (int64_t g0 = begin; g0 < end; g0 += kNBlock) {
-      const int64_t g1 = std::min(end, g0 + kNBlock);
-      for (int64_t m0 = 0; m0 < m; m0 += 32) {
-        const int64_t rows = std::min<int64_t>(32, m - m0);
-        if (rows != configured) {
-          configure(std::min<int64_t>(rows, 16), rows - 16);
-          configured = rows;
-        }
-        for (int64_t g = g0; g < g1; ++g) {
-          group_tile<Int8>(a + m0 * lda, lda, 64, packed + g * group_bytes, kblocks, rows > 16,
-                           acc);
-          epilogue(acc, m0, rows, g * kGroupCols);
-        }
-      }
-    }
-    _tile_release();
-  });
-}
 #endif
 
 // x: [M, K] contiguous with K a multiple of `kstep`, or a zero-padded copy of it.
@@ -211,16 +105,16 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t kp) {
   return out;
 }
 
-at::Tensor amx_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+at::Tensor packed_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                            const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_ready(), "this CPU (or build) has no AMX");
+  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x: [M, K] bf16");
   TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 32);
   const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
   TORCH_CHECK(x.size(1) <= kblocks * 32 && groups * kGroupCols >= n, "x / packed weight mismatch");
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
-#ifdef HEADRACE_AMX
+#ifdef HEADRACE_GEMM
   const at::Tensor xa = padded_rows(x, kblocks * 32);
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -236,7 +130,7 @@ at::Tensor amx_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
       }
     }
   };
-  amx_gemm<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
+  gemm::run<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
 #endif
   return out;
@@ -245,11 +139,11 @@ at::Tensor amx_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
 // silu(gate) * up of a gate_up projection whose packed weight holds, in each 32-column group,
 // 16 gate columns and the 16 matching up columns (`ops.linear.gated_packed_weight`): the
 // epilogue writes [M, inner] directly, so the [M, 2 * inner] projection output is never
-// stored and read back. The values are those of amx_linear_bf16 then silu_and_mul: gate and
+// stored and read back. The values are those of packed_linear_bf16 then silu_and_mul: gate and
 // up rounded to bf16 first, then the same float32 ops in the same order.
-at::Tensor amx_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t inner,
+at::Tensor packed_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t inner,
                                 const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_ready(), "this CPU (or build) has no AMX");
+  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x: [M, K] bf16");
   TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 32);
   const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
@@ -257,7 +151,7 @@ at::Tensor amx_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed, i
   TORCH_CHECK(x.size(1) <= kblocks * 32, "x / packed weight mismatch");
   at::Tensor out = at::empty({m, inner}, x.options());
   if (m == 0) return out;
-#ifdef HEADRACE_AMX
+#ifdef HEADRACE_GEMM
   const at::Tensor xa = padded_rows(x, kblocks * 32);
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;  // gate, then up
@@ -276,7 +170,7 @@ at::Tensor amx_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed, i
       store(o + (m0 + r) * inner + c, __m512(v), __mmask16(0xFFFF));
     }
   };
-  amx_gemm<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
+  gemm::run<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
 #endif
   return out;
@@ -298,20 +192,20 @@ struct Int8Operands {
         bp(b.defined() ? b.data_ptr<float>() : nullptr) {}
 };
 
-at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& packed,
+at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& packed,
                            const at::Tensor& w_scale, int64_t n,
                            const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  TORCH_CHECK(amx_ready(), "this CPU (or build) has no AMX");
+  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x: [M, K] int8");
   TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 64);
   const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
   TORCH_CHECK(x.size(1) <= kblocks * 64 && groups * kGroupCols >= n, "x / packed weight mismatch");
   at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype));
   if (m == 0) return out;
-#ifdef HEADRACE_AMX
+#ifdef HEADRACE_GEMM
   const Int8Operands ops(x, x_scale, w_scale, bias, kblocks);
   const float *xsp = ops.xsp, *wsp = ops.wsp, *bp = ops.bp;
-  HEADRACE_DISPATCH_FLOAT(out_dtype, "amx_linear_int8", [&] {
+  HEADRACE_DISPATCH_FLOAT(out_dtype, "packed_linear_int8", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     auto epilogue = [&](const float* acc_f, int64_t m0, int64_t rows, int64_t col0) {
       const int32_t* acc = reinterpret_cast<const int32_t*>(acc_f);
@@ -328,21 +222,21 @@ at::Tensor amx_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const
         }
       }
     };
-    amx_gemm<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
+    gemm::run<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
                    static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
   });
 #endif
   return out;
 }
 
-// W8A8's gate_up projection and silu in one GEMM (packed as for amx_linear_silu_bf16): the
-// values of amx_linear_int8 then silu_and_mul (gate and up rounded to out_dtype first; the
+// W8A8's gate_up projection and silu in one GEMM (packed as for packed_linear_silu_bf16): the
+// values of packed_linear_int8 then silu_and_mul (gate and up rounded to out_dtype first; the
 // weight scales and bias stay in gate-then-up order).
-at::Tensor amx_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scale,
+at::Tensor packed_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scale,
                                 const at::Tensor& packed, const at::Tensor& w_scale,
                                 int64_t inner, const std::optional<at::Tensor>& bias,
                                 at::ScalarType out_dtype) {
-  TORCH_CHECK(amx_ready(), "this CPU (or build) has no AMX");
+  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x: [M, K] int8");
   TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 64);
   const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
@@ -350,10 +244,10 @@ at::Tensor amx_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scale,
   TORCH_CHECK(x.size(1) <= kblocks * 64, "x / packed weight mismatch");
   at::Tensor out = at::empty({m, inner}, x.options().dtype(out_dtype));
   if (m == 0) return out;
-#ifdef HEADRACE_AMX
+#ifdef HEADRACE_GEMM
   const Int8Operands ops(x, x_scale, w_scale, bias, kblocks);
   const float *xsp = ops.xsp, *wsp = ops.wsp, *bp = ops.bp;
-  HEADRACE_DISPATCH_FLOAT(out_dtype, "amx_linear_int8_silu", [&] {
+  HEADRACE_DISPATCH_FLOAT(out_dtype, "packed_linear_int8_silu", [&] {
     using T = scalar_t;
     T* o = out.data_ptr<T>();
     auto rounded = [](__m512 v) -> Vec {
@@ -388,38 +282,44 @@ at::Tensor amx_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scale,
         store(o + (m0 + r) * inner + c, __m512(v), __mmask16(0xFFFF));
       }
     };
-    amx_gemm<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
+    gemm::run<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
                    static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
   });
 #endif
   return out;
 }
 
-bool has_amx() { return amx_ready(); }
+bool has_amx() { return gemm::amx_ready(); }
+
+// Which driver `packed_linear_*` run on: "amx", "avx512" (VNNI + BF16 dot products) or "".
+std::string gemm_kernel() {
+  return gemm::amx_ready() ? "amx" : gemm::dot_ready() ? "avx512" : "";
+}
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(headrace_cpu, m) {
   m.def("has_amx() -> bool", &has_amx);
+  m.def("gemm_kernel() -> str", &gemm_kernel);
   m.def("pack_bf16(Tensor weight) -> Tensor");
   m.def("pack_int8(Tensor weight) -> Tensor");
-  m.def("amx_linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor");
-  m.def("amx_linear_silu_bf16(Tensor x, Tensor packed, int inner, Tensor? bias=None) -> Tensor");
+  m.def("packed_linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias=None) -> Tensor");
+  m.def("packed_linear_silu_bf16(Tensor x, Tensor packed, int inner, Tensor? bias=None) -> Tensor");
   m.def(
-      "amx_linear_int8_silu(Tensor x, Tensor x_scale, Tensor packed, Tensor w_scale, int inner, "
+      "packed_linear_int8_silu(Tensor x, Tensor x_scale, Tensor packed, Tensor w_scale, int inner, "
       "Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def(
-      "amx_linear_int8(Tensor x, Tensor x_scale, Tensor packed, Tensor w_scale, int n, "
+      "packed_linear_int8(Tensor x, Tensor x_scale, Tensor packed, Tensor w_scale, int n, "
       "Tensor? bias, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {
   m.impl("pack_bf16", &pack_bf16);
   m.impl("pack_int8", &pack_int8);
-  m.impl("amx_linear_bf16", &amx_linear_bf16);
-  m.impl("amx_linear_silu_bf16", &amx_linear_silu_bf16);
-  m.impl("amx_linear_int8", &amx_linear_int8);
-  m.impl("amx_linear_int8_silu", &amx_linear_int8_silu);
+  m.impl("packed_linear_bf16", &packed_linear_bf16);
+  m.impl("packed_linear_silu_bf16", &packed_linear_silu_bf16);
+  m.impl("packed_linear_int8", &packed_linear_int8);
+  m.impl("packed_linear_int8_silu", &packed_linear_int8_silu);
 }
 
 }  // namespace headrace_cpu

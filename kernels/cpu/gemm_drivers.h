@@ -1,0 +1,277 @@
+// The two GEMM drivers behind kernels/cpu/gemm.cpp: AMX tiles, and AVX-512 dot-product
+// instructions (VNNI for int8, AVX512-BF16 for bf16) on CPUs without AMX.
+//
+// Both read the same packed weight layout (see gemm.cpp) and hand their float32 / int32 sums
+// to the caller's epilogue in blocks of up to 32 rows x one 32-column group:
+//   epilogue(const float* acc /* [rows][32], int32 bits for int8 */, m0, rows, col0).
+#pragma once
+
+#include "common.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
+#define HEADRACE_AMX 1
+#include <sys/syscall.h>
+
+#include <cstdlib>
+#include <string>
+#include <unistd.h>
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#define HEADRACE_AVX512_DOT 1
+#endif
+
+namespace headrace_cpu {
+namespace gemm {
+
+constexpr int64_t kTileRows = 16;   // k-groups per packed tile (one 64-byte row each)
+constexpr int64_t kGroupCols = 32;  // two 16-column tiles per column group
+constexpr int64_t kTileBytes = kTileRows * 64;
+
+// Column groups per block: a block's weights stay in L2 while every chunk of rows of x passes
+// over them (7% faster than one group at a time for 512-row prefill GEMMs on AMX; repacking
+// x into tile order as well measured 20% slower, so x is read in place).
+constexpr int64_t kNBlock = 8;
+
+inline bool amx_ready() {
+#ifdef HEADRACE_AMX
+  // Linux hands AMX state to a process only on request (idempotent; oneDNN does the same).
+  // HEADRACE_CPU_GEMM=avx512 runs the AVX-512 driver instead (to test it on an AMX host);
+  // read once, as the int8 weights are packed for one driver.
+  static const bool ok = [] {
+    const char* forced = std::getenv("HEADRACE_CPU_GEMM");
+    if (forced != nullptr && std::string(forced) == "avx512") return false;
+    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+inline bool dot_ready() {
+#ifdef HEADRACE_AVX512_DOT
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef HEADRACE_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-3: C[m-half][n-half]; tmm4-5: A[m-half]; tmm6-7: B[n-half]. Every row is 64 bytes.
+inline void configure(int64_t rows0, int64_t rows1) {
+  TileConfig cfg;
+  const int64_t rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = static_cast<uint8_t>(rows[i] > 0 ? rows[i] : 1);
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Weight tiles are prefetched this many k-steps ahead: a tile load that misses the caches
+// stalls the tile unit, and the weights of a decode step come from DRAM. Sweep on a 2-core
+// Xeon (SmolLM2's 121 projections, distinct weights): no prefetch 6.8 GB/s of weights at
+// M = 32 and 15 GB/s at M = 1; 6 steps ahead 10.8 and 18.6 GB/s; 2-16 steps within noise.
+constexpr int64_t kPrefetchSteps = 6;
+
+// One column group (32 columns) × up to 32 rows starting at `a` (row stride `lda` bytes),
+// over `kblocks` tile steps; accumulators land in `acc` ([32][32] float32 or int32).
+template <bool Int8>
+inline void group_tile(const char* a, int64_t lda, const char* b, int64_t kblocks, bool two_rows,
+                       void* acc) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const char* bt = b + kb * 2 * kTileBytes;
+    const char* ahead = bt + kPrefetchSteps * 2 * kTileBytes;
+    for (int64_t line = 0; line < 2 * kTileBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    _tile_loadd(6, bt, 64);
+    _tile_loadd(7, bt + kTileBytes, 64);
+    _tile_loadd(4, a + kb * 64, lda);
+    if constexpr (Int8) {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (two_rows) {
+      _tile_loadd(5, a + 16 * lda + kb * 64, lda);
+      if constexpr (Int8) {
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+  // acc is [32 rows][32 cols]: C tiles at (0,0), (0,16), (16,0), (16,16); 128-byte rows.
+  char* out = static_cast<char*>(acc);
+  _tile_stored(0, out, 128);
+  _tile_stored(1, out + 64, 128);
+  if (two_rows) {
+    _tile_stored(2, out + 16 * 128, 128);
+    _tile_stored(3, out + 16 * 128 + 64, 128);
+  }
+}
+
+// x: `a`, rows `lda` bytes apart, K padded to whole k-steps; rows in chunks of 32, column
+// groups split across threads.
+template <bool Int8, typename Epilogue>
+void amx_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
+              int64_t kblocks, const Epilogue& epilogue) {
+  const int64_t group_bytes = kblocks * 2 * kTileBytes;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[32 * 32];
+    int64_t configured = -1;
+    for (int64_t g0 = begin; g0 < end; g0 += kNBlock) {
+      const int64_t g1 = std::min(end, g0 + kNBlock);
+      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+        const int64_t rows = std::min<int64_t>(32, m - m0);
+        if (rows != configured) {
+          configure(std::min<int64_t>(rows, 16), rows - 16);
+          configured = rows;
+        }
+        for (int64_t g = g0; g < g1; ++g) {
+          group_tile<Int8>(a + m0 * lda, lda, packed + g * group_bytes, kblocks, rows > 16, acc);
+          epilogue(acc, m0, rows, g * kGroupCols);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+#ifdef HEADRACE_AVX512_DOT
+// Rows per register block: 2 * kDotRows accumulators + 2 weight vectors fit the 32 zmm
+// registers, and 24 independent chains hide the dot instructions' latency.
+#ifndef HEADRACE_DOT_ROWS
+#define HEADRACE_DOT_ROWS 12
+#endif
+#ifndef HEADRACE_DOT_PF
+#define HEADRACE_DOT_PF 0
+#endif
+constexpr int64_t kDotRows = HEADRACE_DOT_ROWS;
+constexpr int64_t kDotPrefetch = HEADRACE_DOT_PF;
+
+// R rows × one column group. Each packed tile row is 16 columns × one k-group (4 int8 or 2
+// bf16 consecutive k), which is what vpdpbusd / vdpbf16ps multiply by a k-group of one row
+// of x broadcast to every lane. Int8: the weights are stored + 128 (unsigned, vpdpbusd's
+// first operand), x signed; the caller subtracts 128 * Σk x.
+template <bool Int8, int R>
+inline void dot_tile(const char* a, int64_t lda, const char* b, int64_t kblocks, float* acc) {
+  __m512i c[R][2];
+  for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = _mm512_setzero_si512();
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const char* bt = b + kb * 2 * kTileBytes;
+    const char* at = a + kb * kTileRows * 4;
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      if constexpr (kDotPrefetch > 0) {
+        _mm_prefetch(bt + kDotPrefetch * 2 * kTileBytes + r * 64, _MM_HINT_T0);
+        _mm_prefetch(bt + kDotPrefetch * 2 * kTileBytes + kTileBytes + r * 64, _MM_HINT_T0);
+      }
+      const __m512i w0 = _mm512_loadu_si512(bt + r * 64);
+      const __m512i w1 = _mm512_loadu_si512(bt + kTileBytes + r * 64);
+      for (int i = 0; i < R; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, at + i * lda + r * 4, 4);
+        const __m512i x = _mm512_set1_epi32(pair);
+        if constexpr (Int8) {
+          c[i][0] = _mm512_dpbusd_epi32(c[i][0], w0, x);
+          c[i][1] = _mm512_dpbusd_epi32(c[i][1], w1, x);
+        } else {
+          c[i][0] = (__m512i)_mm512_dpbf16_ps((__m512)c[i][0], (__m512bh)x, (__m512bh)w0);
+          c[i][1] = (__m512i)_mm512_dpbf16_ps((__m512)c[i][1], (__m512bh)x, (__m512bh)w1);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm512_storeu_si512(acc + i * 32, c[i][0]);
+    _mm512_storeu_si512(acc + i * 32 + 16, c[i][1]);
+  }
+}
+
+template <bool Int8, int R = kDotRows>
+inline void dot_rows(int64_t rows, const char* a, int64_t lda, const char* b, int64_t kblocks,
+                     float* acc) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_rows<Int8, R - 1>(rows, a, lda, b, kblocks, acc);
+  }
+  dot_tile<Int8, R>(a, lda, b, kblocks, acc);
+}
+
+// Same contract as amx_gemm; `row_sums` (int8 only): Σk x[m, k] for every row.
+template <bool Int8, typename Epilogue>
+void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
+              int64_t kblocks, const int32_t* row_sums, const Epilogue& epilogue) {
+  const int64_t group_bytes = kblocks * 2 * kTileBytes;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kDotRows * 32];
+    for (int64_t g0 = begin; g0 < end; g0 += kNBlock) {
+      const int64_t g1 = std::min(end, g0 + kNBlock);
+      for (int64_t m0 = 0; m0 < m; m0 += kDotRows) {
+        const int64_t rows = std::min<int64_t>(kDotRows, m - m0);
+        for (int64_t g = g0; g < g1; ++g) {
+          dot_rows<Int8>(rows, a + m0 * lda, lda, packed + g * group_bytes, kblocks, acc);
+          if constexpr (Int8) {  // undo the weights' + 128
+            int32_t* sums = reinterpret_cast<int32_t*>(acc);
+            for (int64_t i = 0; i < rows; ++i) {
+              const __m512i shift = _mm512_set1_epi32(128 * row_sums[m0 + i]);
+              for (int64_t c = 0; c < 32; c += 16) {
+                const __m512i v = _mm512_loadu_si512(sums + i * 32 + c);
+                _mm512_storeu_si512(sums + i * 32 + c, _mm512_sub_epi32(v, shift));
+              }
+            }
+          }
+          epilogue(acc, m0, rows, g * kGroupCols);
+        }
+      }
+    }
+  });
+}
+#endif
+
+// Runs whichever driver this CPU has (the caller checks `amx_ready() || dot_ready()`).
+// x: rows `lda` bytes apart, K zero-padded to whole k-steps.
+template <bool Int8, typename Epilogue>
+void run(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
+         int64_t kblocks, const Epilogue& epilogue) {
+#ifdef HEADRACE_AMX
+  if (amx_ready()) return amx_gemm<Int8>(a, m, lda, packed, groups, kblocks, epilogue);
+#endif
+#ifdef HEADRACE_AVX512_DOT
+  std::vector<int32_t> row_sums;
+  if constexpr (Int8) {
+    row_sums.resize(m);
+    const int64_t k = kblocks * 64;
+    for (int64_t i = 0; i < m; ++i) {
+      const int8_t* row = reinterpret_cast<const int8_t*>(a + i * lda);
+      __m512i s = _mm512_setzero_si512();
+      for (int64_t j = 0; j < k; j += 64) {
+        // Σ of 64 int8: vpdpbusd of ones (unsigned) by the codes (signed).
+        s = _mm512_dpbusd_epi32(s, _mm512_set1_epi8(1), _mm512_loadu_si512(row + j));
+      }
+      row_sums[i] = _mm512_reduce_add_epi32(s);
+    }
+  }
+  return dot_gemm<Int8>(a, m, lda, packed, groups, kblocks, row_sums.data(), epilogue);
+#endif
+  TORCH_CHECK(false, "no GEMM kernel for this CPU (needs AMX, or AVX-512 VNNI and BF16)");
+}
+
+}  // namespace gemm
+}  // namespace headrace_cpu

@@ -69,7 +69,6 @@ def _build_flags(march: str, capability: str) -> list[str]:
     # No fused multiply-adds the source does not ask for: the elementwise kernels then round
     # exactly as the torch ops they replace do in float32.
     flags.append("-ffp-contract=off")
-    flags += os.environ.get("HEADRACE_XFLAGS", "").split()
     flags.append(f"-DCPU_CAPABILITY={capability}")
     if capability != "DEFAULT":
         flags.append(f"-DCPU_CAPABILITY_{capability}")

@@ -222,7 +222,9 @@ def test_packed_bf16_linear_matches_float_math(m: int, n: int, k: int, bias: boo
 @pytest.mark.parametrize(("inner", "k"), [(1536, 576), (48, 100)])
 @pytest.mark.parametrize("m", [1, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_gate_up_with_silu_equals_the_two_steps(inner: int, k: int, m: int, bias: bool) -> None:
+def test_packed_gate_up_with_silu_equals_the_two_steps(
+    inner: int, k: int, m: int, bias: bool
+) -> None:
     from ops.activation import silu_and_mul
     from ops.linear import gated_packed_weight, linear, linear_silu, packed_weight
 

@@ -110,9 +110,19 @@ def test_bad_requests_get_errors_and_others_run(smollm2_dir: Path) -> None:
         {"id": "long", "prompt_token_ids": [1] * (engine.max_model_len + 5)},
         {"id": "badparam", "prompt": "x", "params": {"temperature": -1}},
         {"id": "unknown", "prompt": "x", "params": {"nucleus": 0.5}},
+        # Once overflowed the sampler's int64 tensor and failed every request of the step.
+        {
+            "id": "stopvocab",
+            "prompt": "x",
+            "params": {"stop_token_ids": [2**64 - 1], "min_tokens": 2},
+        },
+        {"id": "stopvocab2", "prompt": "x", "params": {"stop_token_ids": [engine.vocab_size]}},
     ]
     results = {c.request_id: c for c in engine.generate(items)}
     assert results["ok"].error is None and results["ok"].usage.completion_tokens == 4
+    for name in ("stopvocab", "stopvocab2"):
+        assert results[name].error["code"] == "invalid_params"
+        assert "outside the vocabulary" in results[name].error["message"]
     assert results["empty"].error["code"] == "empty_prompt"
     assert results["long"].error["code"] == "prompt_too_long"
     assert results["badparam"].error["code"] == "invalid_params"

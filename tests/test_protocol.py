@@ -214,6 +214,31 @@ def test_decoded_params_validate_into_sampling_params() -> None:
     assert job.sampling_params().stop == ("\n",)
 
 
+@pytest.mark.parametrize(
+    ("params", "limit"),
+    [
+        ({"stop": ["x"] * 17}, "at most 16 strings"),
+        ({"stop": ["y" * 4000, "z" * 97]}, "at most 4096 characters"),
+        ({"stop_token_ids": list(range(257))}, "at most 256 ids"),
+    ],
+)
+def test_list_params_are_bounded(params: dict[str, Any], limit: str) -> None:
+    with pytest.raises(JobDecodeError) as info:
+        decode_job(msgpack.packb(_base(params=params)), max_bytes=1 << 20)
+    assert info.value.code == "invalid_params" and limit in str(info.value)
+
+
+def test_stop_token_ids_are_checked_against_the_vocabulary() -> None:
+    from worker.engine.params import SamplingParams
+
+    params = SamplingParams(stop_token_ids=(5, 2**64 - 1))
+    params.check_vocab(2**64)  # every id fits
+    with pytest.raises(RequestError) as info:
+        params.check_vocab(100)
+    assert info.value.code == "invalid_params"
+    assert str(2**64 - 1) in str(info.value) and "[0, 100)" in str(info.value)
+
+
 @settings(max_examples=300)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_escape_as_other_exceptions(payload: bytes) -> None:

@@ -171,6 +171,7 @@ class Ingest:
                     max_model_len=self._max_model_len,
                     vocab_size=self._vocab_size,
                 )
+                job.sampling_params().check_vocab(self._vocab_size)
                 out.append(Tokenized(tuple(ids)))
             except RequestError as err:
                 out.append(Tokenized(error=err))

@@ -48,6 +48,16 @@ ANSWERED = {
     "bad-param": (pack(id="bad-param", prompt="a", params={"temperature": -1}), "invalid_params"),
     "param-type": (pack(id="param-type", prompt="a", params={"max_tokens": "9"}), "invalid_params"),
     "unknown-param": (pack(id="unknown-param", prompt="a", params={"beam": 4}), "invalid_params"),
+    "stop-id-vocab": (
+        pack(
+            id="stop-id-vocab", prompt="a", params={"stop_token_ids": [2**64 - 1], "min_tokens": 1}
+        ),
+        "invalid_params",
+    ),
+    "many-stops": (
+        pack(id="many-stops", prompt="a", params={"stop": ["x"] * 17}),
+        "invalid_params",
+    ),
     "empty": (pack(id="empty", prompt=""), "empty_prompt"),
     "too-long": (pack(id="too-long", prompt_token_ids=[7] * MAX_MODEL_LEN), "prompt_too_long"),
     "long-text": (pack(id="long-text", prompt="hello " * 1100), "prompt_too_long"),

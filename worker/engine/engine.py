@@ -86,7 +86,8 @@ class Engine:
         """Queue a tokenized request; it joins the running batch at the next step.
 
         Raises:
-            RequestError: empty prompt, prompt too long, or an id already running.
+            RequestError: empty prompt, prompt too long, a token id outside the vocabulary
+                (prompt or stop_token_ids), or an id already running.
         """
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
@@ -106,6 +107,7 @@ class Engine:
             raise RequestError(
                 "invalid_request", f"prompt token ids must be in [0, {self.vocab_size})"
             )
+        request.params.check_vocab(self.vocab_size)
         seq = Sequence(request)
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq)

@@ -13,6 +13,11 @@ from typing import Any
 from worker.errors import RequestError
 
 MAX_LOGPROBS = 20
+# Bounds on the list parameters, so that one job cannot make stop matching or the sampler's
+# per-request tensors arbitrarily expensive (OpenAI allows 4 stop strings; vLLM no limit).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 4096  # all stop strings together
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,37 @@ class SamplingParams:
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]")
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
         _check(all(s for s in self.stop), "stop strings must be non-empty")
+        _check(
+            len(self.stop) <= MAX_STOP_STRINGS,
+            f"stop: at most {MAX_STOP_STRINGS} strings (got {len(self.stop)})",
+        )
+        stop_chars = sum(len(s) for s in self.stop)
+        _check(
+            stop_chars <= MAX_STOP_CHARS,
+            f"stop: at most {MAX_STOP_CHARS} characters in all (got {stop_chars})",
+        )
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0")
+        _check(
+            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids (got {len(self.stop_token_ids)})",
+        )
         _check(
             self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
             f"logprobs must be in [0, {MAX_LOGPROBS}]",
         )
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Reject token ids outside the model's vocabulary [0, vocab_size).
+
+        Raises:
+            RequestError(code="invalid_params") naming the first offending id.
+        """
+        for t in self.stop_token_ids:
+            _check(
+                t < vocab_size, f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -173,9 +202,7 @@ def _coerce(name: str, value: Any) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
             raise RequestError("invalid_params", f"{name} must be a string or a list of strings")
-        if len(value) > 16:
-            raise RequestError("invalid_params", f"{name} allows at most 16 entries")
-        return tuple(value)
+        return tuple(value)  # counted and measured by SamplingParams
     if kind == "ints":
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in value

@@ -231,3 +231,24 @@ def reference_stop(text: str, stops: list[str], include: bool) -> str:
             stop = max(hits, key=len)
             return text[:end] if include else text[: end - len(stop)]
     return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stops=st.lists(st.text(alphabet="ab", min_size=1, max_size=6), min_size=1, max_size=3),
+    pieces=st.lists(st.text(alphabet="abc", max_size=5), max_size=12),
+)
+def test_held_back_tail_is_the_longest_proper_stop_prefix(
+    stops: list[str], pieces: list[str]
+) -> None:
+    from worker.engine.detokenizer import _PartialStops
+
+    partial, text = _PartialStops(tuple(stops)), ""
+    for piece in pieces:
+        text += piece
+        # By definition, checked the slow way: every proper prefix of every stop string.
+        expected = max(
+            (k for stop in stops for k in range(len(stop)) if k and text.endswith(stop[:k])),
+            default=0,
+        )
+        assert partial.feed(text) == expected

@@ -32,6 +32,7 @@ from producer.client import AsyncClient
 from worker.errors import RequestError
 from worker.keys import Keys
 from worker.protocol import STATUS_OK, Result
+from worker.redis_url import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,9 @@ async def _warn_without_workers(url: str, keys: Keys) -> None:
         async for _ in client.scan_iter(match=keys.worker("*"), count=1000):
             return
         log.warning(
-            "no live worker on %s yet: jobs wait in %s until one starts", url, keys.requests
+            "no live worker on %s yet: jobs wait in %s until one starts",
+            redact_url(url),
+            keys.requests,
         )
     finally:
         await client.aclose()

@@ -123,6 +123,7 @@ def test_stats_unreachable_redis_fails_plainly(capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again below: nothing listens there
-    code, out, err = run_stats(capsys, "--redis-url", f"redis://127.0.0.1:{port}/0")
+    code, out, err = run_stats(capsys, "--redis-url", f"redis://ops:s3cret@127.0.0.1:{port}/0")
     assert code == 1 and out == ""
     assert "cannot read stats" in err
+    assert "s3cret" not in err and "ops:***@127.0.0.1" in err  # the password never shows

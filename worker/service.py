@@ -31,6 +31,7 @@ from worker.metrics import Health, Metrics, MetricsServer, monitor
 from worker.protocol import STATUS_CANCELLED, JobDecodeError
 from worker.publish import JobState, Publisher, now_ms
 from worker.recovery import Entry, Recovery
+from worker.redis_url import redact_url
 from worker.settings import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class WorkerService:
             "worker %s ready on %s (%s)",
             self.config.consumer,
             self.keys.requests,
-            self.config.redis_url,
+            redact_url(self.config.redis_url),
         )
         try:
             await self._read_loop()

@@ -67,7 +67,7 @@ class WorkerConfig:
     burst: bool = False
     tokenizer_threads: int = 1
     metrics_port: int = 0
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     log_format: str = "text"
     throughput_log_s: float = 10.0
 
@@ -179,7 +179,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("burst", _parse_bool, "process what is queued, then exit"),
     Option("tokenizer_threads", int, "threads that tokenize prompts"),
     Option("metrics_port", int, "Prometheus /metrics, /healthz, /readyz port (0 = off)"),
-    Option("metrics_host", str, "address the metrics server binds (default 0.0.0.0)"),
+    Option(
+        "metrics_host",
+        str,
+        "address the metrics server binds (default 127.0.0.1; 0.0.0.0 to be scraped from elsewhere)",
+    ),
     Option("log_format", str, "text, or json for one JSON object a line", LOG_FORMATS),
 )
 

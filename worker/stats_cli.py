@@ -20,6 +20,7 @@ import msgpack
 import redis
 
 from worker.keys import Keys
+from worker.redis_url import redact_url
 
 REDIS_URL_ENV = "HEADRACE_REDIS_URL"
 NAMESPACE_ENV = "HEADRACE_NAMESPACE"
@@ -94,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         stats = collect(client, keys)
     except redis.exceptions.RedisError as exc:
-        print(f"error: cannot read stats from {args.redis_url}: {exc}", file=sys.stderr)
+        print(f"error: cannot read stats from {redact_url(args.redis_url)}: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
@@ -183,7 +184,7 @@ def render(stats: QueueStats, redis_url: str) -> str:
     """The human-readable report: a summary block, then one row per consumer."""
     lag = "?" if stats.lag is None else str(stats.lag)
     lines = [
-        f"headrace stats: namespace {stats.namespace} on {redis_url}",
+        f"headrace stats: namespace {stats.namespace} on {redact_url(redis_url)}",
         f"  requests    {stats.stream}: {stats.length} entries, {lag} waiting, "
         f"{stats.pending} pending (delivered, not acked yet)",
         f"  oldest      waiting {_age(stats.oldest_waiting_s)}, pending {_age(stats.oldest_pending_s)}",

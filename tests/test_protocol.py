@@ -277,3 +277,11 @@ def test_keys_are_namespaced() -> None:
     assert keys.group == "headrace"
     with pytest.raises(ValueError):
         Keys("a:b")
+
+
+def test_reply_to_may_name_reply_streams_and_foreign_keys_only() -> None:
+    keys = Keys("hr")
+    assert keys.may_reply_to(keys.reply("c1")) and keys.may_reply_to("other:inbox")
+    assert keys.may_reply_to("hrx:requests")  # another namespace that shares a prefix
+    for own in (keys.requests, keys.dead_letter, keys.result("j"), keys.cancelled("j"), "hr"):
+        assert not keys.may_reply_to(own), own

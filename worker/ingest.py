@@ -117,12 +117,23 @@ class Ingest:
         if entry.payload is None:
             missing = RequestError("invalid_request", "stream entry has no `job` field")
             raise JobDecodeError(missing, entry.entry_id, None)
-        job = decode_job(
-            entry.payload, max_bytes=self._max_payload_bytes, default_id=entry.entry_id
-        )
-        if job.reply_to in (self._keys.requests, self._keys.dead_letter):
-            # Answering there would feed results back into the worker's own queues.
-            bad = RequestError("invalid_request", "reply_to must not be a headrace queue")
+        try:
+            job = decode_job(
+                entry.payload, max_bytes=self._max_payload_bytes, default_id=entry.entry_id
+            )
+        except JobDecodeError as err:
+            # The error path too: an invalid job's answer must not land in our own keys.
+            if err.reply_to is not None and not self._keys.may_reply_to(err.reply_to):
+                raise JobDecodeError(err.error, err.job_id, None) from None
+            raise
+        if not self._keys.may_reply_to(job.reply_to):
+            # Answering there would feed results into the worker's own queues or markers
+            # (a reply_to of `{ns}:cancelled:X` would cancel someone else's job).
+            bad = RequestError(
+                "invalid_request",
+                f"reply_to must not be a key of namespace {self._keys.namespace!r} "
+                "other than its reply streams",
+            )
             raise JobDecodeError(bad, job.id, None)
         return job
 

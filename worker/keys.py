@@ -60,6 +60,13 @@ class Keys:
         """String with TTL: set by `cancel`, so a job not started yet is cancelled on pickup."""
         return f"{self.namespace}:cancelled:{job_id}"
 
+    def may_reply_to(self, name: str) -> bool:
+        """Whether a job may name `name` as its reply_to: any key outside this namespace, and
+        inside it only reply streams (never the queues, results, cancel markers or worker
+        keys, which results written there would corrupt)."""
+        own = name == self.namespace or name.startswith(f"{self.namespace}:")
+        return not own or name.startswith(f"{self.namespace}:reply:")
+
     def reply(self, client_id: str) -> str:
         """Stream of results (field `result`) for one client; expires after the client closes."""
         return f"{self.namespace}:reply:{client_id}"

@@ -76,6 +76,19 @@ UNANSWERABLE = {
     "not-a-map": (msgpack.packb([1, 2, 3]), "invalid_request"),
     "no-reply-to": (msgpack.packb({"v": 1, "id": "x", "prompt": "a"}), "invalid_request"),
     "reply-to-queue": (pack(id="loop", prompt="a", reply_to=KEYS.requests), "invalid_request"),
+    "reply-to-marker": (
+        pack(id="marker", prompt="a", reply_to=KEYS.cancelled("victim")),
+        "invalid_request",
+    ),
+    "reply-to-result": (
+        pack(id="res", prompt="a", reply_to=KEYS.result("someone-else")),
+        "invalid_request",
+    ),
+    # Invalid as well: its error must not be written to our dead-letter stream as a reply.
+    "bad-job-reply-to-dead": (
+        pack(id="bad-dead", prompt=5, reply_to=KEYS.dead_letter),
+        "invalid_request",
+    ),
 }
 
 
@@ -97,6 +110,11 @@ def test_malformed_jobs_get_error_results_and_the_worker_keeps_serving(engine, r
         dead = [fields for _, fields in client.xrange(KEYS.dead_letter)]
         assert {d[b"code"] for d in dead} == {b"invalid_request"}
         assert {d[JOB_FIELD.encode()] for d in dead} >= {p for p, _ in UNANSWERABLE.values()}
+
+        # No key of the namespace other than reply streams was written as a reply.
+        assert not client.exists(KEYS.cancelled("victim")), client.type(KEYS.cancelled("victim"))
+        assert not client.exists(KEYS.result("someone-else"))
+        assert all(d.get(b"result") is None for _, d in client.xrange(KEYS.dead_letter))
 
         # Still alive and serving, and nothing was left pending.
         push(client, [pack(id="fine", prompt="Hello", params={"max_tokens": 3})])

@@ -53,11 +53,6 @@ def gemm_kernel() -> str:
     return str(torch.ops.headrace_cpu.gemm_kernel()) if cpu_kernels.available() else ""
 
 
-def amx_available() -> bool:
-    """Whether the CPU kernels have AMX tiles to run on (bf16 and int8)."""
-    return gemm_kernel() == "amx"
-
-
 def pack_kind(weight: torch.Tensor) -> str | None:
     """How `linear` runs this weight: "headrace" (our kernel, on AMX or AVX512-BF16),
     "onednn" (oneDNN's blocked layout, where the CPU has bf16 instructions but our kernels

@@ -105,13 +105,25 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t kp) {
   return out;
 }
 
-at::Tensor packed_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
-                           const std::optional<at::Tensor>& bias) {
+// What every packed_linear_* op checks of its inputs: x [M, K] of `dtype` (bf16 or int8) and
+// a weight packed for it (`pack_*`) with room for K; returns the packed k-steps (kblocks).
+int64_t check_packed(const at::Tensor& x, const at::Tensor& packed, at::ScalarType dtype) {
   TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x: [M, K] bf16");
-  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 32);
-  const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
-  TORCH_CHECK(x.size(1) <= kblocks * 32 && groups * kGroupCols >= n, "x / packed weight mismatch");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype, "x: [M, K] ", dtype);
+  const int64_t kstep = dtype == at::kChar ? 64 : 32;  // k per packed tile
+  // [groups, kblocks, 2 halves, 16 k-groups, 16 columns x vnni]: the last dim is kstep.
+  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == kstep,
+              "packed: a weight packed by pack_", dtype == at::kChar ? "int8" : "bf16");
+  const int64_t kblocks = packed.size(1);
+  TORCH_CHECK(x.size(1) <= kblocks * kstep, "x / packed weight mismatch");
+  return kblocks;
+}
+
+at::Tensor packed_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                              const std::optional<at::Tensor>& bias) {
+  const int64_t kblocks = check_packed(x, packed, at::kBFloat16);
+  const int64_t m = x.size(0), groups = packed.size(0);
+  TORCH_CHECK(groups * kGroupCols >= n, "x / packed weight mismatch");
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0) return out;
 #ifdef HEADRACE_GEMM
@@ -131,7 +143,7 @@ at::Tensor packed_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int
     }
   };
   gemm::run<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
-                  static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
+                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
 #endif
   return out;
 }
@@ -142,13 +154,10 @@ at::Tensor packed_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int
 // stored and read back. The values are those of packed_linear_bf16 then silu_and_mul: gate and
 // up rounded to bf16 first, then the same float32 ops in the same order.
 at::Tensor packed_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t inner,
-                                const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x: [M, K] bf16");
-  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 32);
-  const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
+                                   const std::optional<at::Tensor>& bias) {
+  const int64_t kblocks = check_packed(x, packed, at::kBFloat16);
+  const int64_t m = x.size(0), groups = packed.size(0);
   TORCH_CHECK(inner % 16 == 0 && groups * kGroupCols == 2 * inner, "packed: 2 * inner columns");
-  TORCH_CHECK(x.size(1) <= kblocks * 32, "x / packed weight mismatch");
   at::Tensor out = at::empty({m, inner}, x.options());
   if (m == 0) return out;
 #ifdef HEADRACE_GEMM
@@ -171,7 +180,7 @@ at::Tensor packed_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed
     }
   };
   gemm::run<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
-                  static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
+                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
 #endif
   return out;
 }
@@ -192,14 +201,12 @@ struct Int8Operands {
         bp(b.defined() ? b.data_ptr<float>() : nullptr) {}
 };
 
-at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& packed,
-                           const at::Tensor& w_scale, int64_t n,
-                           const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x: [M, K] int8");
-  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 64);
-  const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
-  TORCH_CHECK(x.size(1) <= kblocks * 64 && groups * kGroupCols >= n, "x / packed weight mismatch");
+at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& x_scale,
+                              const at::Tensor& packed, const at::Tensor& w_scale, int64_t n,
+                              const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const int64_t kblocks = check_packed(x, packed, at::kChar);
+  const int64_t m = x.size(0), groups = packed.size(0);
+  TORCH_CHECK(groups * kGroupCols >= n, "x / packed weight mismatch");
   at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype));
   if (m == 0) return out;
 #ifdef HEADRACE_GEMM
@@ -223,7 +230,7 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, co
       }
     };
     gemm::run<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
-                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
+                    static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
   });
 #endif
   return out;
@@ -233,15 +240,12 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& x_scale, co
 // values of packed_linear_int8 then silu_and_mul (gate and up rounded to out_dtype first; the
 // weight scales and bias stay in gate-then-up order).
 at::Tensor packed_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scale,
-                                const at::Tensor& packed, const at::Tensor& w_scale,
-                                int64_t inner, const std::optional<at::Tensor>& bias,
-                                at::ScalarType out_dtype) {
-  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x: [M, K] int8");
-  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == 64);
-  const int64_t m = x.size(0), groups = packed.size(0), kblocks = packed.size(1);
+                                   const at::Tensor& packed, const at::Tensor& w_scale,
+                                   int64_t inner, const std::optional<at::Tensor>& bias,
+                                   at::ScalarType out_dtype) {
+  const int64_t kblocks = check_packed(x, packed, at::kChar);
+  const int64_t m = x.size(0), groups = packed.size(0);
   TORCH_CHECK(inner % 16 == 0 && groups * kGroupCols == 2 * inner, "packed: 2 * inner columns");
-  TORCH_CHECK(x.size(1) <= kblocks * 64, "x / packed weight mismatch");
   at::Tensor out = at::empty({m, inner}, x.options().dtype(out_dtype));
   if (m == 0) return out;
 #ifdef HEADRACE_GEMM
@@ -283,13 +287,11 @@ at::Tensor packed_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scal
       }
     };
     gemm::run<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
-                   static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
+                    static_cast<const char*>(packed.data_ptr()), groups, kblocks, epilogue);
   });
 #endif
   return out;
 }
-
-bool has_amx() { return gemm::amx_ready(); }
 
 // Which driver `packed_linear_*` run on: "amx", "avx512" (VNNI + BF16 dot products) or "".
 std::string gemm_kernel() {
@@ -299,7 +301,6 @@ std::string gemm_kernel() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(headrace_cpu, m) {
-  m.def("has_amx() -> bool", &has_amx);
   m.def("gemm_kernel() -> str", &gemm_kernel);
   m.def("pack_bf16(Tensor weight) -> Tensor");
   m.def("pack_int8(Tensor weight) -> Tensor");

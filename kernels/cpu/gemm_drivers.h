@@ -83,6 +83,16 @@ constexpr int64_t kNBlock = 8;
 // M = 32 and 15 GB/s at M = 1; 6 steps ahead 10.8 and 18.6 GB/s; 2-16 steps within noise.
 constexpr int64_t kPrefetchSteps = 6;
 
+// C += A · B on tiles C, A, B (tile numbers are immediates, hence template arguments).
+template <bool Int8, int C, int A, int B>
+inline void tile_dot() {
+  if constexpr (Int8) {
+    _tile_dpbssd(C, A, B);
+  } else {
+    _tile_dpbf16ps(C, A, B);
+  }
+}
+
 // One column group (32 columns) × up to 32 rows starting at `a` (row stride `lda` bytes),
 // over `kblocks` tile steps; accumulators land in `acc` ([32][32] float32 or int32).
 template <bool Int8>
@@ -99,22 +109,12 @@ inline void group_tile(const char* a, int64_t lda, const char* b, int64_t kblock
     _tile_loadd(6, bt, 64);
     _tile_loadd(7, bt + kTileBytes, 64);
     _tile_loadd(4, a + kb * 64, lda);
-    if constexpr (Int8) {
-      _tile_dpbssd(0, 4, 6);
-      _tile_dpbssd(1, 4, 7);
-    } else {
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-    }
+    tile_dot<Int8, 0, 4, 6>();
+    tile_dot<Int8, 1, 4, 7>();
     if (two_rows) {
       _tile_loadd(5, a + 16 * lda + kb * 64, lda);
-      if constexpr (Int8) {
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-      } else {
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      tile_dot<Int8, 2, 5, 6>();
+      tile_dot<Int8, 3, 5, 7>();
     }
   }
   // acc is [32 rows][32 cols]: C tiles at (0,0), (0,16), (16,0), (16,16); 128-byte rows.
@@ -163,13 +163,19 @@ constexpr int64_t kDotRows = 12;
 // R rows × one column group. Each packed tile row is 16 columns × one k-group (4 int8 or 2
 // bf16 consecutive k), which is what vpdpbusd / vdpbf16ps multiply by a k-group of one row
 // of x broadcast to every lane. Int8: the weights are stored + 128 (unsigned, vpdpbusd's
-// first operand), x signed; the caller subtracts 128 * Σk x. `pf_lines` lines from
-// `pf + kb * pf_lines * 64` are prefetched at each k-step kb.
+// first operand), x signed, so each row's sums start at -128 * Σk x (`row_sums`) to undo
+// the shift. `pf_lines` lines from `pf + kb * pf_lines * 64` are prefetched at each k-step.
 template <bool Int8, int R>
-inline void dot_tile(const char* a, int64_t lda, const char* b, int64_t kblocks, const char* pf,
-                     int64_t pf_lines, float* acc) {
+inline void dot_tile(const char* a, int64_t lda, const char* b, int64_t kblocks,
+                     const int32_t* row_sums, const char* pf, int64_t pf_lines, float* acc) {
   __m512i c[R][2];
-  for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = _mm512_setzero_si512();
+  for (int i = 0; i < R; ++i) {
+    if constexpr (Int8) {
+      c[i][0] = c[i][1] = _mm512_set1_epi32(-128 * row_sums[i]);
+    } else {
+      c[i][0] = c[i][1] = _mm512_setzero_si512();
+    }
+  }
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const char* bt = b + kb * 2 * kTileBytes;
     const char* at = a + kb * kTileRows * 4;
@@ -201,11 +207,13 @@ inline void dot_tile(const char* a, int64_t lda, const char* b, int64_t kblocks,
 
 template <bool Int8, int R = kDotRows>
 inline void dot_rows(int64_t rows, const char* a, int64_t lda, const char* b, int64_t kblocks,
-                     const char* pf, int64_t pf_lines, float* acc) {
+                     const int32_t* row_sums, const char* pf, int64_t pf_lines, float* acc) {
   if constexpr (R > 1) {
-    if (rows < R) return dot_rows<Int8, R - 1>(rows, a, lda, b, kblocks, pf, pf_lines, acc);
+    if (rows < R) {
+      return dot_rows<Int8, R - 1>(rows, a, lda, b, kblocks, row_sums, pf, pf_lines, acc);
+    }
   }
-  dot_tile<Int8, R>(a, lda, b, kblocks, pf, pf_lines, acc);
+  dot_tile<Int8, R>(a, lda, b, kblocks, row_sums, pf, pf_lines, acc);
 }
 
 // Same contract as amx_gemm; `row_sums` (int8 only): Σk x[m, k] for every row.
@@ -229,17 +237,8 @@ void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t
       for (int64_t chunk = 0, m0 = 0; chunk < chunks; ++chunk) {
         const int64_t rows = (m - m0) / (chunks - chunk);
         const char* pf = next + chunk * kblocks * pf_lines * 64;
-        dot_rows<Int8>(rows, a + m0 * lda, lda, b, kblocks, pf, pf_lines, acc);
-        if constexpr (Int8) {  // undo the weights' + 128
-          int32_t* sums = reinterpret_cast<int32_t*>(acc);
-          for (int64_t i = 0; i < rows; ++i) {
-            const __m512i shift = _mm512_set1_epi32(128 * row_sums[m0 + i]);
-            for (int64_t c = 0; c < 32; c += 16) {
-              const __m512i v = _mm512_loadu_si512(sums + i * 32 + c);
-              _mm512_storeu_si512(sums + i * 32 + c, _mm512_sub_epi32(v, shift));
-            }
-          }
-        }
+        const int32_t* sums = Int8 ? row_sums + m0 : nullptr;
+        dot_rows<Int8>(rows, a + m0 * lda, lda, b, kblocks, sums, pf, pf_lines, acc);
         epilogue(acc, m0, rows, g * kGroupCols);
         m0 += rows;
       }

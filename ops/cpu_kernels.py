@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("attention.cpp", "elementwise.cpp", "gemm.cpp", "quant.cpp")
+SOURCES = ("attention.cpp", "decode_layers.cpp", "elementwise.cpp", "gemm.cpp", "quant.cpp")
 _SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cpu"
 
 
@@ -91,6 +91,9 @@ def load() -> bool:
     digest.update(" ".join(cflags).encode())
     digest.update(" ".join(sorted(cpu_flags())).encode())
     digest.update(torch.__version__.encode())
+    # Each checkout builds its own copy: the build files name the source paths, so two
+    # checkouts sharing one build directory would rebuild it for each other.
+    digest.update(str(_SOURCE_DIR.resolve()).encode())
     name = f"headrace_cpu_{digest.hexdigest()[:16]}"
     try:
         cpp_extension.load(

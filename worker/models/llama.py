@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from ops.activation import silu_and_mul
+from ops.decode_layers import ProjectionOperands
 from ops.linear import PackedCopy, gated_packed_weight, linear, linear_silu, packed_weight
 from ops.norm import fused_add_rms_norm, rms_norm
 from ops.rotary import apply_rotary_at
 from worker.models.attention import AttentionMetadata, LayerKVCache, PagedAttention
+from worker.models.fused_decode import FusedDecode
 from worker.models.rope import RotaryEmbedding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -85,6 +87,21 @@ class Linear(nn.Linear):
         """x: [T, in_features] → [T, out_features] in x.dtype."""
         return linear(x, self.weight, self.bias, self.packed.get(self.weight))
 
+    def decode_operands(self, dtype: torch.dtype, gated: bool = False) -> ProjectionOperands | None:
+        """This projection as `ops.decode_layers` runs it for `dtype` activations: our packed
+        bf16 weight (gated: gate/up interleaved, silu in the epilogue); None where forward
+        would not run that kernel (another dtype, oneDNN or no packing, hooks)."""
+        if self._forward_pre_hooks or self._forward_hooks or self.weight.dtype != dtype:
+            return None
+        packed = self._gated_packed() if gated else self.packed.get(self.weight)
+        if packed is None or packed.is_mkldnn:
+            return None
+        columns = self.out_features // 2 if gated else self.out_features
+        return ProjectionOperands(packed, self.weight, self.bias, columns=columns)
+
+    def _gated_packed(self) -> torch.Tensor | None:
+        return None  # a plain projection has no fused activation
+
 
 class GatedLinear(Linear):
     """The fused gate_up projection of the MLP: `silu(x)` returns silu(gate) * up of its
@@ -103,6 +120,9 @@ class GatedLinear(Linear):
         if gated is None:
             return silu_and_mul(self(x))
         return linear_silu(x, self.weight, self.bias, gated)
+
+    def _gated_packed(self) -> torch.Tensor | None:
+        return self.gated.get(self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -219,6 +239,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused_decode = FusedDecode()  # decode-only steps in one C++ call, where it runs
 
     def forward(
         self,
@@ -230,9 +251,13 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] int64 → final-normed hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = (positions, *self.rope.tables(x.dtype, x.device))
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, rope, kv_cache, meta)
+        fused = self.fused_decode(self, x, rope, kv_caches, meta)
+        if fused is not None:
+            x, residual = fused
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                x, residual = layer(x, residual, rope, kv_cache, meta)
         return self.norm.add_and_norm(x, residual)[0]
 
     def set_gemm_dtype(self, gemm_dtype: torch.dtype) -> bool:

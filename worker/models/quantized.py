@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ops.activation import silu_and_mul
+from ops.decode_layers import ProjectionOperands
 from ops.linear import PackedCopy
 from ops.quant import (
     Int8Weight,
@@ -121,6 +122,21 @@ class W8A8Linear(nn.Module):
             return silu_and_mul(self(x))
         rotation = max(1, self.rotation)
         return w8a8_linear_silu(x, self.quantized_weight(), self.bias, self.smooth, rotation, gated)
+
+    def decode_operands(self, dtype: torch.dtype, gated: bool = False) -> ProjectionOperands | None:
+        """This projection as `ops.decode_layers` runs it (quantize_rows, then our packed int8
+        GEMM; gated: gate/up interleaved, silu in the epilogue); None where forward / silu
+        would not run that kernel (no packed copy on this CPU, hooks)."""
+        if self._forward_pre_hooks or self._forward_hooks:
+            return None
+        packed = (self.gated if gated else self.packed).get(self.qweight)
+        if packed is None:
+            return None
+        columns = self.out_features // 2 if gated else self.out_features
+        rotation = max(1, self.rotation)
+        return ProjectionOperands(
+            packed, self.qweight, self.bias, self.scale, self.smooth, columns, rotation
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rotation={self.rotation}"

@@ -159,9 +159,10 @@ class EngineLoop:
         try:
             outputs = self.engine.step()
         except Exception as exc:
-            # Which sequence broke the batch is unknown: fail every active request, keep serving.
+            # The engine isolates failures of the forward pass and sampling to their requests
+            # (finish_reason "error"); what escapes is engine-wide: fail every active request.
             log.exception("engine step failed; failing %d requests", len(self._active))
-            error = RequestError("internal", f"engine step failed: {exc!r}")
+            error = RequestError("internal", f"engine step failed ({type(exc).__name__})")
             for request_id in self._active:
                 event.failures.append((request_id, error))
                 self._safe_abort(request_id)
@@ -174,7 +175,10 @@ class EngineLoop:
         for out in outputs:
             if out.finished:
                 self._active.discard(out.request_id)
-        event.outputs.extend(outputs)
+            if out.error is not None:
+                event.failures.append((out.request_id, out.error))
+            else:
+                event.outputs.append(out)
 
     def _safe_abort(self, request_id: str, reason: str = "abort") -> None:
         try:

@@ -48,7 +48,10 @@ def run_to_completion(engine: Engine, items: list[dict[str, Any] | Request]) -> 
             if entry is None:
                 continue
             index, state = entry
-            if _apply(engine, state, out):
+            if out.error is not None:
+                results[index] = _error_completion(out.request_id, out.error)
+                del pending[out.request_id]
+            elif _apply(engine, state, out):
                 results[index] = _completion(state, out.finish_reason)
                 del pending[out.request_id]
     return [results[i] for i in range(len(items))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,11 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from ops.device import default_device
 from worker.config import EngineConfig
+from worker.engine import isolation
 from worker.engine.block_allocator import BlockAllocator
 from worker.engine.model_runner import ModelRunner
 from worker.engine.params import SamplingParams
-from worker.engine.sampler import Sampler
+from worker.engine.sampler import Sampler, SamplerOutput
 from worker.engine.scheduler import ScheduledChunk, Scheduler
 from worker.engine.sequence import Request, Sequence, TokenOutput
 from worker.errors import RequestError
@@ -27,6 +29,9 @@ from worker.models.loader import load_hf_config, load_model
 from worker.models.source import resolve_model
 
 log = logging.getLogger(__name__)
+
+# What a step's forward pass and sampling give: the sampled sequences and their tokens.
+_StepResult = tuple[list[Sequence], SamplerOutput]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,23 +140,76 @@ class Engine:
         )
 
     def step(self) -> list[TokenOutput]:
-        """Schedule, run one forward pass, sample, and apply the new tokens."""
+        """Schedule, run one forward pass, sample, and apply the new tokens.
+
+        A step that raises is retried on halves of its batch (`isolation.bisect`); the
+        requests it still raises for alone finish with an `internal` error, the rest go on.
+        """
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
         self._last_batched_tokens = plan.num_batched_tokens
         for seq in plan.finished:
             self._seqs.pop(seq.request_id, None)
             outputs.append(_final_output(seq, "length"))
-        if not plan.chunks:
-            return outputs
-        logits, sampled = self.runner.execute(plan.chunks)
-        for chunk in plan.chunks:
-            chunk.seq.num_computed_tokens += chunk.num_new_tokens
-        seqs = [c.seq for c in sampled]
-        result = self.sampler(logits, seqs, self.eos_token_ids)
-        for seq, token, logprobs in zip(seqs, result.token_ids, result.logprobs, strict=True):
-            outputs.append(self._append_token(seq, token, logprobs))
+        if plan.chunks:
+            try:
+                result = self._forward(plan.chunks)
+            except Exception as exc:
+                self._isolate(plan.chunks, exc, outputs)
+            else:
+                self._commit(plan.chunks, result, outputs)
         return outputs
+
+    def _forward(self, chunks: Seq[ScheduledChunk]) -> _StepResult:
+        """Forward pass and sampling; writes only KV slots past each sequence's computed tokens,
+        so a raise here leaves every sequence as it was (its chunk runs again)."""
+        logits, sampled = self.runner.execute(chunks)
+        seqs = [c.seq for c in sampled]
+        return seqs, self.sampler(logits, seqs, self.eos_token_ids)
+
+    def _commit(
+        self, chunks: Seq[ScheduledChunk], result: _StepResult, outputs: list[TokenOutput]
+    ) -> None:
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+        seqs, sampled = result
+        for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            try:
+                outputs.append(self._append_token(seq, token, logprobs))
+            except Exception as exc:  # stop handling failed for this request only
+                log.error("applying a token to %s failed", seq.request_id, exc_info=exc)
+                outputs.append(self._fail(seq, exc))
+
+    def _isolate(
+        self, chunks: Seq[ScheduledChunk], error: Exception, outputs: list[TokenOutput]
+    ) -> None:
+        """The step raised `error`: run the parts of the batch that do not raise, fail the rest."""
+        log.error("engine step of %d requests failed; isolating", len(chunks), exc_info=error)
+        blamed = isolation.bisect(
+            chunks,
+            error,
+            self._forward,
+            lambda group, result: self._commit(group, result, outputs),
+            isolation.max_runs(len(chunks)),
+        )
+        logged = {id(error)}
+        for chunk, exc in blamed:
+            # Each distinct exception's traceback once: a batch-wide failure blames many.
+            first = id(exc) not in logged
+            logged.add(id(exc))
+            log.error("failing %s: %r", chunk.seq.request_id, exc, exc_info=exc if first else None)
+            outputs.append(self._fail(chunk.seq, exc))
+
+    def _fail(self, seq: Sequence, exc: Exception) -> TokenOutput:
+        """Finish `seq` with an internal error; the client sees the exception type, the log the rest."""
+        self._seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq, "error")
+        error = RequestError(
+            "internal", f"the engine failed on this request ({type(exc).__name__})"
+        )
+        return TokenOutput(
+            seq.request_id, (), "error", error=error, num_prompt_tokens=seq.num_prompt_tokens
+        )
 
     def _append_token(self, seq: Sequence, token: int, logprobs: Any) -> TokenOutput:
         seq.output_token_ids.append(token)
@@ -210,8 +268,8 @@ class Engine:
         """Run every item to completion and return one Completion each, in input order.
 
         Dict items use the JSONL line format (`id`, `prompt` | `messages` |
-        `prompt_token_ids`, optional params); a bad item gets a Completion
-        with `error` set and `finish_reason="error"`, the rest still run.
+        `prompt_token_ids`, optional params); a bad item, or one the engine fails on,
+        gets a Completion with `error` set and `finish_reason="error"`, the rest still run.
         """
         from worker.engine.batch import run_to_completion
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from worker.engine.params import SamplingParams
+from worker.errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class TokenOutput:
     """What one step produced for one request: new tokens and, if done, why.
 
     finish_reason: None while running; "stop" (EOS, stop token or stop string),
-    "length" (max_tokens or context full), "abort" (cancelled).
+    "length" (max_tokens or context full), "abort" (cancelled), "error" (the engine
+    failed on this request: `error` says how; its tokens are not a result).
     """
 
     request_id: str
@@ -45,6 +47,7 @@ class TokenOutput:
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
     num_prompt_tokens: int = 0
+    error: RequestError | None = None
 
     @property
     def finished(self) -> bool:

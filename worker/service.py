@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from worker.engine.detokenizer import TextStream
@@ -31,7 +30,7 @@ from worker.metrics import Health, Metrics, MetricsServer, monitor
 from worker.protocol import STATUS_CANCELLED, JobDecodeError
 from worker.publish import JobState, Publisher, now_ms
 from worker.recovery import Entry, Recovery
-from worker.redis_url import redact_url
+from worker.redis_url import connect_async, redact_url
 from worker.settings import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,14 @@ class WorkerService:
                 self.metrics, self.health, self.config.metrics_host, self.config.metrics_port
             ).start()
         self._install_signals()
-        self.redis = aioredis.Redis.from_url(self.config.redis_url)
+        cfg = self.config
+        assert cfg.redis_url is not None
+        self.redis = connect_async(
+            cfg.redis_url,
+            timeout_s=cfg.redis_timeout_s,
+            block_ms=cfg.read_block_ms,
+            client_name=f"headrace-worker:{cfg.consumer}",
+        )
         self._build_stages()
         await self.ingest.ensure_group()
         self.engine_loop.start()

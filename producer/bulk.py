@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from tqdm import tqdm
 
 from producer.bulk_formats import FORMATS, BulkItem, error_line, parse_line, result_line
@@ -32,7 +31,7 @@ from producer.client import AsyncClient
 from worker.errors import RequestError
 from worker.keys import Keys
 from worker.protocol import STATUS_OK, Result
-from worker.redis_url import redact_url
+from worker.redis_url import connect_async, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +276,7 @@ def _duplicate(item: BulkItem) -> BulkItem:
 
 
 async def _warn_without_workers(url: str, keys: Keys) -> None:
-    client = aioredis.Redis.from_url(url)
+    client = connect_async(url)
     try:
         async for _ in client.scan_iter(match=keys.worker("*"), count=1000):
             return

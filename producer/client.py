@@ -23,6 +23,7 @@ from worker.embedded import EmbeddedRedis, start_embedded_redis
 from worker.engine.params import SamplingParams
 from worker.keys import JOB_FIELD, Keys
 from worker.protocol import Job, Result, decode_result, encode_job, new_job_id
+from worker.redis_url import connect_async
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ class AsyncClient:
             self._embedded = start_embedded_redis()
             self.redis_url = self._embedded.url
             log.info("embedded Redis at %s (workers join with --redis-url)", self.redis_url)
-        self._redis = aioredis.Redis.from_url(self.redis_url)
+        # The reply reader blocks up to block_ms per XREAD: the socket timeout allows for it.
+        self._redis = connect_async(self.redis_url, block_ms=self._block_ms)
         await self._redis.ping()
         self._router = ReplyRouter(
             self._redis,

@@ -40,4 +40,9 @@ def tiny_model_dir(
     return make
 
 
-from tests.redis_fixtures import redis_server, redis_url  # noqa: E402, F401
+from tests.redis_fixtures import (  # noqa: E402, F401
+    redis62_server,
+    redis_server,
+    redis_url,
+    restartable_redis,
+)

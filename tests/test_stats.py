@@ -40,7 +40,13 @@ def heartbeat(redis_url: str, consumer: str, stats: dict) -> None:
         conn = aioredis.Redis.from_url(redis_url)
         try:
             recovery = Recovery(
-                conn, KEYS, consumer, claim_idle_ms=30_000, max_attempts=3, liveness_ttl_s=30
+                conn,
+                KEYS,
+                consumer,
+                claim_idle_ms=30_000,
+                max_attempts=3,
+                liveness_ttl_s=30,
+                held=tuple,
             )
             await recovery.heartbeat([], stats)
         finally:
@@ -50,7 +56,9 @@ def heartbeat(redis_url: str, consumer: str, stats: dict) -> None:
 
 
 def dead_letter(client: redis.Redis, entry_id: str, payload: bytes) -> None:
-    recovery = Recovery(None, KEYS, "w-live", claim_idle_ms=1, max_attempts=1, liveness_ttl_s=1)
+    recovery = Recovery(
+        None, KEYS, "w-live", claim_idle_ms=1, max_attempts=1, liveness_ttl_s=1, held=tuple
+    )
     error = RequestError("max_attempts_exceeded", "delivered 2 times")
     client.xadd(KEYS.dead_letter, recovery.dead_letter_fields(Entry(entry_id, payload, 2), error))
 

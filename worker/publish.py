@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from worker.engine.detokenizer import TextStream
 from worker.engine.sequence import Request, TokenLogprobs, TokenOutput
@@ -34,6 +33,7 @@ from worker.protocol import (
     encode_result,
     error_result,
 )
+from worker.resilience import Retrier
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ if first then return 1 end
 return 0
 """
 
-_RETRY_MAX_S = 2.0
 DEAD_LETTER_MAXLEN = 100_000
-_TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def now_ms() -> float:
@@ -122,6 +120,7 @@ class Publisher:
         self._on_acked = on_acked
         self._metrics = metrics if metrics is not None else Metrics()
         self._script = client.register_script(_PUBLISH_FINAL_LUA)
+        self._retry = Retrier()
         self._ops: list[_Op] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -308,23 +307,19 @@ class Publisher:
             if not self._ops:
                 self._idle.set()
 
+    async def _execute(self, batch: list[_Op]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for op in batch:
+            op.apply(pipe)
+        return await pipe.execute(raise_on_error=False)
+
     async def wait_idle(self) -> None:
         """Return once everything queued so far is written."""
         await self._idle.wait()
 
     async def _write(self, batch: list[_Op]) -> None:
-        delay = 0.05
-        while True:
-            pipe = self._redis.pipeline(transaction=False)
-            for op in batch:
-                op.apply(pipe)
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-                break
-            except _TRANSIENT as exc:
-                log.warning("redis write failed (%r); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
+        # Retried until Redis is back: the results and acks of finished jobs must not be lost.
+        replies = await self._retry.call("writing results", lambda: self._execute(batch))
         for op, reply in zip(batch, replies, strict=True):
             failed = isinstance(reply, Exception)
             if failed:

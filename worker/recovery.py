@@ -5,11 +5,14 @@ heartbeat (resets their idle time without counting a delivery). Entries idle
 longer than `claim_idle_ms` belong to a consumer that stopped heart-beating;
 `XAUTOCLAIM` moves them to this worker, and their delivery counts (XPENDING)
 decide between running them again and sending them to the dead-letter stream.
+Entries pending under this consumer that the service does not hold (a reply lost
+with its connection) are adopted as they are, without a delivery counted.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 _XCLAIM_CHUNK = 1000
 # XAUTOCLAIM scans at most 10 × COUNT pending entries per call; bound a full pass.
 _MAX_SCAN_CALLS = 64
+# Our own pending entries read per adoption pass: the in-flight limit plus a few orphans.
+_ADOPT_SCAN = 10_000
 
 
 @dataclass(frozen=True)
@@ -31,12 +36,14 @@ class Entry:
     """One stream entry handed to this worker.
 
     payload: the `job` field (None when the entry has none).
-    attempt: its delivery count, 1 for a first delivery.
+    attempt: its delivery count, 1 for a first delivery (0: unknown, Redis dropped it).
+    deleted: claimed, but no longer in the stream (XDEL, trimming): nothing to run.
     """
 
     entry_id: str
     payload: bytes | None
     attempt: int
+    deleted: bool = False
 
 
 def entry_from_fields(entry_id: bytes | str, fields: dict[Any, Any] | None, attempt: int) -> Entry:
@@ -46,7 +53,10 @@ def entry_from_fields(entry_id: bytes | str, fields: dict[Any, Any] | None, atte
 
 
 class Recovery:
-    """Claim refresh, reclaim and dead-lettering for one consumer of the requests group."""
+    """Claim refresh, reclaim, adoption and dead-lettering for one consumer of the requests group.
+
+    held: the entry ids the service holds now (in flight or being refused).
+    """
 
     def __init__(
         self,
@@ -57,6 +67,7 @@ class Recovery:
         claim_idle_ms: int,
         max_attempts: int,
         liveness_ttl_s: int,
+        held: Callable[[], Collection[str]],
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -64,8 +75,16 @@ class Recovery:
         self._claim_idle_ms = claim_idle_ms
         self._max_attempts = max_attempts
         self._liveness_ttl_s = liveness_ttl_s
+        self._held = held
         self._cursor = "0-0"
+        # Claimed by XAUTOCLAIM but not handed out yet: kept across a failed call, so a
+        # dropped connection never loses a claim (the retry finishes the same round).
+        self._claimed: list[tuple[bytes, dict[Any, Any] | None]] = []
+        self._deleted: list[str] = []
+        self._inherited: set[str] = set()
+        self.adoption_due = False
         self.num_reclaimed = 0
+        self.num_adopted = 0
 
     def exhausted(self, entry: Entry) -> bool:
         """True once the entry was delivered more than `max_attempts` times."""
@@ -103,11 +122,23 @@ class Recovery:
         pipe.delete(self._keys.worker(self._consumer))
         await pipe.execute()
 
+    async def inherit(self) -> None:
+        """Note what an earlier process of this consumer name left pending (call at start).
+
+        Those entries are reclaimed once idle, which counts a delivery (a job that crashes
+        workers must reach max_attempts); `adopt()` takes them only once deleted.
+        """
+        self._inherited = {eid for eid, _ in await self._own_pending()}
+
     async def reclaim(self, count: int) -> list[Entry]:
-        """Take up to `count` entries idle ≥ claim_idle_ms from any consumer, with delivery counts."""
-        claimed: list[tuple[bytes, dict[Any, Any] | None]] = []
+        """Take up to `count` entries idle ≥ claim_idle_ms from any consumer, with delivery counts.
+
+        Entries deleted from the stream come back `deleted`: Redis 7 names them (and drops
+        them from the PEL); Redis 6.2 returns a nil in their place and leaves them pending
+        under this consumer, where the next `adopt()` finds them.
+        """
         for _ in range(_MAX_SCAN_CALLS):
-            if len(claimed) >= count:
+            if len(self._claimed) + len(self._deleted) >= count:
                 break
             reply = await self._redis.xautoclaim(
                 self._keys.requests,
@@ -115,23 +146,75 @@ class Recovery:
                 self._consumer,
                 self._claim_idle_ms,
                 start_id=self._cursor,
-                count=count - len(claimed),
+                count=count - len(self._claimed) - len(self._deleted),
             )
             self._cursor = _text(reply[0])
-            claimed.extend((eid, fields) for eid, fields in reply[1] if eid is not None)
+            for eid, fields in reply[1]:
+                if eid is None:
+                    self.adoption_due = True
+                else:
+                    self._claimed.append((eid, fields))
+            self._deleted += [_text(eid) for eid in (reply[2] if len(reply) > 2 else ())]
             if self._cursor == "0-0":
                 break
-        if not claimed:
+        if not self._claimed and not self._deleted:
             return []
-        attempts = await self._delivery_counts([_text(eid) for eid, _ in claimed])
+        attempts = await self._delivery_counts([_text(eid) for eid, _ in self._claimed])
         # No pending row any more: its old owner acked it meanwhile, so it is done.
         entries = [
             entry_from_fields(eid, fields, attempts[_text(eid)])
-            for eid, fields in claimed
+            for eid, fields in self._claimed
             if _text(eid) in attempts
         ]
+        entries += [Entry(eid, None, 0, deleted=True) for eid in self._deleted]
+        self._inherited.difference_update(e.entry_id for e in entries)  # ours now
+        self._claimed, self._deleted = [], []
         self.num_reclaimed += len(entries)
         log.info("reclaimed %d idle entries", len(entries))
+        return entries
+
+    async def adopt(self) -> list[Entry]:
+        """Entries pending under this consumer that nobody here holds, taken as they are.
+
+        A reply lost with its connection (XREADGROUP or XAUTOCLAIM ran, the answer never
+        came) leaves such entries; left alone they would go idle and be reclaimed with one
+        delivery too many. Their delivery counts stay as they are.
+        """
+        known = set(self._held())
+        known.update(_text(eid) for eid, _ in self._claimed)
+        orphans = [(eid, n) for eid, n in await self._own_pending() if eid not in known]
+        entries = await self._fetch(orphans) if orphans else []
+        # An inherited entry deleted from the stream has nothing left to run: take it (Redis
+        # 6.2 would keep it pending forever); the others stay for a reclaim.
+        entries = [e for e in entries if e.deleted or e.entry_id not in self._inherited]
+        self.adoption_due = False
+        if entries:
+            self.num_adopted += len(entries)
+            log.warning("adopted %d entries pending under this consumer", len(entries))
+        return entries
+
+    async def _own_pending(self) -> list[tuple[str, int]]:
+        """(entry id, delivery count) of the entries pending under this consumer."""
+        rows = await self._redis.xpending_range(
+            self._keys.requests,
+            self._keys.group,
+            "-",
+            "+",
+            _ADOPT_SCAN,
+            consumername=self._consumer,
+        )
+        return [(_text(row["message_id"]), int(row["times_delivered"])) for row in rows]
+
+    async def _fetch(self, rows: list[tuple[str, int]]) -> list[Entry]:
+        pipe = self._redis.pipeline(transaction=False)
+        for entry_id, _ in rows:
+            pipe.xrange(self._keys.requests, entry_id, entry_id, count=1)
+        entries = []
+        for (entry_id, attempt), found in zip(rows, await pipe.execute(), strict=True):
+            if found:
+                entries.append(entry_from_fields(entry_id, found[0][1], attempt))
+            else:
+                entries.append(Entry(entry_id, None, attempt, deleted=True))
         return entries
 
     async def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:

@@ -4,7 +4,8 @@ Loop shape (after arq): one reader task claims → reaps → reads with
 backpressure; a heartbeat task keeps claims fresh; a pub/sub task cancels jobs;
 the publisher flushes results. Stop (SIGTERM/SIGINT, or burst mode running
 dry) stops reading, lets in-flight jobs finish within the drain timeout, and
-leaves the rest pending for other workers.
+leaves the rest pending for other workers. Every Redis call rides out outages
+(worker/resilience.py); a background task that dies stops the worker with exit 1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from worker.engine.detokenizer import TextStream
@@ -31,13 +31,14 @@ from worker.metrics import Health, Metrics, MetricsServer, monitor
 from worker.protocol import STATUS_CANCELLED, JobDecodeError
 from worker.publish import JobState, Publisher, now_ms
 from worker.recovery import Entry, Recovery
-from worker.redis_url import redact_url
+from worker.redis_url import connect_async, redact_url
+from worker.resilience import TRANSIENT, Interrupted, Retrier, Supervisor
 from worker.settings import WorkerConfig
 
 log = logging.getLogger(__name__)
 
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-_RETRY_S = 0.5
+# Best effort on the way out (releasing claims, forgetting liveness): nothing to retry for.
+_EXIT_ERRORS = (*TRANSIENT, redis.exceptions.RedisError)
 _TASK_EXIT_S = 2.0
 
 
@@ -74,7 +75,7 @@ class WorkerService:
         self._closing: asyncio.Event | None = None
         self._force = False
         self.exit_code = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.supervisor = Supervisor(self._task_died)
         self.ready = threading.Event()  # set once reading; for embedding programs and tests
         self.metrics = Metrics()
         self.health = Health()
@@ -107,6 +108,7 @@ class WorkerService:
             "max_inflight": self.config.inflight_limit,
             "read": self.ingest.num_read,
             "reclaimed": self.recovery.num_reclaimed,
+            "adopted": self.recovery.num_adopted,
             "published": self.publisher.num_published,
             "duplicates": self.publisher.num_duplicates,
             "dead_lettered": self.num_dead_lettered,
@@ -131,15 +133,54 @@ class WorkerService:
                 self.metrics, self.health, self.config.metrics_host, self.config.metrics_port
             ).start()
         self._install_signals()
-        self.redis = aioredis.Redis.from_url(self.config.redis_url)
+        cfg = self.config
+        assert cfg.redis_url is not None
+        # retries=0: every failure reaches self._retry, which knows when to look for
+        # entries delivered by a call whose reply was lost (Recovery.adopt).
+        self.redis = connect_async(
+            cfg.redis_url,
+            timeout_s=cfg.redis_timeout_s,
+            block_ms=cfg.read_block_ms,
+            retries=0,
+            client_name=f"headrace-worker:{cfg.consumer}",
+        )
         self._build_stages()
-        await self.ingest.ensure_group()
+        try:
+            if await self._open():
+                await self._read_loop()
+                await self._drain()
+        except Exception:
+            # The read loop is a background task like the others: loud, and exit non-zero.
+            log.exception("the read loop died")
+            self._task_died("read loop")
+        finally:
+            await self._shutdown()
+        return self.exit_code
+
+    async def _open(self) -> bool:
+        """Group, engine thread, background tasks; True once subscribed to cancels."""
+        cfg = self.config
+        assert self._stopping is not None and self._closing is not None
+        assert cfg.redis_url is not None
+        try:
+            await self._retry.call(
+                "creating the consumer group", self.ingest.ensure_group, stop=self._stopping
+            )
+            await self._retry.call("reading own claims", self.recovery.inherit, stop=self._stopping)
+        except Interrupted:
+            return False  # stopped before Redis was ever reachable
         self.engine_loop.start()
         subscribed = asyncio.Event()
-        for coro in (
-            self.publisher.run(),
-            self._heartbeat_loop(),
-            self.ingest.listen_cancels(self._cancel, subscribed, self._closing),
+        self._spawn_loop("publisher", self.publisher.run())
+        self._spawn_loop("heartbeat", self._heartbeat_loop())
+        self._spawn_loop(
+            "cancel listener",
+            self.ingest.listen_cancels(
+                self._cancel, subscribed, self._closing, held=lambda: list(self.inflight)
+            ),
+        )
+        self._spawn_loop(
+            "monitor",
             monitor(
                 self.metrics,
                 self.health,
@@ -148,22 +189,18 @@ class WorkerService:
                 self._closing,
                 log_every_s=self.config.throughput_log_s,
             ),
-        ):
-            self._spawn(coro)
-        await subscribed.wait()
+        )
+        await _first_of(subscribed, self._stopping)
+        if not subscribed.is_set():
+            return False
         self.ready.set()
         log.info(
             "worker %s ready on %s (%s)",
             self.config.consumer,
             self.keys.requests,
-            redact_url(self.config.redis_url),
+            redact_url(cfg.redis_url),
         )
-        try:
-            await self._read_loop()
-            await self._drain()
-        finally:
-            await self._shutdown()
-        return self.exit_code
+        return True
 
     def _build_stages(self) -> None:
         cfg, engine = self.config, self.engine
@@ -184,7 +221,9 @@ class WorkerService:
             claim_idle_ms=cfg.claim_idle_ms,
             max_attempts=cfg.max_attempts,
             liveness_ttl_s=max(1, math.ceil(cfg.claim_idle_ms / 1000)),
+            held=self._held_entries,
         )
+        self._retry = Retrier(self.ingest.ensure_group)
         self.publisher = Publisher(
             self.redis,
             self.keys,
@@ -207,11 +246,20 @@ class WorkerService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_now, False)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _spawn_loop(self, name: str, coro: Any) -> None:
+        self.supervisor.spawn(name, coro, loop=True)
+
+    def _task_died(self, name: str) -> None:
+        """A background task failed: /healthz fails, and the worker stops with exit 1 (its
+        jobs stay pending for other workers) so the orchestrator restarts it."""
+        self.health.task_died(name)
+        self.exit_code = 1
+        if self._stopping is not None:
+            self._stop_now(force=True)
+
+    def _held_entries(self) -> list[str]:
+        """Entry ids this worker answers for now: in flight, or being refused."""
+        return [s.entry_id for s in self.inflight.values()] + list(self._refusing)
 
     async def _drain(self) -> None:
         assert self._changed is not None
@@ -224,6 +272,8 @@ class WorkerService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
         await self._abandon([s for s in self.inflight.values() if not s.done])
+        if "publisher" in self.health.dead_tasks:
+            return  # nobody writes what is queued: it stays pending for other workers
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.publisher.wait_idle(), 5.0)
 
@@ -236,23 +286,19 @@ class WorkerService:
             state.done = True
             self.engine_loop.abort(state.job.id)
             self.inflight.pop(state.job.id, None)
-        with contextlib.suppress(*_REDIS_ERRORS):
+        with contextlib.suppress(*_EXIT_ERRORS):
             await self.recovery.release([s.entry_id for s in states])
 
     async def _shutdown(self) -> None:
         assert self._closing is not None
+        self.supervisor.closing = True  # loops that end from here on are not deaths
         self._closing.set()
-        for task in list(self._tasks):
-            task.cancel()
         # Bounded: redis-py can swallow a cancel that lands mid-command; the loops also
         # watch _closing, so they end on their own right after.
-        if self._tasks:
-            _, stuck = await asyncio.wait(list(self._tasks), timeout=_TASK_EXIT_S)
-            if stuck:
-                log.warning("%d background tasks did not stop in time", len(stuck))
+        await self.supervisor.stop(_TASK_EXIT_S)
         await asyncio.to_thread(self.engine_loop.stop)
         self.ingest.close()
-        with contextlib.suppress(*_REDIS_ERRORS):
+        with contextlib.suppress(*_EXIT_ERRORS):
             await self.recovery.leave()
         await self.redis.aclose()
         if self.metrics_server is not None:
@@ -270,25 +316,56 @@ class WorkerService:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), self.config.heartbeat_s)
                 continue
+            reclaim = self.config.burst or time.monotonic() >= next_reclaim
             try:
-                entries: list[Entry] = []
-                if self.config.burst or time.monotonic() >= next_reclaim:
-                    entries = await self.recovery.reclaim(self.room)
-                    next_reclaim = time.monotonic() + self.config.heartbeat_s
-                block = None if entries else self.config.read_block_ms
-                entries += await self.ingest.read(self.room - len(entries), block)
-            except _REDIS_ERRORS as exc:
-                log.warning("reading jobs failed (%r); retrying", exc)
-                await asyncio.sleep(_RETRY_S)
-                continue
-            if entries:
-                self._admit(entries)
-            elif self.config.burst and not self.inflight and not self._refusing:
+                got = await self._fetch(reclaim)
+            except Interrupted:
+                break
+            if reclaim:
+                next_reclaim = time.monotonic() + self.config.heartbeat_s
+            if not got and self.config.burst and self._idle():
                 log.info("burst: queue empty, stopping")
                 self._stopping.set()
 
-    def _admit(self, entries: list[Entry]) -> None:
-        """Register entries as in flight at once (so cancels find them), then prepare them."""
+    def _idle(self) -> bool:
+        """Nothing held and nothing left to adopt (burst mode stops then)."""
+        return not (self.inflight or self._refusing or self.recovery.adoption_due)
+
+    async def _fetch(self, reclaim: bool) -> int:
+        """One round: adopt our orphans, reclaim idle entries, read new ones; how many came.
+
+        NOTE: each step's entries are admitted as soon as they arrive, so a later step that
+        fails never loses them, and a retry reads nothing twice: a retry after a dropped
+        connection costs no delivery.
+        """
+        recovery, got = self.recovery, 0
+        if recovery.adoption_due:
+            got += self._admit(await self._call("adopting entries", recovery.adopt))
+        if reclaim:
+            got += self._admit(
+                await self._call("reclaiming jobs", lambda: recovery.reclaim(self.room))
+            )
+        if self.room > 0:
+            # Blocks only when nothing came: admitted entries are waiting for their start.
+            block = None if got else self.config.read_block_ms
+            got += self._admit(
+                await self._call("reading jobs", lambda: self.ingest.read(self.room, block))
+            )
+        return got
+
+    async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        # A failed read or claim may have delivered entries whose reply was lost: look
+        # for them under our own name before the next read.
+        def suspect(_exc: BaseException) -> None:
+            self.recovery.adoption_due = True
+
+        return await self._retry.call(what, fn, stop=self._stopping, on_error=suspect)
+
+    def _admit(self, entries: list[Entry]) -> int:
+        """Register entries as in flight at once (so cancels find them), then prepare them.
+
+        Returns how many entries there were (known ones included: they are skipped).
+        """
         states = []
         for entry in entries:
             if entry.entry_id in self._refusing:
@@ -312,30 +389,32 @@ class WorkerService:
             states.append(state)
         self.peak_inflight = max(self.peak_inflight, len(self.inflight) + len(self._refusing))
         if states:
-            self._spawn(self._prepare(states))
+            self.supervisor.spawn("prepare", self._prepare(states), loop=False)
+        return len(entries)
 
     async def _prepare(self, states: list[JobState]) -> None:
+        assert self._closing is not None
+        jobs = [s.job for s in states]
         try:
-            verdicts = await self.ingest.screen([s.job for s in states])
-            runnable = []
-            for state, verdict in zip(states, verdicts, strict=True):
-                if verdict == ALREADY_DONE:
-                    state.done = True
-                    self.publisher.ack(state.entry_id, lambda s=state: self._release(s))
-                elif verdict == CANCELLED or state.cancel_requested:
-                    self.publisher.final(state, STATUS_CANCELLED, "abort")
-                elif (error := self.ingest.expired(state.job)) is not None:
-                    self.publisher.fail(state, error)
-                else:
-                    runnable.append(state)
-            tokenized = await self.ingest.tokenize([s.job for s in runnable])
-        except _REDIS_ERRORS as exc:
-            # Unacked and no longer refreshed: they go idle and are reclaimed later.
-            log.warning("preparing %d jobs failed (%r); leaving them pending", len(states), exc)
-            for state in states:
-                if not state.done:
-                    self._release(state)
-            return
+            # Retried in place: the entries stay claimed (heartbeat) and run once Redis is
+            # back, with no delay and no extra delivery.
+            verdicts = await self._retry.call(
+                "screening jobs", lambda: self.ingest.screen(jobs), stop=self._closing
+            )
+        except Interrupted:
+            return  # shutting down: left pending for other workers
+        runnable = []
+        for state, verdict in zip(states, verdicts, strict=True):
+            if verdict == ALREADY_DONE:
+                state.done = True
+                self.publisher.ack(state.entry_id, lambda s=state: self._release(s))
+            elif verdict == CANCELLED or state.cancel_requested:
+                self.publisher.final(state, STATUS_CANCELLED, "abort")
+            elif (error := self.ingest.expired(state.job)) is not None:
+                self.publisher.fail(state, error)
+            else:
+                runnable.append(state)
+        tokenized = await self.ingest.tokenize([s.job for s in runnable])
         ready = []
         for state, tok in zip(runnable, tokenized, strict=True):
             if tok.error is not None:
@@ -434,13 +513,16 @@ class WorkerService:
 
     async def _heartbeat_loop(self) -> None:
         assert self._closing is not None
+        recovery = self.recovery
         while not self._closing.is_set():
             try:
-                entry_ids = [s.entry_id for s in self.inflight.values()]
-                entry_ids += self._refusing
-                await self.recovery.heartbeat(entry_ids, self.stats())
-            except _REDIS_ERRORS as exc:
-                log.warning("heartbeat failed: %r", exc)
+                await self._retry.call(
+                    "heartbeat",
+                    lambda: recovery.heartbeat(self._held_entries(), self.stats()),
+                    stop=self._closing,
+                )
+            except Interrupted:
+                return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.config.heartbeat_s)
 
@@ -454,3 +536,13 @@ class WorkerService:
             self.engine_loop.abort(job_id, "abort")
             self.publisher.final(state, STATUS_CANCELLED, "abort")
         # Not started yet: _prepare answers `cancelled` once tokenization returns.
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Return once any of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

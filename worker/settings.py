@@ -27,6 +27,7 @@ from worker.config import (
 from worker.keys import Keys
 from worker.logs import LOG_FORMATS
 from worker.protocol import DEFAULT_MAX_PAYLOAD_BYTES
+from worker.redis_url import DEFAULT_TIMEOUT_S
 
 ENV_PREFIX = "HEADRACE_"
 
@@ -46,6 +47,8 @@ class WorkerConfig:
     claim_idle_ms: a pending entry idle this long belongs to a dead consumer and is reclaimed.
     heartbeat_interval_s: how often live claims are refreshed; None → claim_idle_ms / 3.
     max_attempts: deliveries after which a job goes to the dead-letter stream.
+    redis_timeout_s: seconds a Redis reply may take (beyond XREADGROUP's BLOCK) before the
+        connection counts as dead and the call is retried on a new one.
     burst: process what is queued (and reclaimable), then exit.
     metrics_port: serve /metrics, /healthz and /readyz on this port; 0 → no HTTP server.
     log_format: "text" or "json" (one object a line, for log collectors).
@@ -60,6 +63,7 @@ class WorkerConfig:
     claim_idle_ms: int = 30_000
     heartbeat_interval_s: float | None = None
     max_attempts: int = 3
+    redis_timeout_s: float = DEFAULT_TIMEOUT_S
     result_ttl_s: int = 24 * 3600
     reply_maxlen: int = 100_000
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -79,6 +83,8 @@ class WorkerConfig:
             raise ValueError("max_inflight, max_attempts and tokenizer_threads must be >= 1")
         if self.claim_idle_ms < 1 or self.read_block_ms < 1:
             raise ValueError("claim_idle_ms and read_block_ms must be >= 1")
+        if self.redis_timeout_s <= 0:
+            raise ValueError("redis_timeout must be > 0")
         # A live worker whose refresh comes later than the reclaim threshold loses its jobs.
         if not 0 < self.heartbeat_s * 1000 < self.claim_idle_ms:
             raise ValueError("heartbeat interval must be shorter than claim_idle_ms")
@@ -173,6 +179,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("claim_idle_ms", int, "reclaim pending jobs of consumers silent this long"),
     Option("heartbeat_interval", float, "seconds between claim refreshes"),
     Option("read_block_ms", int, "XREADGROUP BLOCK time"),
+    Option("redis_timeout", float, "seconds a Redis reply may take before reconnecting"),
     Option("result_ttl", int, "seconds a final result stays fetchable by id"),
     Option("max_payload_bytes", int, "largest accepted job payload"),
     Option("drain_timeout", float, "seconds to finish in-flight jobs on SIGTERM"),
@@ -197,6 +204,7 @@ _WORKER_FIELDS = {
     "claim_idle_ms": "claim_idle_ms",
     "heartbeat_interval": "heartbeat_interval_s",
     "read_block_ms": "read_block_ms",
+    "redis_timeout": "redis_timeout_s",
     "result_ttl": "result_ttl_s",
     "max_payload_bytes": "max_payload_bytes",
     "drain_timeout": "drain_timeout_s",

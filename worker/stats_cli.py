@@ -20,7 +20,7 @@ import msgpack
 import redis
 
 from worker.keys import Keys
-from worker.redis_url import redact_url
+from worker.redis_url import connect, redact_url
 
 REDIS_URL_ENV = "HEADRACE_REDIS_URL"
 NAMESPACE_ENV = "HEADRACE_NAMESPACE"
@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=10)
+    client = connect(args.redis_url)
     try:
         stats = collect(client, keys)
     except redis.exceptions.RedisError as exc:

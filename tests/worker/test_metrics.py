@@ -146,6 +146,11 @@ def test_health_endpoints_answer_503_until_ready(redis_url):
         health.stopping = True  # draining: take no new traffic
         assert get(server.port, "/readyz")[0] == 503
         assert get(server.port, "/healthz")[0] == 200
+        health.task_died("heartbeat")  # a background task died: the worker is going down
+        status, body = get(server.port, "/healthz")
+        assert status == 503 and json.loads(body)["dead_tasks"] == ["heartbeat"]
+        health.dead_tasks = frozenset()
+        assert get(server.port, "/healthz")[0] == 200
         health.stale_after_s = 0  # the event loop stopped beating
         assert get(server.port, "/healthz")[0] == 503
         assert get(server.port, "/nope")[0] == 404

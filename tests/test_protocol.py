@@ -171,6 +171,7 @@ MALFORMED: dict[str, tuple[Any, str, str | None, str | None]] = {
     "bad params type": (msgpack.packb(_base(params=[1])), "invalid_params", "job-1", "hr:reply:c"),
     "bad param value": (msgpack.packb(_base(params={"temperature": -1})), "invalid_params", "job-1", "hr:reply:c"),
     "unknown param": (msgpack.packb(_base(params={"beam": 4})), "invalid_params", "job-1", "hr:reply:c"),
+    "special flag not bool": (msgpack.packb(_base(params={"special_tokens_in_content": "yes"})), "invalid_params", "job-1", "hr:reply:c"),
     "empty prompt": (msgpack.packb(_base(prompt="")), "empty_prompt", "job-1", "hr:reply:c"),
     "empty messages": (msgpack.packb(_base(prompt=_DROP, messages=[])), "empty_prompt", "job-1", "hr:reply:c"),
     "empty token ids": (msgpack.packb(_base(prompt=_DROP, prompt_token_ids=[])), "empty_prompt", "job-1", "hr:reply:c"),

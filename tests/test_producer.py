@@ -19,7 +19,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from producer import AsyncClient, Client, ClientClosedError
+import producer.cli
+from producer import AsyncClient, Client, ClientClosedError, ResultTimeoutError
 from worker.cli import main as cli_main
 from worker.errors import RequestError
 from worker.keys import JOB_FIELD, RESULT_FIELD, Keys
@@ -165,6 +166,68 @@ def test_result_timeout_then_late_result(redis_url: str, peer: Peer) -> None:
             assert (await client.result(job_id, timeout=10)).text == "late"
 
     asyncio.run(main())
+
+
+def test_sync_result_timeout_is_clear(redis_url: str, peer: Peer) -> None:
+    with Client(redis_url) as client:
+        job_id = client.submit("silent")
+        start = time.monotonic()
+        with pytest.raises(ResultTimeoutError) as info:
+            client.result(job_id, timeout=0.3)
+        assert 0.3 <= time.monotonic() - start < 2.0
+        assert isinstance(info.value, TimeoutError)
+        assert (info.value.job_id, info.value.timeout) == (job_id, 0.3)
+        assert str(info.value) == f"no result for job {job_id!r} within 0.3 s"
+
+
+def test_an_id_is_an_idempotency_key_across_clients(redis_url: str) -> None:
+    """A second submission of an id queues nothing and gets the first one's result, marked."""
+
+    async def main(raw: aioredis.Redis) -> None:
+        async with AsyncClient(redis_url) as first, AsyncClient(redis_url) as second:
+            (a,) = await first.enqueue([{"id": "k", "prompt": "first"}])
+            # Still queued (no worker yet): the claim, not the result, stops the second one.
+            (b,) = await second.enqueue([{"id": "k", "prompt": "second", "stream": True}])
+            assert (a.id, a.reused, b.id, b.reused, b.entry_id) == ("k", False, "k", True, None)
+            assert a.entry_id is not None
+            assert await raw.get(KEYS.submitted("k")) == first.reply_stream.encode()
+            assert await raw.xlen(KEYS.requests) == 1
+            with Peer(redis_url) as peer:
+                mine = await first.result("k", timeout=10)
+                theirs = [item async for item in second.stream("k", timeout=10)]
+            assert (mine.text, mine.reused) == ("FIRST", False)
+            assert [(r.status, r.text, r.reused) for r in theirs] == [("ok", "FIRST", True)]
+            assert peer.seen == {"k": first.reply_stream}  # one run, for the first submitter
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+def test_an_id_with_a_stored_result_or_submitted_twice_is_not_run_again(
+    redis_url: str, peer: Peer
+) -> None:
+    async def main(raw: aioredis.Redis) -> None:
+        # A result stored by another producer (a raw XADD, no claim) also counts.
+        await raw.set(KEYS.result("old"), encode_result(Result(id="old", status="ok", text="x")))
+        async with AsyncClient(redis_url) as client:
+            assert await client.submit("again", id="old") == "old"
+            result = await client.result("old", timeout=10)
+            assert (result.text, result.reused) == ("x", True)
+            assert await client.submit("twice", id="t") == await client.submit("other", id="t")
+            result = await client.result("t", timeout=10)
+            assert (result.text, result.reused) == ("TWICE", True)  # the second queued nothing
+            assert (await client.result("t", timeout=10)).reused  # asked again, same answer
+            assert sorted(peer.seen) == ["t"]
+            # A resubmission (of a job Redis lost) queues the claimed id again.
+            (sub,) = await client.enqueue([{"id": "t", "prompt": "lost"}], resubmit=True)
+            assert not sub.reused and sub.entry_id is not None
+            assert await raw.xlen(KEYS.requests) == 2
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+async def _with_raw(redis_url: str, main) -> None:
+    async with aioredis.Redis.from_url(redis_url) as raw:
+        await main(raw)
 
 
 def test_buffer_is_bounded_and_dropped_results_come_from_the_result_key(
@@ -320,11 +383,18 @@ def test_cli_submit(
 
 
 def test_cli_submit_timeout_cancels_and_needs_a_url(
-    redis_url: str, peer: Peer, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, peer: Peer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     code = cli_main(["submit", "silent", "--redis-url", redis_url, "--timeout", "0.3"])
     assert code == 1
     (job_id,) = peer.seen
     assert redis.Redis.from_url(redis_url).exists(KEYS.cancelled(job_id))
+    assert f"error: no result for job {job_id!r} within 0.3 s" in capsys.readouterr().err
+    # Without --timeout a default one applies (a job Redis lost must not hang the command).
+    monkeypatch.setattr(producer.cli, "DEFAULT_TIMEOUT_S", 0.2)
+    started = time.monotonic()
+    assert cli_main(["submit", "silent", "--stream", "--redis-url", redis_url]) == 1
+    assert time.monotonic() - started < 5
+    assert "within 0.2 s" in capsys.readouterr().err
     monkeypatch.delenv("HEADRACE_REDIS_URL", raising=False)
     assert cli_main(["submit", "hello"]) == 2

@@ -96,6 +96,11 @@ def test_encode_result_omits_none_and_decode_ignores_unknown_fields() -> None:
     assert wire == {"v": 1, "id": "a", "status": "ok", "text": "hi"}
     newer = msgpack.packb({**wire, "added_in_v1_1": [1, 2]})
     assert decode_result(newer) == Result(id="a", status="ok", text="hi")
+    # `reused` is the client's annotation: never written, never read from the wire.
+    assert (
+        msgpack.unpackb(encode_result(Result(id="a", status="ok", text="hi", reused=True))) == wire
+    )
+    assert decode_result(msgpack.packb({**wire, "reused": True})).reused is False
 
 
 @pytest.mark.parametrize(

@@ -289,6 +289,18 @@ class AsyncClient:
         finally:
             router.drop_stream(job_id)
 
+    async def locate(self, submissions: Sequence[Submission]) -> dict[str, str]:
+        """Where each submitted job is: DONE, QUEUED or LOST (see producer.submission)."""
+        self._require()
+        assert self._submitter is not None
+        return await self._submitter.locate(submissions)
+
+    async def server_run_id(self) -> str:
+        """The Redis server's run_id (a new one: it restarted or failed over)."""
+        self._require()
+        assert self._submitter is not None
+        return await self._submitter.server_run_id()
+
     async def fetch_result(self, job_id: str) -> Result | None:
         """The stored final result of any job (None if unknown or past its TTL)."""
         payload = await self._require().get(self.keys.result(job_id))

@@ -10,11 +10,13 @@ Redis lost (a restart without persistence, a failover, a FLUSHALL).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from worker.keys import JOB_FIELD, Keys
 from worker.protocol import Job, encode_job
@@ -23,19 +25,28 @@ from worker.protocol import Job, encode_job
 DONE = "done"  # its final result is stored
 QUEUED = "queued"  # its entry is in the request stream or pending in the group
 LOST = "lost"  # neither: Redis lost it (or it is not submitted yet)
+# Jobs located per transaction: each transaction holds Redis up for its length.
+_LOCATE_CHUNK = 512
 
 # KEYS: claim key, result key, request stream.
-# ARGV: claimant (the job's reply_to), claim TTL in s, job payload, '1' to resubmit.
-# Returns the new entry's id, or false when the id was claimed before or has a final result
-# (nothing appended). A resubmission (a job that Redis lost) claims and appends regardless.
+# ARGV: submission token (no spaces), claim TTL in s, job payload, '1' to resubmit, reply_to.
+# The claim's value is "<token> <entry id> <reply_to>". Returns the job's entry id, or false
+# when the id was claimed before or has a final result (nothing appended). The same token
+# again (a client library re-sending a pipeline after a dropped connection) returns the entry
+# of the first send instead of appending twice. A resubmission (of a job that Redis lost)
+# claims and appends regardless of an earlier claim or result.
 _SUBMIT_LUA = f"""
-if ARGV[4] ~= '1' then
-  if redis.call('EXISTS', KEYS[2]) == 1 then return false end
-  if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
-else
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local claim = redis.call('GET', KEYS[1])
+if claim then
+  local token, entry = string.match(claim, '^(%S+) (%S+)')
+  if token == ARGV[1] then return entry end
+  if ARGV[4] ~= '1' then return false end
+elseif ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then
+  return false
 end
-return redis.call('XADD', KEYS[3], '*', '{JOB_FIELD}', ARGV[3])
+local entry = redis.call('XADD', KEYS[3], '*', '{JOB_FIELD}', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. entry .. ' ' .. ARGV[5], 'EX', ARGV[2])
+return entry
 """
 
 
@@ -61,14 +72,22 @@ class Submitter:
         self._claim_ttl_s = claim_ttl_s
         self._script: AsyncScript = redis.register_script(_SUBMIT_LUA)
 
-    async def send(self, jobs: Sequence[Job], *, resubmit: bool = False) -> list[Submission]:
-        """Claim and queue each job in one round trip; `resubmit` queues even a claimed id."""
+    async def send(
+        self, jobs: Sequence[Job], *, resubmit: bool = False, tokens: Sequence[str] = ()
+    ) -> list[Submission]:
+        """Claim and queue each job in one round trip; `resubmit` queues even a claimed id.
+
+        tokens: one per job (default: fresh ones); sending the same jobs with the same
+            tokens again queues nothing new and returns the same entries.
+        """
         keys = self._keys
+        tokens = tokens or [uuid.uuid4().hex for _ in jobs]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
+            for job, token in zip(jobs, tokens, strict=True):
+                args = [token, self._claim_ttl_s, encode_job(job), int(resubmit), job.reply_to]
                 await self._script(
                     keys=[keys.submitted(job.id), keys.result(job.id), keys.requests],
-                    args=[job.reply_to, self._claim_ttl_s, encode_job(job), int(resubmit)],
+                    args=args,
                     client=pipe,
                 )
             entry_ids = await pipe.execute()
@@ -86,21 +105,27 @@ class Submitter:
         no pending entry in the workers' group. Reused submissions are not located.
         """
         queued = [s for s in submissions if s.entry_id is not None]
-        if not queued:
-            return {}
+        places: dict[str, str] = {}
+        for start in range(0, len(queued), _LOCATE_CHUNK):
+            places.update(await self._locate(queued[start : start + _LOCATE_CHUNK]))
+        return places
+
+    async def _locate(self, queued: Sequence[Submission]) -> dict[str, str]:
         keys = self._keys
         async with self._redis.pipeline(transaction=True) as pipe:
             for sub in queued:
                 pipe.exists(keys.result(sub.id))
                 pipe.xrange(keys.requests, sub.entry_id, sub.entry_id, count=1)
                 pipe.xpending_range(keys.requests, keys.group, sub.entry_id, sub.entry_id, 1)
-            # NOGROUP (the group is gone with the data) is an answer here: nothing pending.
             replies = await pipe.execute(raise_on_error=False)
         places = {}
         for i, sub in enumerate(queued):
             stored, entry, pending = replies[3 * i : 3 * i + 3]
-            if isinstance(pending, Exception):
-                pending = []
+            if isinstance(pending, ResponseError) and "NOGROUP" in str(pending):
+                pending = []  # the group is gone with the data: nothing pending
+            for reply in (stored, entry, pending):
+                if isinstance(reply, Exception):
+                    raise reply
             places[sub.id] = DONE if stored else QUEUED if entry or pending else LOST
         return places
 

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 import producer.cli
 from producer import AsyncClient, Client, ClientClosedError, ResultTimeoutError
+from producer.submission import DONE, LOST, QUEUED, Submitter
 from worker.cli import main as cli_main
 from worker.errors import RequestError
 from worker.keys import JOB_FIELD, RESULT_FIELD, Keys
@@ -180,6 +181,23 @@ def test_sync_result_timeout_is_clear(redis_url: str, peer: Peer) -> None:
         assert str(info.value) == f"no result for job {job_id!r} within 0.3 s"
 
 
+def test_result_past_its_timeout_reads_the_stored_result_when_the_reply_was_lost(
+    redis_url: str, peer: Peer
+) -> None:
+    """What `headrace bulk` relies on when its reply entry is gone but the result is stored."""
+
+    async def main(raw: aioredis.Redis) -> None:
+        async with AsyncClient(redis_url) as client:
+            job_id = await client.submit("silent")  # acked, never answered on the stream
+            with pytest.raises(ResultTimeoutError):
+                await client.result(job_id, timeout=0.2)
+            await raw.set(KEYS.result(job_id), encode_result(Result(id=job_id, status="ok")))
+            result = await client.result(job_id, timeout=0.2)
+            assert (result.id, result.status, result.reused) == (job_id, "ok", False)
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
 def test_an_id_is_an_idempotency_key_across_clients(redis_url: str) -> None:
     """A second submission of an id queues nothing and gets the first one's result, marked."""
 
@@ -190,7 +208,8 @@ def test_an_id_is_an_idempotency_key_across_clients(redis_url: str) -> None:
             (b,) = await second.enqueue([{"id": "k", "prompt": "second", "stream": True}])
             assert (a.id, a.reused, b.id, b.reused, b.entry_id) == ("k", False, "k", True, None)
             assert a.entry_id is not None
-            assert await raw.get(KEYS.submitted("k")) == first.reply_stream.encode()
+            claim = (await raw.get(KEYS.submitted("k"))).decode().split(" ", 2)
+            assert claim[1:] == [a.entry_id, first.reply_stream]  # [token, entry, reply_to]
             assert await raw.xlen(KEYS.requests) == 1
             with Peer(redis_url) as peer:
                 mine = await first.result("k", timeout=10)
@@ -221,6 +240,44 @@ def test_an_id_with_a_stored_result_or_submitted_twice_is_not_run_again(
             (sub,) = await client.enqueue([{"id": "t", "prompt": "lost"}], resubmit=True)
             assert not sub.reused and sub.entry_id is not None
             assert await raw.xlen(KEYS.requests) == 2
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+def test_a_submission_sent_again_with_its_token_is_queued_once(redis_url: str) -> None:
+    """A client library re-sending a pipeline after a dropped connection must not queue twice."""
+
+    async def main(raw: aioredis.Redis) -> None:
+        submitter = Submitter(raw, KEYS, claim_ttl_s=60)
+        jobs = [Job(id=i, reply_to="r", prompt=i) for i in ("a", "b")]
+        first = await submitter.send(jobs, tokens=["t1", "t2"])
+        assert await submitter.send(jobs, tokens=["t1", "t2"]) == first
+        assert await raw.xlen(KEYS.requests) == 2
+        assert [s.reused for s in await submitter.send(jobs[:1], tokens=["t3"])] == [True]
+        again = await submitter.send(jobs[:1], resubmit=True, tokens=["t4"])
+        assert again[0].entry_id not in (None, first[0].entry_id)
+        assert await raw.xlen(KEYS.requests) == 3
+        assert 0 < await raw.ttl(KEYS.submitted("a")) <= 60
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+def test_locate_tells_done_queued_and_lost_jobs(redis_url: str) -> None:
+    async def main(raw: aioredis.Redis) -> None:
+        async with AsyncClient(redis_url) as client:
+            subs = await client.enqueue({"id": i, "prompt": i} for i in "abcd")
+            # No group yet (no worker ever ran): an entry in the stream is enough.
+            assert await client.locate(subs) == dict.fromkeys("abcd", QUEUED)
+            await raw.xgroup_create(KEYS.requests, KEYS.group, id="0")
+            await raw.xreadgroup(KEYS.group, "w", {KEYS.requests: ">"}, count=2)  # a, b pending
+            await raw.set(KEYS.result("a"), encode_result(Result(id="a", status="ok")))
+            await raw.xdel(KEYS.requests, subs[1].entry_id, subs[2].entry_id)
+            # b: only its pending entry is left; c: nothing at all.
+            assert await client.locate(subs) == {"a": DONE, "b": QUEUED, "c": LOST, "d": QUEUED}
+            await raw.flushall()  # no stream, no group: NOGROUP is not an error here
+            assert await client.locate(subs) == dict.fromkeys("abcd", LOST)
+            run_id = await client.server_run_id()
+            assert len(run_id) == 40 and run_id == (await raw.info("server"))["run_id"]
 
     asyncio.run(_with_raw(redis_url, main))
 

@@ -57,7 +57,7 @@ class Keys:
         return f"{self.namespace}:result:{job_id}"
 
     def submitted(self, job_id: str) -> str:
-        """String with TTL: the claim of a job id by its first submission (value: its reply_to),
+        """String with TTL: the claim of a job id by its first submission (value informational),
         so that a second submission of the id queues nothing (ids are idempotency keys)."""
         return f"{self.namespace}:submitted:{job_id}"
 

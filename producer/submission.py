@@ -83,12 +83,13 @@ class Submitter:
         keys = self._keys
         tokens = tokens or [uuid.uuid4().hex for _ in jobs]
         async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.scripts.add(self._script)  # what Script.__call__ does: loaded if Redis lacks it
             for job, token in zip(jobs, tokens, strict=True):
-                args = [token, self._claim_ttl_s, encode_job(job), int(resubmit), job.reply_to]
-                await self._script(
-                    keys=[keys.submitted(job.id), keys.result(job.id), keys.requests],
-                    args=args,
-                    client=pipe,
+                pipe.evalsha(
+                    self._script.sha,
+                    3,
+                    *(keys.submitted(job.id), keys.result(job.id), keys.requests),
+                    *(token, self._claim_ttl_s, encode_job(job), int(resubmit), job.reply_to),
                 )
             entry_ids = await pipe.execute()
         return [

@@ -1,7 +1,15 @@
 """headrace producer: submit jobs to the request stream and read their results (protocol v1)."""
 
-from producer.client import AsyncClient, ClientClosedError
+from producer.client import AsyncClient, ClientClosedError, ResultTimeoutError
+from producer.submission import Submission
 from producer.sync import Client
 from worker.protocol import Result
 
-__all__ = ["AsyncClient", "Client", "ClientClosedError", "Result"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ClientClosedError",
+    "Result",
+    "ResultTimeoutError",
+    "Submission",
+]

@@ -6,6 +6,8 @@ each final result is appended to the output as one whole line as soon as it arri
 the ids already there, after cutting a torn last line, so a crash or Ctrl-C loses at
 most the in-flight window. Without a Redis URL an embedded redis-server and one local
 `headrace worker` child process are started on first need and stopped at the end.
+Jobs that Redis loses mid-run (a restart, a failover, a FLUSHALL) are noticed by the
+lost-job watch and resubmitted, so every line is still answered exactly once.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from tqdm import tqdm
 from producer.bulk_formats import FORMATS, BulkItem, error_line, parse_line, result_line
 from producer.bulk_io import AUTO, OutputFile, count_lines, input_lines, resolve_format
 from producer.bulk_local import LocalStack
-from producer.client import AsyncClient
+from producer.bulk_watch import REDIS_ERRORS, LostJobWatch, WatchConfig
+from producer.client import AsyncClient, ResultTimeoutError
+from producer.submission import Submission
 from worker.errors import RequestError
 from worker.keys import Keys
 from worker.protocol import STATUS_OK, Result
@@ -52,6 +56,7 @@ class BulkConfig:
     window: jobs submitted and not yet answered, at most.
     input_format: "auto" (decided from the first JSON object of the file), "simple", "openai".
     defaults: sampling params that each line's own params override.
+    watch: when jobs count as lost by Redis (and are resubmitted), how long Redis may be down.
     """
 
     input_path: Path
@@ -63,6 +68,7 @@ class BulkConfig:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     worker_flags: tuple[str, ...] = ()
     progress: bool = True
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -74,11 +80,13 @@ class BulkConfig:
 
 @dataclass(frozen=True)
 class BulkSummary:
-    """What one run wrote. requests: output lines written (errors included)."""
+    """What one run wrote. requests: output lines written (errors included);
+    resubmitted: jobs sent again because Redis lost them."""
 
     requests: int
     errors: int
     skipped: int
+    resubmitted: int
     prompt_tokens: int
     completion_tokens: int
     wall_s: float
@@ -97,6 +105,8 @@ class BulkSummary:
         )
         if self.skipped:
             text += f"; {self.skipped} ids skipped (already in the output)"
+        if self.resubmitted:
+            text += f"; {self.resubmitted} jobs resubmitted (Redis lost them)"
         if self.interrupted:
             text += "; interrupted: run the same command again to resume"
         return text
@@ -147,13 +157,18 @@ class _Run:
         self._slots = asyncio.Semaphore(config.window)
         self._run_id = uuid.uuid4().hex[:12]  # job ids never collide with earlier runs' results
         self._inflight: dict[str, BulkItem] = {}
+        self._submissions: dict[str, Submission] = {}  # of the jobs in flight
+        self._lost = LostJobWatch(config.watch)
         self._waiters: set[asyncio.Task[None]] = set()
         self._seen: set[str] = set()
         self._client: AsyncClient | None = None
         self._local: LocalStack | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._start = time.monotonic()
-        self._counts = {"requests": 0, "errors": 0, "skipped": 0, "prompt": 0, "completion": 0}
+        self._counts = dict.fromkeys(
+            ("requests", "errors", "skipped", "resubmitted", "prompt", "completion"), 0
+        )
 
     async def feed(self) -> None:
         batch: list[BulkItem] = []
@@ -187,15 +202,36 @@ class _Run:
         jobs = [{**item.job, "id": f"bulk-{self._run_id}-{item.line_no}"} for item in batch]
         for job, item in zip(jobs, batch, strict=True):
             self._inflight[job["id"]] = item
-        await client.submit_many(jobs)
+        self._track(await self._lost.enqueue(client, jobs, resubmit=False))
         for job in jobs:
             waiter = asyncio.create_task(self._collect(client, job["id"]))
             self._waiters.add(waiter)
             waiter.add_done_callback(self._waiters.discard)
 
+    def _track(self, subs: list[Submission]) -> None:
+        for sub in subs:
+            if sub.id in self._inflight:  # not answered while it was being sent
+                self._submissions[sub.id] = sub
+
+    async def _resubmit(self, job_ids: list[str]) -> None:
+        lost = [i for i in job_ids if i in self._inflight]
+        if not lost or self._client is None:
+            return
+        log.warning("resubmitting %d jobs that Redis lost", len(lost))
+        jobs = [{**self._inflight[i].job, "id": i} for i in lost]
+        self._track(await self._lost.enqueue(self._client, jobs, resubmit=True))
+        self._counts["resubmitted"] += len(lost)
+
     async def _collect(self, client: AsyncClient, job_id: str) -> None:
-        result = await client.result(job_id)
+        while True:
+            try:
+                # Past the timeout result() reads the stored result, in case our reply was lost.
+                result = await client.result(job_id, self.config.watch.lost_after_s)
+                break
+            except (ResultTimeoutError, *REDIS_ERRORS):
+                continue  # the watch resubmits the job if Redis lost it
         item = self._inflight.pop(job_id)
+        self._submissions.pop(job_id, None)
         self._emit(result_line(self.fmt, item, job_id, result), result)
         self._slots.release()
 
@@ -223,9 +259,18 @@ class _Run:
         client = AsyncClient(url, self.config.namespace)
         await client.connect()
         self._client = client
+        self._watch_task = asyncio.create_task(self._watch(client))
         if self._local is None:
             await _warn_without_workers(url, Keys(self.config.namespace))
         return client
+
+    async def _watch(self, client: AsyncClient) -> None:
+        try:
+            await self._lost.run(client, lambda: list(self._submissions.values()), self._resubmit)
+        except Exception as exc:  # RedisGoneError, or a bug: never run on unwatched
+            self.failure = exc
+            if self.task is not None:
+                self.task.cancel()
 
     async def _watch_worker(self, local: LocalStack) -> None:
         code = await local.wait_exit()
@@ -241,9 +286,10 @@ class _Run:
 
     async def close(self) -> None:
         """Stop waiting, cancel unanswered jobs on shared Redis, stop the local stack."""
-        for task in [*self._waiters, *filter(None, [self._watchdog])]:
+        watchers = [t for t in (self._watchdog, self._watch_task) if t is not None]
+        for task in [*self._waiters, *watchers]:
             task.cancel()
-        await asyncio.gather(*self._waiters, return_exceptions=True)
+        await asyncio.gather(*self._waiters, *watchers, return_exceptions=True)
         if self._client is not None:
             if self._inflight and self._local is None:
                 # Nobody will read these results: free the shared workers from them.
@@ -262,6 +308,7 @@ class _Run:
             requests=c["requests"],
             errors=c["errors"],
             skipped=c["skipped"],
+            resubmitted=c["resubmitted"],
             prompt_tokens=c["prompt"],
             completion_tokens=c["completion"],
             wall_s=time.monotonic() - self._start,

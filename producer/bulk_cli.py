@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from producer.bulk_formats import FORMATS
+from producer.bulk_watch import WatchConfig
 from producer.client import REDIS_URL_ENV
 from worker.settings import OPTIONS
 
@@ -52,6 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--window", type=int, default=256, help="jobs in flight at most")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--lost-after",
+        type=float,
+        default=WatchConfig.lost_after_s,
+        metavar="SECONDS",
+        help="resubmit a job that has had no result, queue entry or pending entry in Redis "
+        "for this long (Redis lost it); at once after Redis restarts (default %(default)s)",
+    )
     sampling = parser.add_argument_group("default sampling params (each line's own override)")
     sampling.add_argument("--max-tokens", type=int, default=None)
     sampling.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -98,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             defaults=defaults,
             worker_flags=local_worker_flags(args),
             progress=not args.no_progress,
+            watch=WatchConfig(lost_after_s=args.lost_after),
         )
     except (RequestError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

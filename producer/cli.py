@@ -19,6 +19,8 @@ from worker.errors import RequestError
 from worker.protocol import STATUS_OK, Result
 
 NAMESPACE_ENV = "HEADRACE_NAMESPACE"
+# A job that Redis lost (a restart without persistence) never gets a result: never wait forever.
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait (default ∞)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds to wait for the result, then cancel the job and exit 1 (default "
+        f"{DEFAULT_TIMEOUT_S:.0f}; 0 = no limit)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -98,15 +106,16 @@ def _job_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _submit(args: argparse.Namespace, job: dict[str, Any]) -> Result:
+    timeout = args.timeout if args.timeout and args.timeout > 0 else None
     async with AsyncClient(args.redis_url, args.namespace, reply_ttl_s=60) as client:
         job_id = (await client.submit_many([job]))[0]
         try:
             if not args.stream:
-                result = await client.result(job_id, args.timeout)
+                result = await client.result(job_id, timeout)
                 if result.text is not None:
                     print(result.text, flush=True)
                 return result
-            return await _print_stream(client, job_id, args.timeout)
+            return await _print_stream(client, job_id, timeout)
         except (asyncio.CancelledError, KeyboardInterrupt, TimeoutError):
             await asyncio.shield(client.cancel(job_id))  # nobody will read it: free the worker
             raise

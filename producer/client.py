@@ -8,21 +8,24 @@ so clients sharing a Redis never take each other's results.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from producer.replies import ClientClosedError, ReplyRouter
+from producer.submission import Submission, Submitter
 from worker.embedded import EmbeddedRedis, start_embedded_redis
 from worker.engine.params import SamplingParams
-from worker.keys import JOB_FIELD, Keys
-from worker.protocol import Job, Result, decode_result, encode_job, new_job_id
+from worker.keys import Keys
+from worker.protocol import Job, Result, decode_result, new_job_id
 from worker.redis_url import connect_async
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,15 @@ _JOB_ITEM_FIELDS = frozenset(
 )
 
 
+class ResultTimeoutError(TimeoutError):
+    """No final result for `job_id` within `timeout` seconds (the job may still run)."""
+
+    def __init__(self, job_id: str, timeout: float | None) -> None:
+        super().__init__(f"no result for job {job_id!r} within {timeout} s")
+        self.job_id = job_id
+        self.timeout = timeout
+
+
 class AsyncClient:
     """Producer client on redis.asyncio. Use `async with AsyncClient(url) as c:`.
 
@@ -44,6 +56,8 @@ class AsyncClient:
     reply_ttl_s: TTL of the reply stream, refreshed while open and set on close.
     max_buffered: final results kept for ids nobody waits on yet (oldest dropped
         first; those stay fetchable from the result key for the worker's TTL).
+    claim_ttl_s: how long a submitted id stays claimed, so that a second submission of it
+        queues nothing (keep it at least the workers' --result-ttl, default one day).
     """
 
     def __init__(
@@ -56,6 +70,7 @@ class AsyncClient:
         cancel_ttl_s: int = 3600,
         max_buffered: int = 10_000,
         block_ms: int = 1000,
+        claim_ttl_s: int = 86_400,
     ) -> None:
         self.keys = Keys(namespace)
         self.client_id = client_id or uuid.uuid4().hex
@@ -65,9 +80,13 @@ class AsyncClient:
         self._cancel_ttl_s = cancel_ttl_s
         self._max_buffered = max_buffered
         self._block_ms = block_ms
+        self._claim_ttl_s = claim_ttl_s
         self._embedded: EmbeddedRedis | None = None
         self._redis: aioredis.Redis | None = None
         self._router: ReplyRouter | None = None
+        self._submitter: Submitter | None = None
+        # Ids whose submission here found an earlier one (the most recent max_buffered).
+        self._reused: OrderedDict[str, None] = OrderedDict()
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -84,6 +103,7 @@ class AsyncClient:
         # The reply reader blocks up to block_ms per XREAD: the socket timeout allows for it.
         self._redis = connect_async(self.redis_url, block_ms=self._block_ms)
         await self._redis.ping()
+        self._submitter = Submitter(self._redis, self.keys, claim_ttl_s=self._claim_ttl_s)
         self._router = ReplyRouter(
             self._redis,
             self.reply_stream,
@@ -134,31 +154,41 @@ class AsyncClient:
     ) -> str:
         """Queue one job; returns its id. `params` and keyword sampling params merge.
 
+        An `id` submitted before (by any client) queues nothing: the id is an idempotency
+        key, and `result()` returns the earlier submission's result marked `reused`.
         Raises:
             RequestError("invalid_params") before anything is sent.
         """
-        job = self._make_job(
-            {
-                "id": id,
-                "prompt": prompt,
-                "messages": messages,
-                "prompt_token_ids": prompt_token_ids,
-                "stream": stream,
-                "deadline_ms": deadline_ms,
-                "priority": priority,
-                "params": {**(params or {}), **sampling},
-            }
-        )
-        return (await self._send([job]))[0]
+        item = {
+            "id": id,
+            "prompt": prompt,
+            "messages": messages,
+            "prompt_token_ids": prompt_token_ids,
+            "stream": stream,
+            "deadline_ms": deadline_ms,
+            "priority": priority,
+            "params": {**(params or {}), **sampling},
+        }
+        return (await self.enqueue([item]))[0].id
 
     async def submit_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
         """Queue many jobs, pipelined. Items: {"id"?, "prompt"|"messages"|"prompt_token_ids",
         "params"?, "stream"?, "deadline_ms"?, "priority"?} (the JSONL line format)."""
+        return [sub.id for sub in await self.enqueue(items)]
+
+    async def enqueue(
+        self, items: Iterable[Mapping[str, Any]], *, resubmit: bool = False
+    ) -> list[Submission]:
+        """`submit_many`, telling for each job its stream entry and whether its id was `reused`.
+
+        resubmit: queue the jobs even if their ids are claimed (for jobs Redis lost; a
+            job that was not lost may then run twice, its second result is dropped).
+        """
         jobs = [self._make_job(item) for item in items]
-        ids: list[str] = []
+        subs: list[Submission] = []
         for start in range(0, len(jobs), _SUBMIT_CHUNK):
-            ids += await self._send(jobs[start : start + _SUBMIT_CHUNK])
-        return ids
+            subs += await self._send(jobs[start : start + _SUBMIT_CHUNK], resubmit)
+        return subs
 
     def _make_job(self, item: Mapping[str, Any]) -> Job:
         unknown = set(item) - _JOB_ITEM_FIELDS
@@ -182,16 +212,27 @@ class AsyncClient:
             priority=int(item.get("priority") or 0),
         )
 
-    async def _send(self, jobs: list[Job]) -> list[str]:
-        redis, router = self._require(), self._live_router()
+    async def _send(self, jobs: Sequence[Job], resubmit: bool) -> list[Submission]:
+        self._require()
+        router, submitter = self._live_router(), self._submitter
+        assert submitter is not None
+        ours = {job.id for job in jobs if router.is_outstanding(job.id)}
         # Registered before XADD: the reader must know an id before its result can exist.
         for job in jobs:
             router.expect(job.id, stream=job.stream)
-        async with redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.xadd(self.keys.requests, {JOB_FIELD: encode_job(job)})
-            await pipe.execute()
-        return [job.id for job in jobs]
+        subs = await submitter.send(jobs, resubmit=resubmit)
+        ours |= {sub.id for sub in subs if not sub.reused}
+        for sub in subs:
+            if not sub.reused:
+                self._reused.pop(sub.id, None)
+            else:
+                self._reused[sub.id] = None
+                while len(self._reused) > self._max_buffered:
+                    self._reused.popitem(last=False)
+                log.info("job id %r was submitted before: not queued again", sub.id)
+                if sub.id not in ours:
+                    router.forget(sub.id)  # its result comes to the earlier submitter
+        return subs
 
     # -- results -----------------------------------------------------------------
 
@@ -199,10 +240,16 @@ class AsyncClient:
         """The final result of a job (waits up to `timeout` seconds; None = forever).
 
         Jobs of this client arrive on its reply stream; any other id (or one whose
-        buffered result was dropped) is read from the stored result key.
+        buffered result was dropped, or whose reply was lost) is read from the stored
+        result key. A result marked `reused` is an earlier submission's: this client's
+        submission of the id queued nothing.
         Raises:
-            TimeoutError if no final result within `timeout`.
+            ResultTimeoutError (a TimeoutError) if no final result within `timeout`.
         """
+        result = await self._result(job_id, timeout)
+        return dataclasses.replace(result, reused=True) if job_id in self._reused else result
+
+    async def _result(self, job_id: str, timeout: float | None) -> Result:
         router = self._live_router()
         if router.is_streamed(job_id):
             return await self._drain_stream(job_id, timeout)
@@ -216,12 +263,13 @@ class AsyncClient:
         except asyncio.TimeoutError:
             stored = await self.fetch_result(job_id)  # e.g. our reply stream was lost
             if stored is None:
-                raise TimeoutError(f"no result for {job_id!r} within {timeout}s") from None
+                raise ResultTimeoutError(job_id, timeout) from None
             router.settle(job_id)
             return stored
 
     async def stream(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Result]:
-        """Yield `partial` deltas then the final result. `timeout` bounds each wait.
+        """Yield `partial` deltas then the final result. `timeout` bounds each wait
+        (ResultTimeoutError).
 
         Deltas exist only for jobs submitted with stream=True by this client; for
         others this yields just the final result. A job re-run after a worker crash
@@ -233,12 +281,27 @@ class AsyncClient:
             return
         try:
             while True:
-                item = await router.next_item(job_id, timeout)
+                try:
+                    item = await router.next_item(job_id, timeout)
+                except asyncio.TimeoutError:
+                    raise ResultTimeoutError(job_id, timeout) from None
                 yield item
                 if item.final:
                     return
         finally:
             router.drop_stream(job_id)
+
+    async def locate(self, submissions: Sequence[Submission]) -> dict[str, str]:
+        """Where each submitted job is: DONE, QUEUED or LOST (see producer.submission)."""
+        self._require()
+        assert self._submitter is not None
+        return await self._submitter.locate(submissions)
+
+    async def server_run_id(self) -> str:
+        """The Redis server's run_id (a new one: it restarted or failed over)."""
+        self._require()
+        assert self._submitter is not None
+        return await self._submitter.server_run_id()
 
     async def fetch_result(self, job_id: str) -> Result | None:
         """The stored final result of any job (None if unknown or past its TTL)."""
@@ -269,7 +332,7 @@ class AsyncClient:
         try:
             return await asyncio.wait_for(last(), timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no result for {job_id!r} within {timeout}s") from None
+            raise ResultTimeoutError(job_id, timeout) from None
 
     async def _poll_stored(self, job_id: str, timeout: float | None) -> Result:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -279,7 +342,7 @@ class AsyncClient:
             if stored is not None:
                 return stored
             if deadline is not None and time.monotonic() + delay > deadline:
-                raise TimeoutError(f"no stored result for {job_id!r} within {timeout}s")
+                raise ResultTimeoutError(job_id, timeout)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
 

@@ -100,6 +100,11 @@ class ReplyRouter:
         """The caller got the final result elsewhere (the result key): stop expecting it."""
         self._outstanding.discard(job_id)
 
+    def forget(self, job_id: str) -> None:
+        """Nothing of ours will come for this id (its submission queued nothing)."""
+        self._outstanding.discard(job_id)
+        self._queues.pop(job_id, None)
+
     # -- waiting ------------------------------------------------------------------------
 
     async def wait_final(self, job_id: str, timeout: float | None) -> Result:
@@ -147,6 +152,8 @@ class ReplyRouter:
                     await self._redis.xtrim(self._stream, minid=last_id)
                 backoff = 0.1
             except Exception as exc:
+                # The stream may be gone with Redis's data: give it its TTL again once back.
+                refresh_at = 0.0
                 # A dead reader would leave every waiter hanging: log and go on.
                 if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
                     log.warning("reply reader: %s; retrying in %.1fs", exc, backoff)

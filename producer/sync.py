@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from producer.client import AsyncClient
+from producer.submission import Submission
 from worker.protocol import Result
 
 T = TypeVar("T")
@@ -49,6 +50,11 @@ class Client:
 
     def submit_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
         return self._call(self._async.submit_many(list(items)))
+
+    def enqueue(
+        self, items: Iterable[Mapping[str, Any]], *, resubmit: bool = False
+    ) -> list[Submission]:
+        return self._call(self._async.enqueue(list(items), resubmit=resubmit))
 
     def result(self, job_id: str, timeout: float | None = None) -> Result:
         return self._call(self._async.result(job_id, timeout))

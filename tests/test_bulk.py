@@ -3,23 +3,35 @@ error lines, and the OpenAI line mapping (tiny llama, float32, real Redis and wo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from transformers import AutoTokenizer
 
+from producer.bulk import BulkConfig, run_bulk
 from producer.bulk_formats import CHAT_URL, OPENAI, SIMPLE, TEXT_URL, parse_line
-from tests.worker_harness import REPO_ROOT, InProcessWorker, engine_config, worker_config
+from producer.bulk_watch import WatchConfig
+from tests.worker_harness import (
+    REPO_ROOT,
+    InProcessWorker,
+    engine_config,
+    wait_for,
+    worker_config,
+)
 from worker.cli import main
+from worker.embedded import EmbeddedRedis, start_embedded_redis
 from worker.engine.engine import Engine
 
 GREEDY = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
@@ -298,10 +310,98 @@ def test_external_redis_and_worker(
     engine = Engine(engine_config(model_dir))
     with InProcessWorker(worker_config(redis_url, engine.config), engine) as worker:
         args = ["bulk", str(inp), "-o", str(out), "--redis-url", redis_url, "--window", "2"]
+        args += ["--lost-after", "5"]
         assert main([*args, "--max-tokens", "6", "--temperature", "0", "--no-progress"]) == 0
         assert worker.service.stats()["published"] == len(prompt_ids)
     lines = by_key(read_output(out), "id")
     assert [lines[f"r{i}"]["token_ids"] for i in range(len(prompt_ids))] == want
+
+
+# -- Redis losing its data mid-run ------------------------------------------------------------
+
+LOSSY = {"max_tokens": 16, "ignore_eos": True, "temperature": 0.0}
+QUICK_WATCH = WatchConfig(check_s=0.2, lost_after_s=1.0, redis_down_s=60.0)
+
+
+def lossy_run(tmp_path: Path, redis_url: str, n: int) -> tuple[list[str], BulkConfig]:
+    ids = [f"q{i:02d}" for i in range(n)]
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": i, "prompt": i, "params": LOSSY} for i in ids])
+    config = BulkConfig(
+        inp,
+        tmp_path / "out.jsonl",
+        redis_url=redis_url,
+        window=8,
+        progress=False,
+        watch=QUICK_WATCH,
+    )
+    return ids, config
+
+
+def lines_written(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def in_background(action) -> threading.Thread:
+    thread = threading.Thread(target=action, daemon=True)
+    thread.start()
+    return thread
+
+
+def assert_every_line_once(config: BulkConfig, ids: list[str], summary) -> None:
+    lines = by_key(read_output(config.output_path), "id")
+    assert sorted(lines) == ids
+    assert all(line["usage"]["completion_tokens"] == 16 for line in lines.values()), lines
+    assert summary.requests == len(ids) and summary.errors == 0
+    assert summary.resubmitted >= 1, "the test must lose jobs"
+
+
+def test_flushall_midway_every_line_answered_once(
+    tmp_path: Path, model_dir: Path, redis_url: str
+) -> None:
+    """FLUSHALL while jobs wait in the stream: the bulk notices them missing and resubmits."""
+    ids, config = lossy_run(tmp_path, redis_url, 32)
+    engine = Engine(engine_config(model_dir))
+    # max_inflight 2: most of the window waits in the stream, where the flush drops it.
+    cfg = worker_config(redis_url, engine.config, max_inflight=2)
+    with InProcessWorker(cfg, engine):
+
+        def flush_midway() -> None:
+            wait_for(lambda: lines_written(config.output_path) >= 4, 120, "4 lines")
+            redis.Redis.from_url(redis_url).flushall()
+
+        flusher = in_background(flush_midway)
+        summary = asyncio.run(run_bulk(config))
+        flusher.join(5)
+    assert_every_line_once(config, ids, summary)
+
+
+def test_redis_restart_without_persistence_midway_every_line_answered_once(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """A restart (new run_id, connections dropped, data gone): lost jobs resubmitted at once."""
+    server = start_embedded_redis()
+    port = server.port
+    ids, config = lossy_run(tmp_path, server.url, 32)
+    engine = Engine(engine_config(model_dir))
+    cfg = worker_config(server.url, engine.config, max_inflight=2)
+    restarted: list[EmbeddedRedis] = []
+    try:
+        with InProcessWorker(cfg, engine):
+
+            def restart_midway() -> None:
+                wait_for(lambda: lines_written(config.output_path) >= 4, 120, "4 lines")
+                server.stop()
+                # Not tied to this short-lived thread (PDEATHSIG); stopped below.
+                restarted.append(start_embedded_redis(port=port, die_with_parent=False))
+
+            restarter = in_background(restart_midway)
+            summary = asyncio.run(run_bulk(config))
+            restarter.join(5)
+    finally:
+        for each in (server, *restarted):
+            each.stop()
+    assert restarted, "the server must have restarted midway"
+    assert_every_line_once(config, ids, summary)
 
 
 # -- line mapping (no model) ---------------------------------------------------------------

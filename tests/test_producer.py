@@ -19,7 +19,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from producer import AsyncClient, Client, ClientClosedError
+import producer.cli
+from producer import AsyncClient, Client, ClientClosedError, ResultTimeoutError
+from producer.submission import DONE, LOST, QUEUED, Submitter
 from worker.cli import main as cli_main
 from worker.errors import RequestError
 from worker.keys import JOB_FIELD, RESULT_FIELD, Keys
@@ -165,6 +167,124 @@ def test_result_timeout_then_late_result(redis_url: str, peer: Peer) -> None:
             assert (await client.result(job_id, timeout=10)).text == "late"
 
     asyncio.run(main())
+
+
+def test_sync_result_timeout_is_clear(redis_url: str, peer: Peer) -> None:
+    with Client(redis_url) as client:
+        job_id = client.submit("silent")
+        start = time.monotonic()
+        with pytest.raises(ResultTimeoutError) as info:
+            client.result(job_id, timeout=0.3)
+        assert 0.3 <= time.monotonic() - start < 2.0
+        assert isinstance(info.value, TimeoutError)
+        assert (info.value.job_id, info.value.timeout) == (job_id, 0.3)
+        assert str(info.value) == f"no result for job {job_id!r} within 0.3 s"
+
+
+def test_result_past_its_timeout_reads_the_stored_result_when_the_reply_was_lost(
+    redis_url: str, peer: Peer
+) -> None:
+    """What `headrace bulk` relies on when its reply entry is gone but the result is stored."""
+
+    async def main(raw: aioredis.Redis) -> None:
+        async with AsyncClient(redis_url) as client:
+            job_id = await client.submit("silent")  # acked, never answered on the stream
+            with pytest.raises(ResultTimeoutError):
+                await client.result(job_id, timeout=0.2)
+            await raw.set(KEYS.result(job_id), encode_result(Result(id=job_id, status="ok")))
+            result = await client.result(job_id, timeout=0.2)
+            assert (result.id, result.status, result.reused) == (job_id, "ok", False)
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+def test_an_id_is_an_idempotency_key_across_clients(redis_url: str) -> None:
+    """A second submission of an id queues nothing and gets the first one's result, marked."""
+
+    async def main(raw: aioredis.Redis) -> None:
+        async with AsyncClient(redis_url) as first, AsyncClient(redis_url) as second:
+            (a,) = await first.enqueue([{"id": "k", "prompt": "first"}])
+            # Still queued (no worker yet): the claim, not the result, stops the second one.
+            (b,) = await second.enqueue([{"id": "k", "prompt": "second", "stream": True}])
+            assert (a.id, a.reused, b.id, b.reused, b.entry_id) == ("k", False, "k", True, None)
+            assert a.entry_id is not None
+            claim = (await raw.get(KEYS.submitted("k"))).decode().split(" ", 2)
+            assert claim[1:] == [a.entry_id, first.reply_stream]  # [token, entry, reply_to]
+            assert await raw.xlen(KEYS.requests) == 1
+            with Peer(redis_url) as peer:
+                mine = await first.result("k", timeout=10)
+                theirs = [item async for item in second.stream("k", timeout=10)]
+            assert (mine.text, mine.reused) == ("FIRST", False)
+            assert [(r.status, r.text, r.reused) for r in theirs] == [("ok", "FIRST", True)]
+            assert peer.seen == {"k": first.reply_stream}  # one run, for the first submitter
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+def test_an_id_with_a_stored_result_or_submitted_twice_is_not_run_again(
+    redis_url: str, peer: Peer
+) -> None:
+    async def main(raw: aioredis.Redis) -> None:
+        # A result stored by another producer (a raw XADD, no claim) also counts.
+        await raw.set(KEYS.result("old"), encode_result(Result(id="old", status="ok", text="x")))
+        async with AsyncClient(redis_url) as client:
+            assert await client.submit("again", id="old") == "old"
+            result = await client.result("old", timeout=10)
+            assert (result.text, result.reused) == ("x", True)
+            assert await client.submit("twice", id="t") == await client.submit("other", id="t")
+            result = await client.result("t", timeout=10)
+            assert (result.text, result.reused) == ("TWICE", True)  # the second queued nothing
+            assert (await client.result("t", timeout=10)).reused  # asked again, same answer
+            assert sorted(peer.seen) == ["t"]
+            # A resubmission (of a job Redis lost) queues the claimed id again.
+            (sub,) = await client.enqueue([{"id": "t", "prompt": "lost"}], resubmit=True)
+            assert not sub.reused and sub.entry_id is not None
+            assert await raw.xlen(KEYS.requests) == 2
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+def test_a_submission_sent_again_with_its_token_is_queued_once(redis_url: str) -> None:
+    """A client library re-sending a pipeline after a dropped connection must not queue twice."""
+
+    async def main(raw: aioredis.Redis) -> None:
+        submitter = Submitter(raw, KEYS, claim_ttl_s=60)
+        jobs = [Job(id=i, reply_to="r", prompt=i) for i in ("a", "b")]
+        first = await submitter.send(jobs, tokens=["t1", "t2"])
+        assert await submitter.send(jobs, tokens=["t1", "t2"]) == first
+        assert await raw.xlen(KEYS.requests) == 2
+        assert [s.reused for s in await submitter.send(jobs[:1], tokens=["t3"])] == [True]
+        again = await submitter.send(jobs[:1], resubmit=True, tokens=["t4"])
+        assert again[0].entry_id not in (None, first[0].entry_id)
+        assert await raw.xlen(KEYS.requests) == 3
+        assert 0 < await raw.ttl(KEYS.submitted("a")) <= 60
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+def test_locate_tells_done_queued_and_lost_jobs(redis_url: str) -> None:
+    async def main(raw: aioredis.Redis) -> None:
+        async with AsyncClient(redis_url) as client:
+            subs = await client.enqueue({"id": i, "prompt": i} for i in "abcd")
+            # No group yet (no worker ever ran): an entry in the stream is enough.
+            assert await client.locate(subs) == dict.fromkeys("abcd", QUEUED)
+            await raw.xgroup_create(KEYS.requests, KEYS.group, id="0")
+            await raw.xreadgroup(KEYS.group, "w", {KEYS.requests: ">"}, count=2)  # a, b pending
+            await raw.set(KEYS.result("a"), encode_result(Result(id="a", status="ok")))
+            await raw.xdel(KEYS.requests, subs[1].entry_id, subs[2].entry_id)
+            # b: only its pending entry is left; c: nothing at all.
+            assert await client.locate(subs) == {"a": DONE, "b": QUEUED, "c": LOST, "d": QUEUED}
+            await raw.flushall()  # no stream, no group: NOGROUP is not an error here
+            assert await client.locate(subs) == dict.fromkeys("abcd", LOST)
+            run_id = await client.server_run_id()
+            assert len(run_id) == 40 and run_id == (await raw.info("server"))["run_id"]
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
+async def _with_raw(redis_url: str, main) -> None:
+    async with aioredis.Redis.from_url(redis_url) as raw:
+        await main(raw)
 
 
 def test_buffer_is_bounded_and_dropped_results_come_from_the_result_key(
@@ -320,11 +440,18 @@ def test_cli_submit(
 
 
 def test_cli_submit_timeout_cancels_and_needs_a_url(
-    redis_url: str, peer: Peer, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, peer: Peer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     code = cli_main(["submit", "silent", "--redis-url", redis_url, "--timeout", "0.3"])
     assert code == 1
     (job_id,) = peer.seen
     assert redis.Redis.from_url(redis_url).exists(KEYS.cancelled(job_id))
+    assert f"error: no result for job {job_id!r} within 0.3 s" in capsys.readouterr().err
+    # Without --timeout a default one applies (a job Redis lost must not hang the command).
+    monkeypatch.setattr(producer.cli, "DEFAULT_TIMEOUT_S", 0.2)
+    started = time.monotonic()
+    assert cli_main(["submit", "silent", "--stream", "--redis-url", redis_url]) == 1
+    assert time.monotonic() - started < 5
+    assert "within 0.2 s" in capsys.readouterr().err
     monkeypatch.delenv("HEADRACE_REDIS_URL", raising=False)
     assert cli_main(["submit", "hello"]) == 2

@@ -96,6 +96,11 @@ def test_encode_result_omits_none_and_decode_ignores_unknown_fields() -> None:
     assert wire == {"v": 1, "id": "a", "status": "ok", "text": "hi"}
     newer = msgpack.packb({**wire, "added_in_v1_1": [1, 2]})
     assert decode_result(newer) == Result(id="a", status="ok", text="hi")
+    # `reused` is the client's annotation: never written, never read from the wire.
+    assert (
+        msgpack.unpackb(encode_result(Result(id="a", status="ok", text="hi", reused=True))) == wire
+    )
+    assert decode_result(msgpack.packb({**wire, "reused": True})).reused is False
 
 
 @pytest.mark.parametrize(
@@ -171,6 +176,7 @@ MALFORMED: dict[str, tuple[Any, str, str | None, str | None]] = {
     "bad params type": (msgpack.packb(_base(params=[1])), "invalid_params", "job-1", "hr:reply:c"),
     "bad param value": (msgpack.packb(_base(params={"temperature": -1})), "invalid_params", "job-1", "hr:reply:c"),
     "unknown param": (msgpack.packb(_base(params={"beam": 4})), "invalid_params", "job-1", "hr:reply:c"),
+    "special flag not bool": (msgpack.packb(_base(params={"special_tokens_in_content": "yes"})), "invalid_params", "job-1", "hr:reply:c"),
     "empty prompt": (msgpack.packb(_base(prompt="")), "empty_prompt", "job-1", "hr:reply:c"),
     "empty messages": (msgpack.packb(_base(prompt=_DROP, messages=[])), "empty_prompt", "job-1", "hr:reply:c"),
     "empty token ids": (msgpack.packb(_base(prompt=_DROP, prompt_token_ids=[])), "empty_prompt", "job-1", "hr:reply:c"),

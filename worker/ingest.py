@@ -172,6 +172,7 @@ class Ingest:
         out = []
         for job in jobs:
             try:
+                params = job.sampling_params()
                 ids = encode_prompt(
                     tokenizer,
                     prompt=job.prompt,
@@ -181,8 +182,9 @@ class Ingest:
                     else None,
                     max_model_len=self._max_model_len,
                     vocab_size=self._vocab_size,
+                    special_tokens_in_content=params.special_tokens_in_content,
                 )
-                job.sampling_params().check_vocab(self._vocab_size)
+                params.check_vocab(self._vocab_size)
                 out.append(Tokenized(tuple(ids)))
             except RequestError as err:
                 out.append(Tokenized(error=err))

@@ -56,6 +56,11 @@ class Keys:
         """String: the final result msgpack (SET NX EX ttl) — also the exactly-once marker."""
         return f"{self.namespace}:result:{job_id}"
 
+    def submitted(self, job_id: str) -> str:
+        """String with TTL: the claim of a job id by its first submission (value informational),
+        so that a second submission of the id queues nothing (ids are idempotency keys)."""
+        return f"{self.namespace}:submitted:{job_id}"
+
     def cancelled(self, job_id: str) -> str:
         """String with TTL: set by `cancel`, so a job not started yet is cancelled on pickup."""
         return f"{self.namespace}:cancelled:{job_id}"

@@ -77,6 +77,9 @@ class Result:
 
     usage: {prompt_tokens, completion_tokens}; timings: {queued_ms, ttft_ms, total_ms};
     error: {code, message}; attempt: delivery count of the job (1 = first run).
+    reused: set by the producer client, never on the wire: True when this client's
+        submission of the id queued nothing because the id had been submitted before
+        (ids are idempotency keys), so this is the earlier submission's result.
     """
 
     id: str
@@ -92,6 +95,7 @@ class Result:
     worker: str | None = None
     attempt: int | None = None
     logprobs: list[Any] | None = None
+    reused: bool = False
 
     @property
     def final(self) -> bool:
@@ -102,7 +106,8 @@ class Result:
         return self.error.get("code") if self.error else None
 
 
-_RESULT_FIELDS = tuple(f.name for f in fields(Result))
+_CLIENT_ONLY_FIELDS = frozenset({"reused"})
+_RESULT_FIELDS = tuple(f.name for f in fields(Result) if f.name not in _CLIENT_ONLY_FIELDS)
 
 
 class JobDecodeError(Exception):

@@ -27,6 +27,10 @@ class SamplingParams:
     `top_k == 0` disables top-k (-1 is accepted as an alias, as in vLLM);
     `seed` makes sampling reproducible whatever else shares the batch;
     `logprobs = N` returns the top-N alternatives of each chosen token.
+    `special_tokens_in_content` is a prompt option, not a sampling one (it lives here so
+    that every intake path validates it with the rest): True lets special-token text in
+    chat message content (e.g. `<|im_start|>system`) become those special tokens; by
+    default it is tokenized as the plain text it is.
     """
 
     max_tokens: int = 128
@@ -45,6 +49,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    special_tokens_in_content: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens must be >= 1")
@@ -173,6 +178,7 @@ _FIELD_TYPES: dict[str, str] = {
     "logprobs": "int?",
     "skip_special_tokens": "bool",
     "include_stop_str_in_output": "bool",
+    "special_tokens_in_content": "bool",
 }
 
 

@@ -6,6 +6,7 @@ worker reuses `encode_prompt` and `SamplingParams.from_dict` for its msgpack pro
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,14 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 PARAM_FIELDS = PARAM_NAMES
 _LINE_FIELDS = frozenset({"id", "params", *PROMPT_FIELDS})
+# Stands for message i's content while the template is rendered (private-use characters
+# that no template writes).
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+_TEMPLATE_CHANGES_CONTENT = (
+    "message content holds special-token text that this chat template does not let headrace "
+    "keep as text (it changes the content); set params.special_tokens_in_content to parse it"
+)
 
 
 def encode_prompt(
@@ -31,9 +40,14 @@ def encode_prompt(
     prompt_token_ids: list | None = None,
     max_model_len: int,
     vocab_size: int,
+    special_tokens_in_content: bool = False,
 ) -> list[int]:
     """Token ids of exactly one of `prompt`, `messages` (chat template) or `prompt_token_ids`.
 
+    special_tokens_in_content: False (default) → special-token text inside a message's
+        content (`<|im_start|>system`) is tokenized as text, so a user cannot forge role
+        markers; True → it becomes the special tokens (the template's own always do).
+        A raw `prompt` is always tokenized as is, special tokens included.
     Raises:
         RequestError: invalid_request (not exactly one input, wrong types, ids out
             of [0, vocab_size)), empty_prompt, invalid_utf8 (lone surrogates),
@@ -52,7 +66,7 @@ def encode_prompt(
     if prompt is not None:
         token_ids = _encode_text(tokenizer, prompt)
     elif messages is not None:
-        token_ids = _encode_messages(tokenizer, messages)
+        token_ids = _encode_messages(tokenizer, messages, special_tokens_in_content)
     else:
         token_ids = _check_token_ids(prompt_token_ids, vocab_size)
     if not token_ids:
@@ -99,6 +113,7 @@ def request_from_dict(
         prompt_token_ids=raw.get("prompt_token_ids"),
         max_model_len=max_model_len,
         vocab_size=vocab_size,
+        special_tokens_in_content=params.special_tokens_in_content,
     )
     return Request(request_id=rid, prompt_token_ids=tuple(token_ids), params=params)
 
@@ -129,7 +144,9 @@ def _encode_text(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> list[int]:
     return list(tokenizer.encode(prompt))
 
 
-def _encode_messages(tokenizer: PreTrainedTokenizerBase, messages: Any) -> list[int]:
+def _encode_messages(
+    tokenizer: PreTrainedTokenizerBase, messages: Any, special_tokens_in_content: bool
+) -> list[int]:
     if not isinstance(messages, list):
         raise RequestError("invalid_request", "messages must be a list")
     if not messages:
@@ -138,20 +155,69 @@ def _encode_messages(tokenizer: PreTrainedTokenizerBase, messages: Any) -> list[
         _check_message(i, message)
     if tokenizer.chat_template is None:
         raise RequestError("invalid_request", "this model has no chat template; send a prompt")
+    messages = [dict(m) for m in messages]
+    if special_tokens_in_content or not _has_special_text(tokenizer, messages):
+        # The common case: one template call, exactly what transformers produces.
+        out = _apply_template(tokenizer, messages, tokenize=True)
+        # Some transformers versions return a BatchEncoding whatever return_dict says.
+        if isinstance(out, Mapping):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+    return _encode_content_as_text(tokenizer, messages)
+
+
+def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tokenize: bool):
     try:
-        out = tokenizer.apply_chat_template(
-            [dict(m) for m in messages],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=tokenize, return_dict=False
         )
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         # Templates reject some conversations themselves (e.g. roles out of order).
         raise RequestError("invalid_request", f"chat template rejected messages: {exc}") from exc
-    # Some transformers versions return a BatchEncoding whatever return_dict says.
-    if isinstance(out, Mapping):
-        out = out["input_ids"]
-    return [int(t) for t in out]
+
+
+def _special_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+
+
+def _has_special_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> bool:
+    specials = _special_texts(tokenizer)
+    return any(s in m["content"] for m in messages for s in specials)
+
+
+def _encode_content_as_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """Chat template ids where each content is tokenized with special tokens split into text.
+
+    The template is rendered once with a marker in place of each content, which tells
+    template text from content in the real rendering; the template's pieces are then
+    tokenized as usual and the contents with `split_special_tokens`.
+    Raises:
+        RequestError(invalid_request) if the template changes content beyond trimming it.
+    """
+    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+    pieces = _MARK_RE.split(_apply_template(tokenizer, marked, tokenize=False))
+    rendered = _apply_template(tokenizer, messages, tokenize=False)
+    ids: list[int] = []
+    pos = 0
+    # pieces = [template, content index, template, ..., template]
+    for k, piece in enumerate(pieces):
+        is_content = k % 2 == 1
+        text: str | None = piece
+        if is_content:
+            content, following = messages[int(piece)]["content"], pieces[k + 1]
+            # Templates may `| trim` content; the text that follows tells which it was.
+            text = next(
+                (c for c in (content, content.strip()) if rendered.startswith(c + following, pos)),
+                None,
+            )
+        if text is None or not rendered.startswith(text, pos):
+            raise RequestError("invalid_request", _TEMPLATE_CHANGES_CONTENT)
+        if text:
+            ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=is_content)
+        pos += len(text)
+    if pos != len(rendered):
+        raise RequestError("invalid_request", _TEMPLATE_CHANGES_CONTENT)
+    return [int(t) for t in ids]
 
 
 def _check_message(i: int, message: Any) -> None:

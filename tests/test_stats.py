@@ -16,6 +16,7 @@ from worker.keys import JOB_FIELD, Keys
 from worker.metrics import Metrics
 from worker.protocol import Job, encode_job
 from worker.recovery import Entry, Recovery
+from worker.stats_cli import collect
 
 KEYS = Keys()
 
@@ -125,6 +126,19 @@ def test_stats_before_any_worker_created_the_group(redis_url, client, capsys):
     code, out, _ = run_stats(capsys, "--redis-url", redis_url, "--json")
     stats = json.loads(out)
     assert code == 0 and (stats["length"], stats["lag"], stats["pending"]) == (3, 3, 0)
+
+
+def test_stats_lag_when_redis_cannot_tell_it_after_a_deleted_entry(redis_url, client):
+    ids = [client.xadd(KEYS.requests, {JOB_FIELD: b"x"}).decode() for _ in range(3)]
+    client.xgroup_create(KEYS.requests, KEYS.group, id="0")
+    client.xreadgroup(KEYS.group, "w", {KEYS.requests: ">"}, count=2)
+    # What a worker does with a finished job: ack, then delete (the last delivered entry).
+    client.xack(KEYS.requests, KEYS.group, ids[1])
+    client.xdel(KEYS.requests, ids[1])
+    [group] = client.xinfo_groups(KEYS.requests)
+    assert group["lag"] is None  # Redis 7: a tombstone at the last delivered id
+    stats = collect(client, KEYS)
+    assert (stats.length, stats.pending, stats.lag) == (2, 1, 1)
 
 
 def test_stats_unreachable_redis_fails_plainly(capsys):

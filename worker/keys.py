@@ -29,7 +29,8 @@ class Keys:
 
     @property
     def requests(self) -> str:
-        """Stream of jobs (field `job`), read by the worker consumer group."""
+        """Stream of jobs (field `job`), read by the worker consumer group; workers delete
+        an entry once its final result is written and acked (the group must be the only one)."""
         return f"{self.namespace}:requests"
 
     @property
@@ -39,7 +40,8 @@ class Keys:
 
     @property
     def dead_letter(self) -> str:
-        """Stream of jobs that failed `max_attempts` deliveries (fields `job`, `error`...)."""
+        """Stream of jobs that failed `max_attempts` deliveries or could not be answered (fields
+        `job`: the payload's first bytes, `job_size`, `job_truncated`, `code`...)."""
         return f"{self.namespace}:dead"
 
     @property
@@ -73,7 +75,8 @@ class Keys:
         return not own or name.startswith(f"{self.namespace}:reply:")
 
     def reply(self, client_id: str) -> str:
-        """Stream of results (field `result`) for one client; expires after the client closes."""
+        """Stream of results (field `result`) for one client; expires after the client closes
+        (workers give it a TTL of `result_ttl` when their write created it, refreshed by each)."""
         return f"{self.namespace}:reply:{client_id}"
 
     def worker(self, consumer: str) -> str:

@@ -3,9 +3,10 @@
 Each engine step's outputs become queued Redis operations; one flusher task
 writes everything queued so far in a single pipeline, shielded from
 cancellation so a shutdown never leaves a half-written batch. A final result is
-published by one Lua script (SET NX result key, XADD reply_to, XACK), so a job
-run twice after a crash still yields exactly one final result, and the entry is
-acked only once its result is written.
+published by one Lua script (SET NX result key, XADD reply_to, XACK, XDEL), so a
+job run twice after a crash still yields exactly one final result, the entry is
+acked only once its result is written, and deleted from the requests stream only
+once acked. Reply streams get a TTL (see `_XADD_REPLY_LUA`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import redis.asyncio as aioredis
 from worker.engine.detokenizer import TextStream
 from worker.engine.sequence import Request, TokenLogprobs, TokenOutput
 from worker.errors import RequestError
-from worker.keys import RESULT_FIELD, Keys
+from worker.keys import Keys
 from worker.metrics import Metrics
 from worker.protocol import (
     STATUS_CANCELLED,
@@ -37,26 +38,61 @@ from worker.resilience import Retrier
 
 log = logging.getLogger(__name__)
 
+# XADD a result to a reply stream and bound the stream's life: a stream this write created,
+# or one whose TTL is shorter, gets `ttl` seconds (so a stream nobody reads any more expires
+# `ttl` after its last result); a stream without TTL was made persistent by its owner and
+# stays so. Never shortens a TTL, so a live client's stream never expires sooner than its
+# own refresh says. pcall: returns XADD's error (a key that is not a stream) as a value.
+_XADD_REPLY_LUA = """
+local function xadd_reply(stream, ttl, maxlen, payload)
+  local before = redis.call('TTL', stream)
+  local added = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'result', payload)
+  if type(added) == 'string' and (before == -2 or (before >= 0 and before < ttl)) then
+    redis.call('EXPIRE', stream, ttl)
+  end
+  return added
+end
+"""
+
+# KEYS: reply stream. ARGV: ttl s, reply maxlen, payload. A delta (partial result).
+_PARTIAL_LUA = _XADD_REPLY_LUA + "return xadd_reply(KEYS[1], tonumber(ARGV[1]), ARGV[2], ARGV[3])\n"
+
+# KEYS: requests stream. ARGV: group, entry id. Ack an entry whose final result exists, then
+# delete it: an acked entry is never read again (XACK raises first if it cannot run).
+_ACK_DELETE_LUA = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+
 # KEYS: result key, reply stream ('' = nobody to answer), requests stream, dead-letter
 # stream ('' = none).
-# ARGV: payload, ttl s, reply maxlen, group, entry id, dead-letter maxlen, then the
-# dead-letter entry's field/value pairs.
+# ARGV: payload, ttl s (result key and reply stream), reply maxlen, group, entry id,
+# dead-letter maxlen, n, then n more entry ids of this job to delete (duplicates acked
+# earlier), then the dead-letter entry's field/value pairs.
 # Returns 1 if this call published the final result, 0 if one already existed.
 # The dead-letter entry is written only with the first final result, so an entry reclaimed
 # again while its refusal was being written is not dead-lettered twice.
-_PUBLISH_FINAL_LUA = """
+# The entry is deleted from the requests stream only after its XACK, in the same atomic
+# script: an entry still pending or not yet delivered is never deleted, and nobody ever
+# sees it deleted while pending (which reclaim would report as `entry_deleted`).
+_PUBLISH_FINAL_LUA = (
+    _XADD_REPLY_LUA
+    + """
 local first = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 if first and KEYS[2] ~= '' then
-  -- pcall: a reply_to that is not a stream must not keep the entry pending forever
-  redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'result', ARGV[1])
+  -- an error (reply_to is not a stream) must not keep the entry pending forever
+  xadd_reply(KEYS[2], tonumber(ARGV[2]), ARGV[3], ARGV[1])
 end
+local extra = tonumber(ARGV[7])
 if first and KEYS[4] ~= '' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 7))
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8 + extra))
 end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+redis.call('XDEL', KEYS[3], ARGV[5], unpack(ARGV, 8, 7 + extra))
 if first then return 1 end
 return 0
 """
+)
 
 DEAD_LETTER_MAXLEN = 100_000
 
@@ -84,6 +120,8 @@ class JobState:
     started_ms: float | None = None
     first_token_ms: float | None = None
     cancel_requested: bool = False
+    # Other entries of this job id, acked while it ran: deleted with its final result.
+    duplicates: list[str] = field(default_factory=list)
     text_flushed: bool = False
     done: bool = False  # final result queued: later engine outputs are ignored
 
@@ -166,10 +204,9 @@ class Publisher:
         )
         payload = encode_result(result)
         reply_to = state.job.reply_to
+        # EVAL, not EVALSHA: a batch of deltas alone needs no SCRIPT EXISTS round trip.
         self._queue(
-            lambda pipe: pipe.xadd(
-                reply_to, {RESULT_FIELD: payload}, maxlen=self._maxlen, approximate=True
-            )
+            lambda pipe: pipe.eval(_PARTIAL_LUA, 1, reply_to, self._ttl, self._maxlen, payload)
         )
 
     def final(self, state: JobState, status: str, finish_reason: str | None) -> None:
@@ -243,6 +280,7 @@ class Publisher:
             state.job.reply_to,
             encode_result(result),
             lambda _first: self._on_acked(state),
+            duplicates=state.duplicates,
         )
 
     def _queue_final(
@@ -253,10 +291,12 @@ class Publisher:
         payload: bytes,
         on_done: Callable[[bool], None] | None,
         dead_letter: dict[str, Any] | None = None,
+        duplicates: list[str] | tuple[str, ...] = (),
     ) -> None:
         dead_stream = self._keys.dead_letter if dead_letter else ""
         keys = [self._keys.result(job_id), reply_to or "", self._keys.requests, dead_stream]
         args = [payload, self._ttl, self._maxlen, self._keys.group, entry_id, DEAD_LETTER_MAXLEN]
+        args += [len(duplicates), *duplicates]
         for name, value in (dead_letter or {}).items():
             args += [name, value]
         self._queue(lambda pipe: self._eval_final(pipe, keys, args), on_done, final=True)
@@ -290,10 +330,21 @@ class Publisher:
         self._wake.set()
 
     def ack(self, entry_id: str, on_done: Callable[[], None] | None = None) -> None:
-        """Ack an entry that needs no result (its job's final result already exists)."""
+        """Ack and delete an entry that needs no result (its job's final result exists, or is
+        queued before this ack: ops are written in order)."""
         stream, group = self._keys.requests, self._keys.group
         done = None if on_done is None else lambda _ok: on_done()
-        self._queue(lambda pipe: pipe.xack(stream, group, entry_id), done)
+        self._queue(lambda pipe: pipe.eval(_ACK_DELETE_LUA, 1, stream, group, entry_id), done)
+
+    def ack_duplicate(self, holder: JobState, entry_id: str) -> None:
+        """Ack another entry of a job that `holder` is running; it is deleted with the final
+        result (until then a producer locating that entry still finds it queued)."""
+        if holder.done:
+            self.ack(entry_id)  # its final result is queued already
+            return
+        holder.duplicates.append(entry_id)
+        stream, group = self._keys.requests, self._keys.group
+        self._queue(lambda pipe: pipe.xack(stream, group, entry_id))
 
     async def run(self) -> None:
         """Flusher: write everything queued, in one pipeline per wake-up, until cancelled."""

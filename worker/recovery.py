@@ -29,6 +29,9 @@ _XCLAIM_CHUNK = 1000
 _MAX_SCAN_CALLS = 64
 # Our own pending entries read per adoption pass: the in-flight limit plus a few orphans.
 _ADOPT_SCAN = 10_000
+# Bytes of a job payload kept in its dead-letter entry (protocol: `job`, with `job_size` and
+# `job_truncated`): enough to identify a job, while a stream of oversized payloads stays small.
+DEAD_LETTER_JOB_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -228,9 +231,13 @@ class Recovery:
         return counts
 
     def dead_letter_fields(self, entry: Entry, error: RequestError) -> dict[str, Any]:
-        """Fields of the dead-letter entry: the job as received plus why it died."""
+        """Fields of the dead-letter entry: the job as received (its first
+        DEAD_LETTER_JOB_BYTES bytes) plus why it died."""
+        payload = entry.payload or b""
         return {
-            JOB_FIELD: entry.payload or b"",
+            JOB_FIELD: payload[:DEAD_LETTER_JOB_BYTES],
+            "job_size": len(payload),
+            "job_truncated": int(len(payload) > DEAD_LETTER_JOB_BYTES),
             "entry_id": entry.entry_id,
             "attempts": entry.attempt,
             "code": error.code,

@@ -382,7 +382,7 @@ class WorkerService:
             if holder is not None:
                 # Our own entry reclaimed, or a resubmitted id: the running copy answers for it.
                 if holder.entry_id != entry.entry_id:
-                    self.publisher.ack(entry.entry_id)
+                    self.publisher.ack_duplicate(holder, entry.entry_id)
                 continue
             state = JobState(entry.entry_id, job, entry.attempt)
             self.inflight[job.id] = state

@@ -132,7 +132,7 @@ def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> Que
         namespace=keys.namespace,
         stream=keys.requests,
         length=length,
-        lag=_lag(group, length),
+        lag=_lag(group, length, pending),
         pending=pending,
         oldest_waiting_s=_oldest_waiting(client, keys, group, now_ms),
         oldest_pending_s=_oldest_pending(client, keys, now_ms) if pending else None,
@@ -151,11 +151,18 @@ def _group(client: redis.Redis, keys: Keys) -> dict[str, Any] | None:
     return None
 
 
-def _lag(group: dict[str, Any] | None, length: int) -> int | None:
-    """Undelivered entries: all of them before any worker made the group; None if Redis can't tell."""
+def _lag(group: dict[str, Any] | None, length: int, pending: int) -> int | None:
+    """Undelivered entries: all of them before any worker made the group.
+
+    Redis 7 cannot tell the lag right after the last delivered entry was deleted (XDEL) while
+    older entries remain; workers delete every entry they ack, so the stream holds only
+    pending and undelivered entries and `length - pending` is the lag. None before Redis 7.
+    """
     if group is None:
         return length
-    return None if group.get("lag") is None else int(group["lag"])
+    if group.get("lag") is not None:
+        return int(group["lag"])
+    return max(0, length - pending) if "entries-read" in group else None
 
 
 def _oldest_waiting(

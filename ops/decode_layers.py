@@ -16,10 +16,6 @@ import torch
 from ops.cpu_kernels import use_cpu_kernels
 from ops.linear import gemm_kernel
 
-# Per layer: 4 norm weights, then (packed, bias, weight scale, smooth) of 4 projections.
-WEIGHTS_PER_LAYER = 20
-INTS_PER_LAYER = 8  # (output columns, rotation) of the 4 projections
-
 
 @dataclass(frozen=True)
 class ProjectionOperands:
@@ -62,8 +58,8 @@ def decode_layers(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [T, hidden] embeddings of T decoding tokens → (last MLP output, residual), [T, hidden].
 
-    weights / ints: `WEIGHTS_PER_LAYER` / `INTS_PER_LAYER` entries per layer (see
-    kernels/cpu/decode_layers.cpp); caches: (key, value, key scales, value scales) per layer;
+    weights / ints: per layer, 4 norm weights then (packed, bias, weight scale, smooth) of
+    the 4 projections / (output columns, rotation) of each (kernels/cpu/decode_layers.cpp); caches: (key, value, key scales, value scales) per layer;
     block_tables [T, max_blocks] int64, context_lens [T] int32; shape: (num_heads,
     num_kv_heads, head_dim).
     """

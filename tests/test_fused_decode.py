@@ -12,18 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops import cpu_kernels
+from tests.markers import needs_packed_gemm
 from tests.tiny_models import ARCHS
 from worker.config import CacheConfig, EngineConfig, ModelConfig
 from worker.engine.engine import Engine
 from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
 
-pytestmark = pytest.mark.skipif(
-    not (cpu_kernels.load() and torch.ops.headrace_cpu.gemm_kernel()),
-    reason="this CPU has neither AMX nor AVX512-VNNI + AVX512-BF16: the C++ layer loop runs "
-    "only over the packed GEMMs",
-)
+pytestmark = needs_packed_gemm
 
 
 def _engine(model_dir, quantization: str = "none", kv: str = "auto") -> Engine:

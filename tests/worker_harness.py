@@ -22,6 +22,7 @@ import redis
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.keys import JOB_FIELD, RESULT_FIELD, Keys
 from worker.protocol import Job, Result, decode_result, encode_job
+from worker.publish import Publisher
 from worker.service import WorkerService
 from worker.service_cli import run_event_loop
 from worker.settings import WorkerConfig
@@ -79,6 +80,20 @@ def finals(client: redis.Redis, stream: str = REPLY) -> dict[str, list[Result]]:
         if result.final:
             out.setdefault(result.id, []).append(result)
     return out
+
+
+def standalone_publisher(aclient: Any, result_ttl_s: int) -> Publisher:
+    """A Publisher outside a worker (worker "w", no metrics, acks ignored), for tests that
+    drive the publish path directly; run its `run()` as a task."""
+    return Publisher(
+        aclient,
+        KEYS,
+        None,
+        worker="w",
+        result_ttl_s=result_ttl_s,
+        reply_maxlen=100,
+        on_acked=lambda state: None,
+    )
 
 
 def pending_count(client: redis.Redis) -> int:

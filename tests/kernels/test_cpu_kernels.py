@@ -17,6 +17,7 @@ from ops import cpu_kernels
 from ops import kv_cache as kv_ops
 from ops.rotary import rotate_half
 from tests.kernels.paged_data import make_paged_kv
+from tests.markers import needs_packed_gemm
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -195,11 +196,6 @@ def _check_decode_attention(
 
 
 # -- Packed GEMMs (AMX, or AVX-512 VNNI + BF16), and W8A8's activation quantization ----------
-
-needs_packed_gemm = pytest.mark.skipif(
-    not (cpu_kernels.load() and torch.ops.headrace_cpu.gemm_kernel()),
-    reason="this CPU has neither AMX nor AVX512-VNNI + AVX512-BF16: the packed GEMMs cannot run",
-)
 
 
 @needs_packed_gemm

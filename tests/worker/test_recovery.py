@@ -29,11 +29,11 @@ from tests.worker_harness import (
     push,
     results,
     spawn_worker,
+    standalone_publisher,
     wait_for,
     worker_config,
 )
 from worker.errors import RequestError
-from worker.publish import Publisher
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0, "stream": True}
 
@@ -181,15 +181,7 @@ def test_a_refusal_written_twice_is_dead_lettered_and_counted_once(redis_url, cl
 
     async def refuse_twice() -> None:
         aclient = aioredis.Redis.from_url(redis_url)
-        publisher = Publisher(
-            aclient,
-            KEYS,
-            None,
-            worker="w",
-            result_ttl_s=60,
-            reply_maxlen=100,
-            on_acked=lambda state: None,
-        )
+        publisher = standalone_publisher(aclient, 60)
         flusher = asyncio.create_task(publisher.run())
         error = RequestError("max_attempts_exceeded", "delivered too often")
         for attempt in (4, 5):

@@ -17,11 +17,12 @@ from tests.worker_harness import (
     job,
     pending_count,
     push,
+    standalone_publisher,
     wait_for,
     worker_config,
 )
 from worker.keys import JOB_FIELD
-from worker.publish import JobState, Publisher
+from worker.publish import JobState
 from worker.recovery import DEAD_LETTER_JOB_BYTES
 from worker.stats_cli import collect
 
@@ -138,15 +139,7 @@ def test_a_delta_alone_gives_a_new_reply_stream_its_ttl(redis_url, client):
 
     async def one_delta() -> None:
         aclient = aioredis.Redis.from_url(redis_url)
-        publisher = Publisher(
-            aclient,
-            KEYS,
-            None,
-            worker="w",
-            result_ttl_s=TTL,
-            reply_maxlen=100,
-            on_acked=lambda state: None,
-        )
+        publisher = standalone_publisher(aclient, TTL)
         flusher = asyncio.create_task(publisher.run())
         publisher.partial(state, "Hel", (1, 2))
         await publisher.wait_idle()

@@ -105,8 +105,9 @@ def _make_plan(model: LlamaForCausalLM, dtype: torch.dtype) -> _Plan:
     weights: list[torch.Tensor | None] | None = []
     ints: list[int] = []
     sources: list[torch.Tensor] = []
+    hooked = any(hook_dicts)  # hooks see each module's call: only the layer loop makes them
     for layer in model.layers:
-        if weights is not None and not _add_layer(layer, dtype, weights, ints, sources):
+        if weights is not None and (hooked or not _add_layer(layer, dtype, weights, ints, sources)):
             weights = None
     return _Plan(
         dtype,
@@ -117,7 +118,7 @@ def _make_plan(model: LlamaForCausalLM, dtype: torch.dtype) -> _Plan:
         tuple(sources),
         tuple(t._version for t in sources),
         tuple(hook_dicts),
-        any(hook_dicts),
+        hooked,
     )
 
 
@@ -130,8 +131,6 @@ def _add_layer(
 ) -> bool:
     """Append `layer`'s entries (`ops.decode_layers`' per-layer layout) and the weights its
     packed copies come from; False if the C++ loop cannot run it."""
-    if any(m._forward_pre_hooks or m._forward_hooks for m in layer.modules()):
-        return False
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
     if any(n is not None and n.weight.dtype != dtype for n in norms):

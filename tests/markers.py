@@ -1,0 +1,14 @@
+"""Skip markers shared by test modules: what the host CPU or build cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ops import cpu_kernels
+
+needs_packed_gemm = pytest.mark.skipif(
+    not (cpu_kernels.load() and torch.ops.headrace_cpu.gemm_kernel()),
+    reason="this CPU has neither AMX nor AVX512-VNNI + AVX512-BF16: the packed GEMMs (and the "
+    "C++ decode loop over them) cannot run",
+)

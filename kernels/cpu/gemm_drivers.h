@@ -83,15 +83,16 @@ constexpr int64_t kNBlock = 8;
 // M = 32 and 15 GB/s at M = 1; 6 steps ahead 10.8 and 18.6 GB/s; 2-16 steps within noise.
 constexpr int64_t kPrefetchSteps = 6;
 
-// C += A · B on tiles C, A, B (tile numbers are immediates, hence template arguments).
-template <bool Int8, int C, int A, int B>
-inline void tile_dot() {
-  if constexpr (Int8) {
-    _tile_dpbssd(C, A, B);
-  } else {
-    _tile_dpbf16ps(C, A, B);
-  }
-}
+// C += A · B on tiles C, A, B. A macro, not a template: GCC's tile intrinsics paste their
+// arguments into the asm text (`%%tmm` #dst), so they must be literal tile numbers.
+#define HEADRACE_TILE_DOT(INT8, C, A, B) \
+  do {                                   \
+    if constexpr (INT8) {                \
+      _tile_dpbssd(C, A, B);             \
+    } else {                             \
+      _tile_dpbf16ps(C, A, B);           \
+    }                                    \
+  } while (0)
 
 // One column group (32 columns) × up to 32 rows starting at `a` (row stride `lda` bytes),
 // over `kblocks` tile steps; accumulators land in `acc` ([32][32] float32 or int32).
@@ -109,12 +110,12 @@ inline void group_tile(const char* a, int64_t lda, const char* b, int64_t kblock
     _tile_loadd(6, bt, 64);
     _tile_loadd(7, bt + kTileBytes, 64);
     _tile_loadd(4, a + kb * 64, lda);
-    tile_dot<Int8, 0, 4, 6>();
-    tile_dot<Int8, 1, 4, 7>();
+    HEADRACE_TILE_DOT(Int8, 0, 4, 6);
+    HEADRACE_TILE_DOT(Int8, 1, 4, 7);
     if (two_rows) {
       _tile_loadd(5, a + 16 * lda + kb * 64, lda);
-      tile_dot<Int8, 2, 5, 6>();
-      tile_dot<Int8, 3, 5, 7>();
+      HEADRACE_TILE_DOT(Int8, 2, 5, 6);
+      HEADRACE_TILE_DOT(Int8, 3, 5, 7);
     }
   }
   // acc is [32 rows][32 cols]: C tiles at (0,0), (0,16), (16,0), (16,16); 128-byte rows.

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from ops.sampling import invert_cdf
 from worker.engine.params import SamplingParams
 from worker.engine.sampler import Sampler, apply_penalties
 from worker.engine.sequence import Request, Sequence
@@ -335,12 +336,10 @@ def test_padded_vocab_columns_are_never_sampled() -> None:
 
 def test_cdf_inversion_never_runs_past_the_kept_mass() -> None:
     """A uniform of exactly 1.0 (which some RNG backends can return) must stay in the kept set."""
-    from worker.engine.sampler import _invert_cdf
-
     # Kept set: the first 3 entries (total mass 3); entries 3-4 carry no mass, 5 is filtered out.
     cdf = torch.tensor([[1.0, 2.0, 3.0, 3.0, 3.0, 4.0]])
     total = torch.tensor([3.0])
-    assert _invert_cdf(cdf, torch.tensor([1.0]), total).tolist() == [2]
-    assert _invert_cdf(cdf, torch.tensor([1.0 - 2.0**-24]), total).tolist() == [2]
-    assert _invert_cdf(cdf, torch.tensor([0.5]), total).tolist() == [1]
-    assert _invert_cdf(cdf, torch.tensor([0.0]), total).tolist() == [0]
+    assert invert_cdf(cdf, torch.tensor([1.0]), total).tolist() == [2]
+    assert invert_cdf(cdf, torch.tensor([1.0 - 2.0**-24]), total).tolist() == [2]
+    assert invert_cdf(cdf, torch.tensor([0.5]), total).tolist() == [1]
+    assert invert_cdf(cdf, torch.tensor([0.0]), total).tolist() == [0]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ops import attention as fp_ops
-from ops import cpu_kernels
+from ops import cpu_kernels, sampling
 from ops import kv_cache as kv_ops
 from ops.rotary import rotate_half
 from tests.kernels.paged_data import make_paged_kv
@@ -312,6 +312,43 @@ def test_argmax_rows_picks_the_first_maximum_like_torch(dtype: torch.dtype) -> N
     x[2, 33] = float("nan")  # NaN counts as the maximum
     x[3] = 0
     assert torch.equal(ops().argmax_rows(x), x.argmax(-1))
+
+
+def test_sample_rows_inverts_the_cdf_like_the_reference() -> None:
+    """The same token as softmax + cumsum + searchsorted wherever u is not within float
+    rounding of a CDF step; masked (-inf) tokens never; the ends of u stay inside the mass."""
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab = 64, 49152 + 5  # a vocabulary that is not a whole number of vectors
+    x = torch.randn(rows, vocab, generator=gen) * 4
+    x[:, 1::3] = float("-inf")
+    x[0, :-1], x[0, -1] = float("-inf"), 1.0  # one token left: always it
+    x[1, 1:], x[1, 0] = float("-inf"), -3.0
+    temps = torch.rand(rows, generator=gen) * 2 + 0.05
+    u = torch.rand(rows, generator=gen)
+    u[2], u[3], u[4] = 0.0, 1.0 - 2**-24, 1.0  # some RNG backends return 1.0
+    got = ops().sample_rows(x, temps.reciprocal(), u)
+    ref = sampling.sample_rows_reference(x, temps, u)
+    cdf = torch.softmax(x / temps.unsqueeze(1), dim=-1).cumsum(-1)
+    target = u * cdf[:, -1]
+    near = (cdf - target.unsqueeze(1)).abs().min(-1).values < 1e-5
+    assert bool(((got == ref) | near).all()), (got != ref).nonzero().flatten().tolist()
+    assert int(near.sum()) < rows // 4  # the comparison above is not vacuous
+    assert bool(torch.isfinite(x.gather(1, got.unsqueeze(1))).all())
+    assert got[0] == vocab - 1 and got[1] == 0
+    assert got[2] == torch.isfinite(x[2]).nonzero()[0, 0]
+    assert got[3] <= torch.isfinite(x[3]).nonzero()[-1, 0]
+    assert got[4] == torch.isfinite(x[4]).nonzero()[-1, 0]
+
+
+def test_sample_rows_draws_the_softmax_distribution() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), 0.5]])
+    draws = 20000
+    u = torch.rand(draws, generator=torch.Generator().manual_seed(3))
+    x = logits.expand(draws, -1).contiguous()
+    tokens = ops().sample_rows(x, torch.full((draws,), 1 / 0.7), u)
+    freq = torch.bincount(tokens, minlength=5).float() / draws
+    expected = torch.softmax(logits[0] / 0.7, -1)
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
 
 
 @pytest.mark.slow

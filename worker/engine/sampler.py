@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ops.sampling import argmax
+from ops.sampling import argmax, invert_cdf, sample_rows
 from worker.engine.params import SamplingParams
 from worker.engine.sequence import Sequence, TokenLogprobs
 
@@ -86,12 +86,12 @@ class Sampler:
         u = self._uniforms(seqs).to(x.device)
         filtered = [i for i, p in enumerate(params) if _has_filter(p, self.vocab_size)]
         if not filtered:
-            return _sample_full(x, temps, u)
+            return sample_rows(x, temps, u)
         if len(filtered) == len(seqs):
             return _sample_filtered(x, temps, params, u)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
         p_idx = _index(sorted(set(range(len(seqs))) - set(filtered)), x.device)
-        tokens[p_idx] = _sample_full(x[p_idx], temps[p_idx], u[p_idx])
+        tokens[p_idx] = sample_rows(x[p_idx], temps[p_idx], u[p_idx])
         f_idx = _index(filtered, x.device)
         f_params = [params[i] for i in filtered]
         tokens[f_idx] = _sample_filtered(x[f_idx], temps[f_idx], f_params, u[f_idx])
@@ -149,12 +149,6 @@ def apply_penalties(
         rows, toks, _ = _unique_pairs(short, lists, vocab, out.device)
         out[rows, toks] = float("-inf")
     return out
-
-
-def _sample_full(x: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Unfiltered rows. x: [R, V] float32 logits, temps/u: [R] → [R] int64 token ids."""
-    cdf = torch.softmax(x / temps.unsqueeze(1), dim=-1).cumsum_(dim=-1)
-    return _invert_cdf(cdf, u, cdf[:, -1])
 
 
 def _sample_filtered(
@@ -249,21 +243,8 @@ def _pick(
         done = torch.where(f.mk, (n_mk < k) | (f.kcap <= k), cdf[:, -1] >= target)
     n = torch.minimum(n_mk, n_top_p).clamp(1, k)
     total = cdf.gather(1, (n - 1).unsqueeze(1)).squeeze(1)
-    pos = _invert_cdf(cdf, u, total)
+    pos = invert_cdf(cdf, u, total)
     return done, cand.gather(1, pos.unsqueeze(1)).squeeze(1)
-
-
-def _invert_cdf(cdf: torch.Tensor, u: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """cdf: [R, N] nondecreasing float32, u: [R] in [0, 1), total: [R] mass kept → [R] index.
-
-    Index of the first cdf entry above u * total. Zero-mass entries are flat in the
-    cdf and never chosen. The min with the first entry reaching `total` keeps a
-    uniform of exactly 1.0 inside the kept set instead of running past it.
-    """
-    total = total.unsqueeze(1).contiguous()
-    pos = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
-    last = torch.searchsorted(cdf, total)
-    return torch.minimum(pos, last).squeeze(1)
 
 
 def _logprobs(

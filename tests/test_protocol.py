@@ -162,6 +162,7 @@ MALFORMED: dict[str, tuple[Any, str, str | None, str | None]] = {
     "missing reply_to": (msgpack.packb(_base(reply_to=_DROP)), "invalid_request", "job-1", None),
     "missing v": (msgpack.packb(_base(v=_DROP)), "invalid_request", "job-1", "hr:reply:c"),
     "v2": (msgpack.packb(_base(v=2)), "invalid_request", "job-1", "hr:reply:c"),
+    "v float": (msgpack.packb(_base(v=1.0)), "invalid_request", "job-1", "hr:reply:c"),
     "unknown field": (msgpack.packb(_base(model="gpt")), "invalid_request", "job-1", "hr:reply:c"),
     "prompt not str": (msgpack.packb(_base(prompt=7)), "invalid_request", "job-1", "hr:reply:c"),
     "prompt as bin": (msgpack.packb(_base(prompt=b"hi")), "invalid_request", "job-1", "hr:reply:c"),

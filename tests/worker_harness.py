@@ -55,12 +55,16 @@ def job(job_id: str, prompt: str = "Hello", reply_to: str = REPLY, **params: Any
     return Job(id=job_id, reply_to=reply_to, prompt=prompt, params=params, stream=stream)
 
 
-def push(client: redis.Redis, jobs: Iterable[Job | bytes]) -> list[str]:
-    """XADD each job (or raw payload) to the requests stream; returns the entry ids."""
+def push(client: redis.Redis, jobs: Iterable[Job | bytes | dict[str, bytes]]) -> list[str]:
+    """XADD each job (or raw payload, or raw entry fields) to the requests stream; returns the
+    entry ids."""
     pipe = client.pipeline(transaction=False)
     for item in jobs:
-        payload = item if isinstance(item, bytes) else encode_job(item)
-        pipe.xadd(KEYS.requests, {JOB_FIELD: payload})
+        if isinstance(item, dict):
+            pipe.xadd(KEYS.requests, item)
+        else:
+            payload = item if isinstance(item, bytes) else encode_job(item)
+            pipe.xadd(KEYS.requests, {JOB_FIELD: payload})
     return [eid.decode() for eid in pipe.execute()]
 
 

@@ -189,8 +189,10 @@ def _build_job(raw: dict[str, Any], job_id: str) -> Job:
     unknown = sorted(str(k) for k in raw if k not in _JOB_WIRE_NAMES)
     if unknown:
         _fail(f"unknown field(s): {', '.join(unknown)}")
-    if raw.get("v") != PROTOCOL_VERSION or isinstance(raw.get("v"), bool):
-        _fail(f"v must be {PROTOCOL_VERSION} (got {raw.get('v')!r})")
+    v = raw.get("v")
+    # The integer 1: in Python 1.0 and True equal 1 too, but they are not ints on the wire.
+    if type(v) is not int or v != PROTOCOL_VERSION:
+        _fail(f"v must be {PROTOCOL_VERSION} (got {v!r})")
     if "id" in raw and _valid_id(raw["id"]) is None:
         _fail(f"id must be a non-empty string of at most {MAX_ID_CHARS} characters")
     reply_to = _valid_reply_to(raw.get("reply_to"))

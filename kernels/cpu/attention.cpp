@@ -88,20 +88,14 @@ void cache_rows_int8(const at::Tensor& x, const at::Tensor& cache, const at::Ten
       for (int64_t h = 0; h < heads; ++h) {
         float* r = row.data();
         to_float(src + t * s0 + h * s1, r, dim);
-        const float amax = at::vec::map_reduce_all<float>(
-            [](Vec v) { return v.abs(); }, [](Vec a, Vec b) { return at::vec::maximum(a, b); },
-            r, dim);
-        const S stored = static_cast<S>(std::max(amax / kInt8Max, kMinScale));
+        const S stored = static_cast<S>(std::max(abs_max(r, dim) / kInt8Max, kMinScale));
         const float scale = static_cast<float>(stored);
         *row_ptr<S>(scale_pool, block, offset, h) = stored;
-        const Vec vs(scale), half(0.5f), lo(-kInt8Max), hi(kInt8Max);
-        at::vec::map(
-            [=](Vec v) { return at::vec::clamp((v / vs + half).floor(), lo, hi); }, r, r, dim);
         int8_t* dst = row_ptr<int8_t>(pool, block, offset, h);
         if (dim_stride == 1) {
-          store_int8(r, dst, dim);
+          quantize_store<false>(r, scale, dst, dim);
         } else {  // token-minor key page
-          store_int8(r, codes.data(), dim);
+          quantize_store<false>(r, scale, codes.data(), dim);
           for (int64_t d = 0; d < dim; ++d) dst[d * dim_stride] = codes[d];
         }
       }

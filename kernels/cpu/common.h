@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -92,6 +93,93 @@ inline void from_float(const float* src, T* dst, int64_t n) {
   }
 }
 
+// v rounded to T and widened back: the value that storing to T and reloading gives (round to
+// nearest even, as c10's conversions), without the round trip through memory.
+template <typename T>
+inline Vec round_to(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 out;
+#else
+    __m256 out;
+#endif
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      at::vec::cvtbf16_fp32(at::vec::cvtfp32_bf16(v), out);
+    } else {
+      at::vec::cvtfp16_fp32(at::vec::cvtfp32_fp16(v), out);
+    }
+    return out;
+#else
+    float values[Vec::size()];
+    v.store(values);
+    for (int64_t i = 0; i < Vec::size(); ++i) values[i] = static_cast<float>(static_cast<T>(values[i]));
+    return Vec::loadu(values);
+#endif
+  }
+}
+
+// dst[0, count) = v rounded to T (nearest even).
+template <typename T>
+inline void store_as(Vec v, T* dst, int64_t count = Vec::size()) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(dst, count);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (count == Vec::size()) {
+      const auto bits = std::is_same_v<T, c10::BFloat16> ? at::vec::cvtfp32_bf16(v)
+                                                         : at::vec::cvtfp32_fp16(v);
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bits);
+#else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), bits);
+#endif
+      return;
+    }
+#endif
+    float values[Vec::size()];
+    v.store(values);
+    for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<T>(values[i]);
+  }
+}
+
+// max |x[i]| (NaN if any x[i] is NaN, as at::vec::maximum propagates it). Four independent
+// maxima: at::vec::maximum's NaN test sits on the accumulator's dependency chain and made
+// this reduction most of the time of the int8 quantizers.
+inline float abs_max(const float* x, int64_t n) {
+  constexpr int64_t w = Vec::size();
+  int64_t i = 0;
+  float amax = 0.0f;
+  bool nan = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 m0 = _mm512_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+  __mmask16 bad = 0;
+  for (; i + 4 * w <= n; i += 4 * w) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + w);
+    const __m512 c = _mm512_loadu_ps(x + i + 2 * w), d = _mm512_loadu_ps(x + i + 3 * w);
+    bad |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(m0, _mm512_abs_ps(a));
+    m1 = _mm512_max_ps(m1, _mm512_abs_ps(b));
+    m2 = _mm512_max_ps(m2, _mm512_abs_ps(c));
+    m3 = _mm512_max_ps(m3, _mm512_abs_ps(d));
+  }
+  for (; i + w <= n; i += w) {
+    const __m512 a = _mm512_loadu_ps(x + i);
+    bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(m0, _mm512_abs_ps(a));
+  }
+  amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  nan = bad != 0;
+#endif
+  for (; i < n; ++i) {
+    nan |= std::isnan(x[i]);
+    amax = std::max(amax, std::abs(x[i]));
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : amax;
+}
+
 // out[i] = (int8) x[i] for x already integral and within ±127.
 inline void store_int8(const float* x, int8_t* out, int64_t n) {
   int64_t i = 0;
@@ -102,6 +190,30 @@ inline void store_int8(const float* x, int8_t* out, int64_t n) {
   }
 #endif
   for (; i < n; ++i) out[i] = static_cast<int8_t>(x[i]);
+}
+
+// dst[i] = clamp(floor(x[i] op s + 0.5), -127, 127) as int8, op: * (kMultiply) or / (the
+// KV cache's exact reference). One pass from float32 to the int8 codes.
+template <bool kMultiply>
+inline void quantize_store(const float* x, float s, int8_t* dst, int64_t n) {
+  constexpr int64_t w = Vec::size();
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vs = _mm512_set1_ps(s), half = _mm512_set1_ps(0.5f);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (; i + w <= n; i += w) {
+    const __m512 a = _mm512_loadu_ps(x + i);
+    __m512 q = _mm512_add_ps(kMultiply ? _mm512_mul_ps(a, vs) : _mm512_div_ps(a, vs), half);
+    q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float q = std::floor((kMultiply ? x[i] * s : x[i] / s) + 0.5f);
+    dst[i] = static_cast<int8_t>(std::min(std::max(q, -127.0f), 127.0f));
+  }
 }
 
 inline float reduce_sum(Vec v) {

@@ -20,15 +20,14 @@ template <typename T>
 inline void rms_norm_row(float* x, const float* w, T* out, int64_t n, float eps) {
   const float ss = at::vec::map_reduce_all<float>(
       [](Vec v) { return v * v; }, [](Vec a, Vec b) { return a + b; }, x, n);
-  const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
-  at::vec::map([r](Vec v) { return v * Vec(r); }, x, x, n);
-  if constexpr (!std::is_same_v<T, float>) {
+  const Vec r(1.0f / std::sqrt(ss / static_cast<float>(n) + eps));
+  constexpr int64_t W = Vec::size();
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t count = std::min(W, n - i);
     // The normalized row is rounded to T before the weight multiplies it (HF's order).
-    from_float(x, out, n);
-    to_float(out, x, n);
+    const Vec v = round_to<T>(Vec::loadu(x + i, count) * r) * Vec::loadu(w + i, count);
+    store_as<T>(v, out + i, count);
   }
-  at::vec::map2([](Vec a, Vec b) { return a * b; }, x, x, w, n);
-  from_float(x, out, n);
 }
 
 template <typename T>
@@ -57,15 +56,21 @@ void fused_add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tens
   const std::vector<float> w = weight_float<T>(weight);
   const int64_t xs = x.stride(0), rs = residual.stride(0);
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(n), other(n);
+    std::vector<float> row(n);
     for (int64_t r = begin; r < end; ++r) {
       T* xr = xp + r * xs;
       T* rr = rp + r * rs;
-      to_float(xr, row.data(), n);
-      to_float(rr, other.data(), n);
-      at::vec::map2([](Vec a, Vec b) { return a + b; }, row.data(), row.data(), other.data(), n);
-      from_float(row.data(), rr, n);  // the sum, rounded to T: the new residual
-      to_float(rr, row.data(), n);
+      int64_t i = 0;
+      for (; i + Vec::size() <= n; i += Vec::size()) {
+        // The sum, rounded to T: the new residual, and what the norm reads.
+        const Vec sum = round_to<T>(load_float(xr + i) + load_float(rr + i));
+        store_as<T>(sum, rr + i);
+        sum.store(row.data() + i);
+      }
+      for (; i < n; ++i) {
+        rr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+        row[i] = static_cast<float>(rr[i]);
+      }
       rms_norm_row(row.data(), w.data(), xr, n, static_cast<float>(eps));
     }
   });

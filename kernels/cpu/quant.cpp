@@ -125,18 +125,12 @@ void quantize_rows_impl(const at::Tensor& x, const float* inv_smooth, int64_t ro
         hadamard_blocks(v, k, rotation, small.data());
         at::vec::map([norm](Vec a) { return a * Vec(norm); }, v, v, k);
       }
-      const float amax = at::vec::map_reduce_all<float>(
-          [](Vec a) { return a.abs(); }, [](Vec a, Vec b) { return at::vec::maximum(a, b); }, v,
-          k);
-      const float scale = std::max(amax / kInt8Max, kMinScale);
+      const float scale = std::max(abs_max(v, k) / kInt8Max, kMinScale);
       sc[r] = scale;
       // round half up, as ops.quant.round_half_up: floor(x / scale + 0.5), clamped. Products
       // with reciprocals instead of the reference's divisions (two divisions per element were
       // most of this kernel's time): a code moves by one where a value sits on a rounding edge.
-      const Vec inv(1.0f / scale), half(0.5f), lo(-kInt8Max), hi(kInt8Max);
-      at::vec::map(
-          [=](Vec a) { return at::vec::clamp((a * inv + half).floor(), lo, hi); }, v, v, k);
-      store_int8(v, dst + r * k, k);
+      quantize_store<true>(v, 1.0f / scale, dst + r * k, k);
     }
   });
 }

@@ -317,17 +317,21 @@ inline void value_block(const DecodeArgs<T, C, S>& a, const float* probs, const 
   Vec acc[kGroups][kVecs];
   for (int g = 0; g < kGroups; ++g)
     for (int c = 0; c < kVecs; ++c) acc[g][c] = Vec(0.0f);
-  for (int64_t pos0 = 0; pos0 < ctx; pos0 += bs) {
-    prefetch_page(row_ptr<C>(a.vp, table[std::min(pos0 / bs + 1, last)], 0, kv_head), page_bytes);
-    const C* page = row_ptr<C>(a.vp, table[pos0 / bs], 0, kv_head) + d0;
-    const int64_t n = std::min(bs, ctx - pos0);
-    for (int64_t t = 0; t < n; ++t) {
-      Vec v[kVecs];
-      for (int c = 0; c < kVecs; ++c) v[c] = load_float(page + t * ts + c * w);
-      for (int g = 0; g < kGroups; ++g) {
-        const Vec pt(probs[g * ctx + pos0 + t]);
-        for (int c = 0; c < kVecs; ++c) acc[g][c] = at::vec::fmadd(pt, v[c], acc[g][c]);
-      }
+  // One loop over the tokens (a nested page/token loop made GCC keep the accumulators on the
+  // stack, storing all of them after every token).
+  const C* page = nullptr;
+  for (int64_t pos = 0, t = bs, index = -1; pos < ctx; ++pos, ++t) {
+    if (t == bs) {  // the next page (a counter, not pos % bs: a division per token showed)
+      t = 0;
+      ++index;
+      prefetch_page(row_ptr<C>(a.vp, table[std::min(index + 1, last)], 0, kv_head), page_bytes);
+      page = row_ptr<C>(a.vp, table[index], 0, kv_head) + d0;
+    }
+    Vec v[kVecs];
+    for (int c = 0; c < kVecs; ++c) v[c] = load_float(page + t * ts + c * w);
+    for (int g = 0; g < kGroups; ++g) {
+      const Vec pt(probs[g * ctx + pos]);
+      for (int c = 0; c < kVecs; ++c) acc[g][c] = at::vec::fmadd(pt, v[c], acc[g][c]);
     }
   }
   for (int g = 0; g < kGroups; ++g)

@@ -345,13 +345,20 @@ void attend_blocked(const DecodeArgs<T, C, S>& a, int64_t ctx, const int64_t* ta
   constexpr int kSlices = kBlocked<kGroups>;
   const int64_t bs = a.kp.block_size;
   const int64_t page_bytes = bs * a.dim * static_cast<int64_t>(sizeof(C));
+  const int64_t v_page_bytes = bs * a.vp.token_stride * static_cast<int64_t>(sizeof(C));
   const int64_t slices = (ctx + w - 1) / w, last = (ctx - 1) / bs;
   float* scores = s.scores.data();
+  for (int64_t pg = 0; pg <= std::min((kSlices * w - 1) / bs, last); ++pg) {
+    prefetch_page(row_ptr<C>(a.vp, table[pg], 0, kv_head), v_page_bytes);
+  }
   int64_t j = 0;
   for (; j + kSlices <= slices; j += kSlices) {
     // The next group's pages (pages sit at unrelated addresses: no hardware prefetch).
+    // Their value pages too: the value pass then reads from the caches, and the loads of the
+    // two passes overlap the score FMAs instead of stalling the value pass.
     for (int64_t pg = ((j + kSlices) * w) / bs; pg <= std::min(((j + 2 * kSlices) * w - 1) / bs, last); ++pg) {
       prefetch_page(row_ptr<C>(a.kp, table[pg], 0, kv_head), page_bytes);
+      prefetch_page(row_ptr<C>(a.vp, table[pg], 0, kv_head), v_page_bytes);
     }
     score_slices<kGroups, kSlices>(a, s.q.data(), table, j * w, ctx, kv_head, scores,
                                    s.scales.data());

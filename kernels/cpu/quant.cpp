@@ -102,8 +102,11 @@ inline std::vector<Vec> hadamard_rows() {
   return rows;
 }
 
+// `factors`: what each value is multiplied by before the rotation, 1 / smooth times the
+// rotation's normalization (the Hadamard transform is linear, so the normalization moves
+// ahead of it: one pass less); null when both are 1.
 template <typename T>
-void quantize_rows_impl(const at::Tensor& x, const float* inv_smooth, int64_t rotation,
+void quantize_rows_impl(const at::Tensor& x, const float* factors, int64_t rotation,
                         at::Tensor& codes, at::Tensor& scales) {
   const int64_t rows = x.size(0), k = x.size(1);
   const T* src = x.data_ptr<T>();
@@ -111,20 +114,21 @@ void quantize_rows_impl(const at::Tensor& x, const float* inv_smooth, int64_t ro
   float* sc = scales.data_ptr<float>();
   const int64_t xs = x.stride(0);
   const std::vector<Vec> small = rotation > 1 ? hadamard_rows() : std::vector<Vec>();
-  const float norm = rotation > 1 ? 1.0f / std::sqrt(static_cast<float>(rotation)) : 1.0f;
   // Rows are short (K ~ 10^3): a thread per few rows only pays off with several of them.
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(k);
     float* v = row.data();
+    constexpr int64_t w = Vec::size();
     for (int64_t r = begin; r < end; ++r) {
-      to_float(src + r * xs, v, k);
-      if (inv_smooth != nullptr) {
-        at::vec::map2([](Vec a, Vec b) { return a * b; }, v, v, inv_smooth, k);
+      const T* x_row = src + r * xs;
+      if (factors != nullptr) {
+        int64_t i = 0;
+        for (; i + w <= k; i += w) (load_float(x_row + i) * Vec::loadu(factors + i)).store(v + i);
+        for (; i < k; ++i) v[i] = static_cast<float>(x_row[i]) * factors[i];
+      } else {
+        to_float(x_row, v, k);
       }
-      if (rotation > 1) {
-        hadamard_blocks(v, k, rotation, small.data());
-        at::vec::map([norm](Vec a) { return a * Vec(norm); }, v, v, k);
-      }
+      if (rotation > 1) hadamard_blocks(v, k, rotation, small.data());
       const float scale = std::max(abs_max(v, k) / kInt8Max, kMinScale);
       sc[r] = scale;
       // round half up, as ops.quant.round_half_up: floor(x / scale + 0.5), clamped. Products
@@ -142,18 +146,23 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x,
   const int64_t k = x.size(1);
   TORCH_CHECK(rotation >= 1 && (rotation & (rotation - 1)) == 0 && k % rotation == 0,
               "rotation must be a power of two dividing K");
-  std::vector<float> inv_smooth;  // 1 / smooth (a torch op here cost more than the divides)
+  // 1 / smooth (a torch op here cost more than the divides), times 1 / sqrt(rotation).
+  const float norm = rotation > 1 ? 1.0f / std::sqrt(static_cast<float>(rotation)) : 1.0f;
+  std::vector<float> factors;
   if (smooth.has_value()) {
     TORCH_CHECK(smooth->numel() == k, "smooth: [K]");
     const at::Tensor s32 = smooth->to(at::kFloat).contiguous();
-    inv_smooth.resize(k);
-    at::vec::map([](Vec v) { return v.reciprocal(); }, inv_smooth.data(), s32.data_ptr<float>(), k);
+    factors.resize(k);
+    at::vec::map([norm](Vec v) { return v.reciprocal() * Vec(norm); }, factors.data(),
+                 s32.data_ptr<float>(), k);
+  } else if (rotation > 1) {
+    factors.assign(k, norm);
   }
   at::Tensor codes = at::empty({x.size(0), k}, x.options().dtype(at::kChar));
   at::Tensor scales = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   HEADRACE_DISPATCH_FLOAT(x.scalar_type(), "quantize_rows", [&] {
-    quantize_rows_impl<scalar_t>(x, inv_smooth.empty() ? nullptr : inv_smooth.data(),
-                                 rotation, codes, scales);
+    quantize_rows_impl<scalar_t>(x, factors.empty() ? nullptr : factors.data(), rotation, codes,
+                                 scales);
   });
   return {codes, scales};
 }

@@ -14,6 +14,8 @@ from worker.config import DEFAULT_MODEL, DTYPES
 from worker.generate_cli import add_engine_args, engine_config_from_args
 
 if TYPE_CHECKING:
+    from bench.throughput import RunResult
+    from bench.workloads import Workload
     from worker.config import EngineConfig
     from worker.engine.engine import Engine
 
@@ -32,13 +34,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_engine_args(tp)
     tp.add_argument(
         "--workload",
-        choices=("mixed", "uniform", "single"),
+        choices=("mixed", "uniform", "single", "shared-prefix"),
         default="mixed",
-        help="single: one request of P prompt / O output tokens",
+        help="single: one request of P prompt / O output tokens; shared-prefix: requests that "
+        "share a --prefix-len prefix, each with its own --suffix-range suffix (also runs "
+        "with prefix caching off: --compare-prefix-caching)",
     )
-    tp.add_argument("--num-requests", type=int, default=64, help="mixed: number of requests")
+    tp.add_argument(
+        "--num-requests", type=int, default=64, help="mixed/shared-prefix: number of requests"
+    )
     tp.add_argument("--prompt-len", type=int, default=128, help="uniform/single: prompt tokens (P)")
-    tp.add_argument("--output-len", type=int, default=128, help="uniform/single: output tokens (O)")
+    # None: 128 (uniform/single), 64 (shared-prefix: the issue's workload, prefill-bound).
+    tp.add_argument(
+        "--output-len",
+        type=int,
+        default=None,
+        help="uniform/single/shared-prefix: output tokens (O); default 128, shared-prefix 64",
+    )
+    tp.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: common tokens")
+    tp.add_argument(
+        "--suffix-range",
+        type=int,
+        nargs=2,
+        default=(32, 128),
+        metavar=("LOW", "HIGH"),
+        help="shared-prefix: each request's own tokens after the prefix (uniform, inclusive)",
+    )
+    tp.add_argument(
+        "--compare-prefix-caching",
+        action="store_true",
+        help="also run our engine with prefix caching off, same process, and print the ratios "
+        "(always on for shared-prefix)",
+    )
     tp.add_argument("--batch", type=int, default=16, help="uniform: number of requests (B)")
     tp.add_argument(
         "--dump-workload",
@@ -199,6 +226,7 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
         )
         if value is not None
     ]
+    worker_args.append("--prefix-caching" if args.prefix_caching else "--no-prefix-caching")
     report = run_e2e(engine, worker_args, workload)
     if args.json:
         print(json.dumps(report.to_dict()), flush=True)
@@ -220,7 +248,13 @@ def run_throughput(args: argparse.Namespace) -> int:
     import torch
 
     from bench import throughput
-    from bench.workloads import Workload, mixed_workload, sampleable_token_ids, uniform_workload
+    from bench.workloads import (
+        Workload,
+        mixed_workload,
+        sampleable_token_ids,
+        shared_prefix_workload,
+        uniform_workload,
+    )
     from worker.engine.engine import Engine
     from worker.models.source import resolve_model
 
@@ -235,9 +269,19 @@ def run_throughput(args: argparse.Namespace) -> int:
         workload = Workload.load(args.workload_file, engine.vocab_size)
     elif args.workload == "mixed":
         workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
+    elif args.workload == "shared-prefix":
+        workload = shared_prefix_workload(
+            vocab,
+            args.num_requests,
+            args.prefix_len,
+            tuple(args.suffix_range),
+            64 if args.output_len is None else args.output_len,
+            seed=args.seed,
+        )
     else:
         batch = 1 if args.workload == "single" else args.batch
-        workload = uniform_workload(vocab, args.prompt_len, args.output_len, batch, seed=args.seed)
+        output_len = 128 if args.output_len is None else args.output_len
+        workload = uniform_workload(vocab, args.prompt_len, output_len, batch, seed=args.seed)
     if args.dump_workload:
         workload.dump(args.dump_workload)
     warm_prompt = tuple(vocab[:8])
@@ -251,6 +295,13 @@ def run_throughput(args: argparse.Namespace) -> int:
     del engine  # frees the KV cache before the next engine or the baseline loads
     gc.collect()
 
+    no_prefix_cache = None
+    compare = args.compare_prefix_caching or args.workload == "shared-prefix"
+    if compare and config.cache.enable_prefix_caching:
+        off = replace(config, cache=replace(config.cache, enable_prefix_caching=False))
+        log.info("headrace (no prefix cache): %s", workload.name)
+        no_prefix_cache = _run_engine(off, workload, warm_prompt)
+
     reference = None
     if _config_label(config) != "unquantized":
         # Quantized configurations are also measured against the unquantized engine.
@@ -260,11 +311,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             cache=replace(config.cache, dtype="auto"),
         )
         log.info("headrace (unquantized): %s", workload.name)
-        engine = Engine(plain)
-        throughput.warm_up_engine(engine, warm_prompt)
-        reference = throughput.run_engine(engine, workload)
-        del engine
-        gc.collect()
+        reference = _run_engine(plain, workload, warm_prompt)
 
     baseline = None
     if not args.no_baseline:
@@ -287,10 +334,26 @@ def run_throughput(args: argparse.Namespace) -> int:
         headrace=ours,
         transformers=baseline,
         unquantized=reference,
+        no_prefix_cache=no_prefix_cache,
         kernels=kernels,
     )
     print(json.dumps(report.to_dict()) if args.json else report.format_table(), flush=True)
     return 0
+
+
+def _run_engine(
+    config: EngineConfig, workload: Workload, warm_prompt: tuple[int, ...]
+) -> RunResult:
+    """A fresh engine of `config`, warmed up and timed on `workload`, then freed."""
+    from bench import throughput
+    from worker.engine.engine import Engine
+
+    engine = Engine(config)
+    throughput.warm_up_engine(engine, warm_prompt)
+    result = throughput.run_engine(engine, workload)
+    del engine
+    gc.collect()
+    return result
 
 
 def _config_label(config: EngineConfig) -> str:

@@ -35,6 +35,7 @@ class RunResult:
     ttft_s: tuple[float, ...] = ()
     tpot_s: tuple[float, ...] = ()
     num_requests: int = 0
+    prefix_cache_hit_ratio: float | None = None  # our engine: prompt tokens served from cache
 
     @property
     def tokens_per_s(self) -> float:
@@ -51,6 +52,8 @@ class RunResult:
             "output_tokens_per_s": self.tokens_per_s,
             "requests_per_s": self.requests_per_s,
         }
+        if self.prefix_cache_hit_ratio is not None:
+            out["prefix_cache_hit_ratio"] = self.prefix_cache_hit_ratio
         for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s)):
             if values:  # only our engine is timed per request
                 for q in (50, 99):
@@ -71,6 +74,7 @@ class BenchReport:
     headrace: RunResult
     transformers: RunResult | None
     unquantized: RunResult | None = None  # our engine without quantization, same run
+    no_prefix_cache: RunResult | None = None  # our engine with prefix caching off, same run
     kernels: dict[str, str] | None = None  # `ops.device.kernel_paths`: CPU flags, kernels
 
     @property
@@ -81,14 +85,28 @@ class BenchReport:
     def ratio_vs_unquantized(self) -> float | None:
         return _ratio(self.headrace, self.unquantized)
 
+    @property
+    def ratio_vs_no_prefix_cache(self) -> float | None:
+        return _ratio(self.headrace, self.no_prefix_cache)
+
+    @property
+    def ttft_p50_reduction(self) -> float | None:
+        """TTFT p50 with prefix caching off / with it on (how many times lower it is on)."""
+        if self.no_prefix_cache is None:
+            return None
+        on, off = (_percentile(r.ttft_s, 50) for r in (self.headrace, self.no_prefix_cache))
+        return off / on if on and off is not None else None
+
     def to_dict(self) -> dict:
-        runs = ("headrace", "transformers", "unquantized")
+        runs = ("headrace", "transformers", "unquantized", "no_prefix_cache")
         out = {k: v for k, v in asdict(self).items() if k not in runs}
         for name in runs:
             run = getattr(self, name)
             out[name] = None if run is None else run.to_dict()
         out["ratio"] = self.ratio
         out["ratio_vs_unquantized"] = self.ratio_vs_unquantized
+        out["ratio_vs_no_prefix_cache"] = self.ratio_vs_no_prefix_cache
+        out["ttft_p50_reduction"] = self.ttft_p50_reduction
         return out
 
     def format_table(self) -> str:
@@ -104,6 +122,9 @@ class BenchReport:
         if self.unquantized is not None:
             rows.append(_row("headrace (unquantized)", self.unquantized))
             rows.append(f"{'ratio vs unquantized':28}{self.ratio_vs_unquantized:>13.2f}x")
+        if self.no_prefix_cache is not None:
+            rows.append(_row("headrace (no prefix cache)", self.no_prefix_cache))
+            rows.append(f"{'ratio vs no prefix cache':28}{self.ratio_vs_no_prefix_cache:>13.2f}x")
         if base is not None:
             rows.append(_row(f"transformers (batch {self.baseline_batch_size})", base))
             rows.append(f"{'ratio':28}{self.ratio:>13.2f}x")
@@ -112,6 +133,16 @@ class BenchReport:
         ttft = f"{_latency(ours.ttft_s, 50)} / {_latency(ours.ttft_s, 99)}"
         tpot = f"{_latency(ours.tpot_s, 50)} / {_latency(ours.tpot_s, 99)}"
         rows += ["", f"headrace TTFT p50 / p99    {ttft}", f"headrace TPOT p50 / p99    {tpot}"]
+        if ours.prefix_cache_hit_ratio is not None:
+            hits = 100 * ours.prefix_cache_hit_ratio
+            rows.append(f"prefix cache hits          {hits:.1f}% of prompt tokens")
+        off = self.no_prefix_cache
+        if off is not None:
+            ttft = f"{_latency(off.ttft_s, 50)} / {_latency(off.ttft_s, 99)}"
+            reduction = self.ttft_p50_reduction
+            rows.append(f"no prefix cache: TTFT p50 / p99 {ttft}")
+            if reduction is not None:
+                rows.append(f"TTFT p50 {reduction:.2f}x lower with the prefix cache")
         return "\n".join(rows)
 
 
@@ -128,6 +159,7 @@ def run_engine(engine: Engine, workload: Workload) -> RunResult:
     last: dict[str, float] = {}
     counts = dict.fromkeys((r.request_id for r in requests), 0)
     progress = tqdm(total=workload.num_output_tokens, desc="headrace", unit="tok", leave=False)
+    before = engine.stats()
     start = time.perf_counter()
     for request in requests:
         engine.add_request(request)
@@ -144,7 +176,10 @@ def run_engine(engine: Engine, workload: Workload) -> RunResult:
     progress.close()
     ttft = tuple(t - start for t in first.values())
     tpot = tuple((last[rid] - first[rid]) / (counts[rid] - 1) for rid in first if counts[rid] > 1)
-    return RunResult(sum(counts.values()), elapsed, ttft, tpot, len(requests))
+    after = engine.stats()
+    queries = after.prefix_cache_queries - before.prefix_cache_queries
+    hits = (after.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else None
+    return RunResult(sum(counts.values()), elapsed, ttft, tpot, len(requests), hits)
 
 
 def warm_up_engine(engine: Engine, token_ids: tuple[int, ...]) -> None:

@@ -105,6 +105,37 @@ def uniform_workload(
     return Workload(name=f"{kind}(P={prompt_len}, O={output_len}, B={batch})", requests=requests)
 
 
+def shared_prefix_workload(
+    token_ids: Sequence[int],
+    num_requests: int = 64,
+    prefix_len: int = 512,
+    suffix_range: tuple[int, int] = (32, 128),
+    output_len: int = 64,
+    seed: int = 0,
+) -> Workload:
+    """`num_requests` requests that share one `prefix_len`-token prefix (a bulk job's system
+    prompt or few-shot examples), each followed by its own suffix of a length uniform in
+    `suffix_range`, and `output_len` output tokens each."""
+    low, high = suffix_range
+    if not 0 <= low <= high or prefix_len < 0 or min(num_requests, output_len) < 1:
+        raise ValueError(
+            "need 0 <= suffix low <= high, prefix_len >= 0, num_requests, output_len >= 1"
+        )
+    if prefix_len + low < 1:
+        raise ValueError("every prompt needs at least one token")
+    rng = random.Random(seed)
+    prefix = _random_prompt(rng, token_ids, prefix_len)
+    requests = tuple(
+        BenchRequest(prefix + _random_prompt(rng, token_ids, rng.randint(low, high)), output_len)
+        for _ in range(num_requests)
+    )
+    name = (
+        f"shared-prefix(n={num_requests}, prefix={prefix_len}, suffix={low}-{high}, "
+        f"O={output_len}, seed={seed})"
+    )
+    return Workload(name=name, requests=requests)
+
+
 def _log_uniform(rng: random.Random, low: int, high: int) -> int:
     if not 1 <= low <= high:
         raise ValueError(f"need 1 <= low <= high, got [{low}, {high}]")

@@ -29,7 +29,7 @@ _LOCAL_WORKER_OPTIONS = tuple(
     if opt.dest
     in {
         "model", "dtype", "max_model_len", "kv_cache_memory", "num_kv_blocks", "block_size",
-        "kv_cache_dtype", "quantization",
+        "kv_cache_dtype", "quantization", "prefix_caching",
         "max_num_seqs", "max_num_batched_tokens", "seed", "num_threads", "max_inflight",
     }
 )  # fmt: skip
@@ -67,6 +67,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sampling.add_argument("--top-p", type=float, default=None)
     local = parser.add_argument_group("local worker (only without --redis-url)")
     for opt in _LOCAL_WORKER_OPTIONS:
+        if opt.is_switch:
+            local.add_argument(
+                opt.flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{opt.help} [env {opt.env}]",
+            )
+            continue
         local.add_argument(
             opt.flag,
             type=opt.parse,
@@ -128,6 +136,10 @@ def local_worker_flags(args: argparse.Namespace) -> tuple[str, ...]:
     flags: list[str] = []
     for opt in _LOCAL_WORKER_OPTIONS:
         value = getattr(args, opt.dest, None)
-        if value is not None:
+        if value is None:
+            continue
+        if opt.is_switch:
+            flags.append(opt.flag if value else opt.no_flag)
+        else:
             flags += [opt.flag, str(value)]
     return tuple(flags)

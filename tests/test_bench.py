@@ -16,6 +16,7 @@ from bench.workloads import (
     Workload,
     mixed_workload,
     sampleable_token_ids,
+    shared_prefix_workload,
     uniform_workload,
 )
 from worker.cli import main
@@ -54,6 +55,47 @@ def test_uniform_workload_has_exact_shapes(vocab: list[int]) -> None:
     assert work.num_prompt_tokens == 165
     with pytest.raises(ValueError):
         uniform_workload(vocab, prompt_len=0, output_len=7, batch=5)
+
+
+def test_shared_prefix_workload_shares_exactly_its_prefix(vocab: list[int]) -> None:
+    work = shared_prefix_workload(vocab, num_requests=64, prefix_len=512, output_len=64)
+    prefix = work.requests[0].prompt_token_ids[:512]
+    assert all(r.prompt_token_ids[:512] == prefix for r in work.requests)
+    suffixes = [len(r.prompt_token_ids) - 512 for r in work.requests]
+    assert all(32 <= n <= 128 for n in suffixes) and len(set(suffixes)) > 10
+    assert len({r.prompt_token_ids[512] for r in work.requests}) > 32  # own tokens after it
+    assert {r.output_len for r in work.requests} == {64}
+    assert shared_prefix_workload(vocab) == work
+    with pytest.raises(ValueError):
+        shared_prefix_workload(vocab, suffix_range=(8, 4))
+
+
+def test_bench_throughput_shared_prefix_runs_with_caching_off_too(
+    tiny_model_dir, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dumped = tmp_path / "shared.json"
+    argv = ["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--dtype", "float32"]
+    argv += ["--workload", "shared-prefix", "--num-requests", "6", "--prefix-len", "40"]
+    argv += ["--suffix-range", "3", "9", "--output-len", "4", "--kv-cache-memory", "0.01"]
+    argv += ["--max-num-batched-tokens", "32", "--no-baseline", "--dump-workload", str(dumped)]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["workload"].startswith("shared-prefix")
+    on, off = report["headrace"], report["no_prefix_cache"]
+    assert on["output_tokens"] == off["output_tokens"] == 24
+    assert on["prefix_cache_hit_ratio"] > 0 and off["prefix_cache_hit_ratio"] == 0
+    assert report["ratio_vs_no_prefix_cache"] == pytest.approx(
+        on["output_tokens_per_s"] / off["output_tokens_per_s"]
+    )
+    assert report["ttft_p50_reduction"] == pytest.approx(off["ttft_p50_s"] / on["ttft_p50_s"])
+    saved = Workload.load(dumped)
+    assert len(saved.requests) == 6 and saved.name == report["workload"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "headrace (no prefix cache)" in table and "lower with the prefix cache" in table
+    # Caching off: nothing to compare against.
+    assert main([*argv, "--no-prefix-caching", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["no_prefix_cache"] is None
 
 
 def test_baseline_counts_only_requested_tokens(tiny_model_dir) -> None:

@@ -26,7 +26,9 @@ def _engine(model_dir, quantization: str = "none", kv: str = "auto") -> Engine:
     return Engine(
         EngineConfig(
             model=ModelConfig(source=str(model_dir), dtype="bfloat16", quantization=quantization),
-            cache=CacheConfig(memory_gib=0.05, dtype=kv),
+            # No prefix caching: the second run's prefills must be the first's (with int8 K/V a
+            # cache hit reads its prefix quantized, which a one-chunk prefill does not).
+            cache=CacheConfig(memory_gib=0.05, dtype=kv, enable_prefix_caching=False),
         )
     )
 

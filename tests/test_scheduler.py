@@ -70,8 +70,8 @@ def test_newest_sequence_is_preempted_and_resumes_with_recompute() -> None:
         _run(plan)
     assert b in preempted and a not in preempted
     assert b.num_preemptions >= 1
-    # Every page is accounted for: held by running sequences or free.
-    held = sum(len(s.block_ids) for s in sched.running)
+    # Every page is accounted for: held by running sequences (shared ones once) or free.
+    held = len({b for s in sched.running for b in s.block_ids})
     assert held + alloc.num_free_blocks == alloc.num_blocks
 
 

@@ -46,12 +46,15 @@ class CacheConfig:
     num_blocks: overrides memory_gib when set (tests use it to force preemption).
     dtype: "auto" stores K/V in the model dtype; "int8" stores int8 codes with a float16
     scale per (token, kv head), ~1.9x the tokens in the same memory.
+    enable_prefix_caching: keep full pages findable by their tokens (and those of every page
+    before them), so a request whose prompt starts like an earlier one's reuses their K/V.
     """
 
     block_size: int = 16
     memory_gib: float = 1.0
     num_blocks: int | None = None
     dtype: str = "auto"
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in KV_CACHE_DTYPES:

@@ -81,6 +81,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     group.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=CacheConfig.enable_prefix_caching,
+        help="reuse the KV pages of prompt prefixes computed before (default: on)",
+    )
+    group.add_argument(
         "--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens
     )
     group.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
@@ -109,7 +115,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             quantization=args.quantization,
         ),
         cache=CacheConfig(
-            block_size=args.block_size, memory_gib=args.kv_cache_memory, dtype=args.kv_cache_dtype
+            block_size=args.block_size,
+            memory_gib=args.kv_cache_memory,
+            dtype=args.kv_cache_dtype,
+            enable_prefix_caching=args.prefix_caching,
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs

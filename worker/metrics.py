@@ -103,6 +103,21 @@ class Metrics:
         self.preemptions = Counter(
             "headrace_preemptions", "Sequences preempted for lack of KV blocks", registry=reg
         )
+        self.prefix_queries = Counter(
+            "headrace_prefix_cache_query_tokens",
+            "Tokens to prefill at admission (prompt, plus output so far for a resumed sequence)",
+            registry=reg,
+        )
+        self.prefix_hits = Counter(
+            "headrace_prefix_cache_hit_tokens",
+            "Of the prefix cache's query tokens, those found in cached KV pages",
+            registry=reg,
+        )
+        self.prefix_hit_ratio = Gauge(
+            "headrace_prefix_cache_hit_ratio",
+            "Prompt tokens served from the prefix cache / prompt tokens, since start",
+            registry=reg,
+        )
         self.running = Gauge("headrace_num_requests_running", "Sequences running", registry=reg)
         self.waiting = Gauge("headrace_num_requests_waiting", "Sequences waiting", registry=reg)
         self.inflight = Gauge(
@@ -121,6 +136,7 @@ class Metrics:
         self.total_requests = 0
         self._engine: Any = None  # last EngineStats (one reference swap: safe across threads)
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # (queries, hits)
         self._window_s = rate_window_s
         self._samples: deque[_Sample] = deque()
         self._last_log = self._sample()
@@ -188,6 +204,9 @@ class Metrics:
                 waiting=stats.num_waiting,
                 kv_used_blocks=stats.num_total_blocks - stats.num_free_blocks,
                 kv_total_blocks=stats.num_total_blocks,
+                prefix_cache_queries=stats.prefix_cache_queries,
+                prefix_cache_hits=stats.prefix_cache_hits,
+                prefix_cache_hit_ratio=round(stats.prefix_cache_hit_ratio, 4),
             )
         return out
 
@@ -232,6 +251,11 @@ class Metrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        queries, hits = self._prefix_seen
+        self.prefix_queries.inc(stats.prefix_cache_queries - queries)
+        self.prefix_hits.inc(stats.prefix_cache_hits - hits)
+        self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+        self.prefix_hit_ratio.set(stats.prefix_cache_hit_ratio)
         self._engine = stats
 
 

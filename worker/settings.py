@@ -149,6 +149,16 @@ class Option:
         return "--" + self.dest.replace("_", "-")
 
     @property
+    def no_flag(self) -> str:
+        """`--no-dest-with-dashes`: a switch's off form."""
+        return "--no-" + self.dest.replace("_", "-")
+
+    @property
+    def is_switch(self) -> bool:
+        """An on/off option: `--flag` / `--no-flag` on the command line."""
+        return self.parse is _parse_bool
+
+    @property
     def env(self) -> str:
         return ENV_PREFIX + self.dest.upper()
 
@@ -170,6 +180,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("num_kv_blocks", int, "KV cache size in blocks (overrides --kv-cache-memory)"),
     Option("block_size", int, "tokens per KV cache block"),
+    Option(
+        "prefix_caching",
+        _parse_bool,
+        "reuse the KV pages of prompt prefixes computed before (default on)",
+    ),
     Option("max_num_seqs", int, "sequences per batch"),
     Option("max_num_batched_tokens", int, "tokens per forward pass"),
     Option("seed", int, "engine seed"),
@@ -219,7 +234,7 @@ _WORKER_FIELDS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every option as a flag defaulting to None (None = not given → env or default)."""
     for opt in OPTIONS:
-        if opt.parse is _parse_bool:
+        if opt.is_switch:
             parser.add_argument(
                 opt.flag,
                 action=argparse.BooleanOptionalAction,
@@ -279,6 +294,7 @@ def _engine_config(values: Mapping[str, Any]) -> EngineConfig:
                 memory_gib="kv_cache_memory",
                 num_blocks="num_kv_blocks",
                 dtype="kv_cache_dtype",
+                enable_prefix_caching="prefix_caching",
             )
         ),
         scheduler=SchedulerConfig(

@@ -2,7 +2,8 @@
 
 Reads only what Redis already holds: XINFO on the requests stream and its group,
 XLEN of the dead-letter stream, and the per-worker stats hash that each worker
-refreshes every heartbeat (recent tok/s and req/s, engine occupancy) together
+refreshes every heartbeat (recent tok/s and req/s, engine occupancy, prefix cache
+hit ratio) together
 with its liveness key, so stats of a crashed worker are shown but not summed.
 """
 
@@ -48,6 +49,8 @@ class QueueStats:
 
     lag: entries not yet delivered to any worker (None before the group exists).
     oldest_waiting_s / oldest_pending_s: age of the oldest undelivered / unacked entry.
+    prefix_cache_hit_ratio: prompt tokens served from the live workers' prefix caches / their
+        prompt tokens, since each started; None before any worker reported one.
     """
 
     namespace: str
@@ -62,6 +65,7 @@ class QueueStats:
     live_workers: int
     recent_tok_s: float
     recent_req_s: float
+    prefix_cache_hit_ratio: float | None = None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -141,7 +145,15 @@ def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> Que
         live_workers=len(live),
         recent_tok_s=round(sum(float(w.get("recent_tok_s", 0)) for w in live), 2),
         recent_req_s=round(sum(float(w.get("recent_req_s", 0)) for w in live), 3),
+        prefix_cache_hit_ratio=_hit_ratio(live),
     )
+
+
+def _hit_ratio(workers: list[dict[str, Any]]) -> float | None:
+    """Hit tokens / query tokens summed over `workers` (weighted by their prompt tokens)."""
+    queries = sum(int(w.get("prefix_cache_queries", 0)) for w in workers)
+    hits = sum(int(w.get("prefix_cache_hits", 0)) for w in workers)
+    return round(hits / queries, 4) if queries else None
 
 
 def _group(client: redis.Redis, keys: Keys) -> dict[str, Any] | None:
@@ -198,10 +210,15 @@ def render(stats: QueueStats, redis_url: str) -> str:
         f"  dead-letter {Keys(stats.namespace).dead_letter}: {stats.dead_letter} entries",
         f"  throughput  {stats.recent_tok_s:.1f} tok/s, {stats.recent_req_s:.2f} req/s "
         f"(last minute, live workers: {stats.live_workers})",
+        f"  prefix cache {_percent(stats.prefix_cache_hit_ratio)} of prompt tokens served from "
+        "cache (live workers, since start)",
     ]
     if not stats.consumers:
         return "\n".join([*lines, "  no consumers yet"])
-    header = ("consumer", "alive", "pending", "idle", "running", "waiting", "kv", "tok/s", "req/s")
+    header = (
+        "consumer", "alive", "pending", "idle", "running", "waiting", "kv", "cache hit", "tok/s",
+        "req/s",
+    )  # fmt: skip
     table = [header] + [_row(c) for c in stats.consumers]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines.append("")
@@ -226,9 +243,14 @@ def _row(c: ConsumerStats) -> tuple[str, ...]:
         str(w.get("running", "-")),
         str(w.get("waiting", "-")),
         kv,
+        _percent(w.get("prefix_cache_hit_ratio")),
         f"{w['recent_tok_s']:.1f}" if "recent_tok_s" in w else "-",
         f"{w['recent_req_s']:.2f}" if "recent_req_s" in w else "-",
     )
+
+
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{100 * ratio:.0f}%"
 
 
 def _age(seconds: float | None) -> str:

@@ -107,6 +107,7 @@ def test_running_worker_exports_metrics_health_stats_and_logs(
         assert metrics[("headrace_kv_blocks_used", ())] == 0
         assert ("headrace_step_tokens", ()) in metrics
         assert ("headrace_jobs_inflight", ()) in metrics
+        assert 0 <= metrics[("headrace_prefix_cache_hit_ratio", ())] <= 1
 
         # The heartbeat publishes the same totals for `headrace stats`.
         wait_for(lambda: worker.service.stats()["finished"] == 5, 10, "totals")
@@ -123,6 +124,7 @@ def test_running_worker_exports_metrics_health_stats_and_logs(
         stats = wait_for(reported, 10, "worker stats in redis", poll=0.2)
         assert stats["live_workers"] == 1 and stats["recent_tok_s"] > 0
         assert stats["pending"] == 0
+        assert stats["prefix_cache_hit_ratio"] is not None  # the worker reports its cache
 
         def throughput() -> list[float]:
             lines = [r.getMessage() for r in caplog.records if "throughput:" in r.getMessage()]

@@ -45,6 +45,18 @@ class EngineStats:
     block_size: int
     num_preemptions: int  # cumulative since start
     num_batched_tokens: int  # prefill + decode tokens in the last step's forward pass
+    # Prefix cache, cumulative since start, counted at each admission (a resumed sequence
+    # counts again): tokens to prefill, and those of them found in cached pages.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_cached_blocks: int = 0  # pages findable by their tokens now (in use or free)
+
+    @property
+    def prefix_cache_hit_ratio(self) -> float:
+        """Prompt tokens served from the cache / prompt tokens (0.0 before any request)."""
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
 
 
 class Engine:
@@ -70,7 +82,9 @@ class Engine:
         )
         self.vocab_size = model.args.vocab_size
         self.runner = ModelRunner(model, config.cache, dtype, self.device)
-        self.allocator = BlockAllocator(self.runner.num_blocks, config.cache.block_size)
+        self.allocator = BlockAllocator(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.allocator)
         self.sampler = Sampler(self.vocab_size, seed=config.seed)
         self._seqs: dict[str, Sequence] = {}
@@ -137,6 +151,9 @@ class Engine:
             block_size=self.allocator.block_size,
             num_preemptions=self.scheduler.num_preemptions,
             num_batched_tokens=self._last_batched_tokens,
+            prefix_cache_queries=self.scheduler.num_prefix_query_tokens,
+            prefix_cache_hits=self.scheduler.num_prefix_hit_tokens,
+            num_cached_blocks=self.allocator.num_cached_blocks,
         )
 
     def step(self) -> list[TokenOutput]:

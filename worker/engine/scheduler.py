@@ -5,6 +5,10 @@ has `num_computed_tokens` and `num_tokens`, and each step hands out tokens
 under one budget — running sequences first (a decode is one token, an
 unfinished prefill gets a chunk), then waiting ones in arrival order. When the
 KV pool runs dry the newest running sequence is preempted and later recomputed.
+
+Prefix caching: a sequence's full, computed pages are offered to the allocator's cache
+(each step and when it leaves); a sequence being admitted starts from the longest run of
+cached pages matching its tokens, counted as computed, so only the rest is prefilled.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._watermark_blocks = int(self.WATERMARK * allocator.num_blocks)
         self.num_preemptions = 0
+        # Prefix cache totals, in tokens, counted at each admission (a resumed sequence again).
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -66,7 +73,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self._release(seq)
+        # A request that made the engine fail leaves nothing in the prefix cache.
+        self._release(seq, cache=reason != "error")
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -75,6 +83,8 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         finished: list[Sequence] = []
+        for seq in self.running:
+            self._cache_pages(seq)
 
         # Running sequences first, oldest first; preempt from the newest end.
         i = 0
@@ -102,11 +112,14 @@ class Scheduler:
         # Then waiting sequences in arrival order, while they fit.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            need = self.allocator.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_ids)
-            if need + self._watermark_blocks > self.allocator.num_free_blocks and self.running:
+            cached = self._cached_prefix(seq)
+            start = len(cached) * self.allocator.block_size
+            num_new = min(seq.num_tokens - start, budget)
+            need = self.allocator.blocks_for(start + num_new) - len(cached)
+            free = self.allocator.num_free_blocks - self.allocator.num_unreferenced(cached)
+            if need + self._watermark_blocks > free and self.running:
                 break
-            if not self._grow(seq, num_new):
+            if need > free:
                 if not self.running and not chunks:
                     self.waiting.popleft()
                     self.finish(seq, "length")
@@ -114,8 +127,9 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._admit(seq, cached)
+            grown = self._grow(seq, num_new)
+            assert grown, "the pages were counted above"
             chunks.append(ScheduledChunk(seq, num_new))
             budget -= num_new
 
@@ -131,8 +145,38 @@ class Scheduler:
         seq.block_ids.extend(self.allocator.allocate(need))
         return True
 
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached pages matching `seq`'s first full pages (no side effects). The last token is
+        never covered: it must run to give the logits of the next one (a prompt cached whole
+        recomputes its last page into a fresh one; cached pages are never written)."""
+        if not self.allocator.enable_caching:
+            return []
+        num_blocks = (seq.num_tokens - 1) // self.allocator.block_size
+        return self.allocator.match(seq.block_keys(self.allocator.block_size, num_blocks))
+
+    def _admit(self, seq: Sequence, cached: list[int]) -> None:
+        """Start `seq` running on its `cached` pages, counted as computed."""
+        self.allocator.share(cached)
+        seq.block_ids = list(cached)
+        seq.num_cached_blocks = len(cached)
+        seq.num_computed_tokens = len(cached) * self.allocator.block_size
+        self.num_prefix_query_tokens += seq.num_tokens
+        self.num_prefix_hit_tokens += seq.num_computed_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def _cache_pages(self, seq: Sequence) -> None:
+        """Offer `seq`'s pages that are full and computed, and not offered yet, to the cache."""
+        num_full = seq.num_computed_tokens // self.allocator.block_size
+        if num_full <= seq.num_cached_blocks or not self.allocator.enable_caching:
+            return
+        keys = seq.block_keys(self.allocator.block_size, num_full)
+        for i in range(seq.num_cached_blocks, num_full):
+            self.allocator.cache(seq.block_ids[i], keys[i])
+        seq.num_cached_blocks = num_full
+
     def _preempt(self, seq: Sequence) -> None:
-        """Drop `seq`'s KV (recompute later) and put it first in line to resume."""
+        """Drop `seq`'s KV (recompute later, less what stays cached) and put it first in line."""
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed_tokens = 0
@@ -141,7 +185,10 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, cache: bool = True) -> None:
+        if cache:
+            self._cache_pages(seq)
         if seq.block_ids:
             self.allocator.free(seq.block_ids)
             seq.block_ids = []
+        seq.num_cached_blocks = 0

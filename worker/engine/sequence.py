@@ -10,6 +10,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from worker.engine.block_allocator import BlockKey, block_key
 from worker.engine.params import SamplingParams
 from worker.errors import RequestError
 
@@ -84,7 +85,11 @@ class Sequence:
 
     `num_computed_tokens` counts tokens whose K/V are in the cache; the tokens
     still to feed are `all_token_ids[num_computed_tokens:]`. After a preemption
-    it drops to 0 and prompt + generated tokens are prefilled again (recompute).
+    it drops to 0 and prompt + generated tokens are prefilled again (recompute), less
+    whatever the prefix cache still holds.
+
+    `block_ids[:num_cached_blocks]` are pages already offered to the prefix cache (full and
+    computed); `block_keys` caches their chained keys, grown as pages fill.
     """
 
     def __init__(self, request: Request) -> None:
@@ -98,6 +103,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.num_cached_blocks = 0
+        self._block_keys: list[BlockKey] = []
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -118,6 +125,18 @@ class Sequence:
     def token_at(self, index: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+
+    def block_keys(self, block_size: int, num_blocks: int) -> list[BlockKey]:
+        """Prefix-cache keys of the first `num_blocks` pages, which must be full."""
+        keys = self._block_keys
+        if len(keys) < num_blocks:
+            if num_blocks * block_size > self.num_tokens:
+                raise ValueError(f"page {num_blocks - 1} of {self!r} is not full")
+            tokens = self.all_token_ids
+            for i in range(len(keys), num_blocks):
+                parent = keys[-1] if keys else None
+                keys.append(block_key(parent, tokens[i * block_size : (i + 1) * block_size]))
+        return keys[:num_blocks]
 
     @property
     def is_finished(self) -> bool:

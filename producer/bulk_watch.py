@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.client import AsyncClient
@@ -31,7 +31,9 @@ from producer.submission import LOST, Submission
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# NoScriptError: Redis restarted empty between the pipeline's script load and its EVALSHA;
+# the retry loads the script again.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, NoScriptError, OSError)
 
 
 class RedisGoneError(RedisConnectionError):

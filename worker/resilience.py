@@ -24,9 +24,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors after which the same call may succeed once Redis is reachable again.
+# NoScriptError: a Redis that restarted empty between a pipeline's script load and its
+# EVALSHA answers NOSCRIPT; the retry's pipeline loads the script again.
 TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.NoScriptError,
     OSError,
 )
 _BASE_S = 0.05

@@ -200,7 +200,6 @@ def run_linear(args: argparse.Namespace) -> int:
 
 
 def run_e2e_bench(args: argparse.Namespace) -> int:
-    from bench import throughput
     from bench.e2e import run_e2e
     from bench.workloads import mixed_workload, sampleable_token_ids
     from worker.engine.engine import Engine
@@ -208,7 +207,7 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
     engine = Engine(engine_config_from_args(args))
     vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)
     workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
-    throughput.warm_up_engine(engine, tuple(vocab[:8]))
+    engine.warm_up()
     worker_args = [
         f"--{name.replace('_', '-')}={value}"
         for name, value in (
@@ -288,7 +287,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     pad_token_id = _pad_token_id(engine)
 
     log.info("headrace (%s): %s", _config_label(config), workload.name)
-    throughput.warm_up_engine(engine, warm_prompt)
+    engine.warm_up()
     ours = throughput.run_engine(engine, workload)
     device = engine.device
     kernels = engine.runner.kernel_paths
@@ -300,7 +299,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     if compare and config.cache.enable_prefix_caching:
         off = replace(config, cache=replace(config.cache, enable_prefix_caching=False))
         log.info("headrace (no prefix cache): %s", workload.name)
-        no_prefix_cache = _run_engine(off, workload, warm_prompt)
+        no_prefix_cache = _run_engine(off, workload)
 
     reference = None
     if _config_label(config) != "unquantized":
@@ -311,7 +310,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             cache=replace(config.cache, dtype="auto"),
         )
         log.info("headrace (unquantized): %s", workload.name)
-        reference = _run_engine(plain, workload, warm_prompt)
+        reference = _run_engine(plain, workload)
 
     baseline = None
     if not args.no_baseline:
@@ -341,15 +340,13 @@ def run_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_engine(
-    config: EngineConfig, workload: Workload, warm_prompt: tuple[int, ...]
-) -> RunResult:
+def _run_engine(config: EngineConfig, workload: Workload) -> RunResult:
     """A fresh engine of `config`, warmed up and timed on `workload`, then freed."""
     from bench import throughput
     from worker.engine.engine import Engine
 
     engine = Engine(config)
-    throughput.warm_up_engine(engine, warm_prompt)
+    engine.warm_up()
     result = throughput.run_engine(engine, workload)
     del engine
     gc.collect()

@@ -182,10 +182,6 @@ def run_engine(engine: Engine, workload: Workload) -> RunResult:
     return RunResult(sum(counts.values()), elapsed, ttft, tpot, len(requests), hits)
 
 
-def warm_up_engine(engine: Engine, token_ids: tuple[int, ...]) -> None:
-    engine.generate([Request("bench-warmup", token_ids, _bench_params(2))])
-
-
 def load_transformers(model_dir: Path, dtype: str, device: torch.device) -> torch.nn.Module:
     """The baseline on the engine's device (a GPU engine is compared with a GPU baseline)."""
     from transformers import AutoModelForCausalLM

@@ -127,3 +127,17 @@ def test_bad_requests_get_errors_and_others_run(smollm2_dir: Path) -> None:
     assert results["long"].error["code"] == "prompt_too_long"
     assert results["badparam"].error["code"] == "invalid_params"
     assert results["unknown"].error["code"] == "invalid_params"
+
+
+def test_warm_up_leaves_the_engine_as_it_found_it(model_dir: Path) -> None:
+    """Unseeded sampling draws the same tokens after a warm-up (it is greedy, so the engine's
+    generator is untouched), and the counters stats() reports start from zero."""
+    params = [SamplingParams(max_tokens=6, temperature=1.0, ignore_eos=True)] * len(PROMPTS)
+    cold = _engine(model_dir)
+    expected = [c.token_ids for c in cold.generate(_requests(model_dir, params))]
+    warm = _engine(model_dir)
+    warm.warm_up()
+    stats = warm.stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_preemptions) == (0, 0, 0)
+    assert stats.prefix_cache_queries == 0 and stats.num_free_blocks == stats.num_total_blocks
+    assert [c.token_ids for c in warm.generate(_requests(model_dir, params))] == expected

@@ -62,6 +62,7 @@ def run_worker(config: WorkerConfig, engine: Any | None = None) -> int:
 
             # Loaded before the event loop starts so a bad model fails plainly and early.
             engine = Engine(config.engine)
+            engine.warm_up()  # before the first heartbeat: jobs never wait for it
         # The engine thread gives up the GIL inside every torch op; a shorter switch
         # interval gets it back sooner from the event loop (measured ~5% of throughput
         # on fast steps). Process-wide, so only here where this process is the worker.

@@ -61,6 +61,12 @@ class Scheduler:
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
 
+    def reset_counters(self) -> None:
+        """Zero the cumulative totals (after the engine's warm-up request)."""
+        self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from producer.bulk_formats import FORMATS
 from producer.bulk_watch import WatchConfig
 from producer.client import REDIS_URL_ENV
-from worker.settings import OPTIONS
+from worker.settings import OPTIONS, add_arguments
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sampling.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     sampling.add_argument("--top-p", type=float, default=None)
     local = parser.add_argument_group("local worker (only without --redis-url)")
-    for opt in _LOCAL_WORKER_OPTIONS:
-        if opt.is_switch:
-            local.add_argument(
-                opt.flag,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"{opt.help} [env {opt.env}]",
-            )
-            continue
-        local.add_argument(
-            opt.flag,
-            type=opt.parse,
-            default=None,
-            choices=opt.choices,
-            help=f"{opt.help} [env {opt.env}]",
-        )
+    add_arguments(local, _LOCAL_WORKER_OPTIONS)
     parser.set_defaults(func=run)
 
 

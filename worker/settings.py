@@ -11,7 +11,7 @@ import argparse
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,9 +231,13 @@ _WORKER_FIELDS = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every option as a flag defaulting to None (None = not given → env or default)."""
-    for opt in OPTIONS:
+def add_arguments(parser: Any, options: Iterable[Option] = OPTIONS) -> None:
+    """Add each option as a flag defaulting to None (None = not given → env or default).
+
+    parser: an ArgumentParser or an argument group; options: all of OPTIONS, or the subset a
+    verb exposes (bulk's local worker).
+    """
+    for opt in options:
         if opt.is_switch:
             parser.add_argument(
                 opt.flag,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_scheduler import run_plan
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator, block_key
 from worker.engine.engine import Engine
@@ -124,15 +125,6 @@ def _seq(name: str, tokens: list[int]) -> Sequence:
     return Sequence(Request(name, tuple(tokens)))
 
 
-def _run(plan) -> None:
-    """Apply a plan as the engine would: tokens computed, one token sampled where due."""
-    for chunk in plan.chunks:
-        samples = chunk.samples
-        chunk.seq.num_computed_tokens += chunk.num_new_tokens
-        if samples:
-            chunk.seq.output_token_ids.append(7)
-
-
 def _scheduler(num_blocks: int, block_size: int = 4, budget: int = 64) -> Scheduler:
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8)
     return Scheduler(config, BlockAllocator(num_blocks, block_size))
@@ -142,7 +134,7 @@ def test_a_later_request_starts_after_the_cached_full_pages() -> None:
     sched = _scheduler(16)
     a = _seq("a", list(range(1, 11)))  # 2 full pages + 2 tokens
     sched.add(a)
-    _run(sched.schedule())
+    run_plan(sched.schedule())
     b = _seq("b", list(range(1, 10)) + [99, 98])  # same first 9 tokens: 2 full pages match
     sched.add(b)
     plan = sched.schedule()
@@ -156,14 +148,14 @@ def test_a_prompt_cached_whole_recomputes_its_last_page() -> None:
     sched = _scheduler(16)
     a = _seq("a", list(range(1, 9)))  # exactly 2 pages
     sched.add(a)
-    _run(sched.schedule())
+    run_plan(sched.schedule())
     sched.finish(a, "stop")
     b = _seq("b", list(range(1, 9)))
     sched.add(b)
     plan = sched.schedule()
     # Page 1 holds the last token, whose logits are needed: recomputed into a fresh page.
     assert (b.num_computed_tokens, plan.chunks[0].num_new_tokens) == (4, 4)
-    _run(plan)
+    run_plan(plan)
     c = _seq("c", list(range(1, 10)))  # one token past the 2 pages: both pages match
     sched.add(c)
     plan = sched.schedule()
@@ -177,11 +169,11 @@ def test_a_preempted_sequence_refinds_its_cached_pages() -> None:
     b = _seq("b", list(range(101, 110)))  # 3 pages: 2 full + 1 token
     sched.add(a)
     sched.add(b)
-    _run(sched.schedule())
+    run_plan(sched.schedule())
     b_pages = list(b.block_ids[:2])
     plan = sched.schedule()  # a needs a third page: b, the newest, is preempted
     assert plan.preempted == (b,)
-    _run(plan)
+    run_plan(plan)
     assert b not in sched.running and sched.allocator.match(b.block_keys(4, 2)) == b_pages
     sched.finish(a, "stop")
     plan = sched.schedule()
@@ -198,7 +190,7 @@ def test_every_page_returns_to_the_pool_with_caching() -> None:
         if not sched.has_unfinished():
             break
         plan = sched.schedule()
-        _run(plan)
+        run_plan(plan)
         for c in plan.chunks:
             if c.seq.num_output_tokens >= 3 and not c.seq.is_finished:
                 sched.finish(c.seq, "length")

@@ -10,10 +10,10 @@ def _seq(name: str, num_prompt: int) -> Sequence:
     return Sequence(Request(name, tuple(range(1, num_prompt + 1))))
 
 
-def _run(plan) -> None:
+def run_plan(plan) -> None:
     """Apply a plan as the engine would: tokens computed, one token sampled where due."""
     for chunk in plan.chunks:
-        samples = chunk.samples
+        samples = chunk.samples  # read before the update: it depends on the computed count
         chunk.seq.num_computed_tokens += chunk.num_new_tokens
         if samples:
             chunk.seq.output_token_ids.append(7)
@@ -29,7 +29,7 @@ def test_prefill_is_chunked_under_the_token_budget() -> None:
     while seq.num_output_tokens == 0:
         plan = sched.schedule()
         sizes.append([c.num_new_tokens for c in plan.chunks])
-        _run(plan)
+        run_plan(plan)
     assert sizes == [[8], [8], [4]]
 
 
@@ -39,7 +39,7 @@ def test_decodes_and_prefill_chunks_share_one_step() -> None:
     )
     a, b = _seq("a", 3), _seq("b", 10)
     sched.add(a)
-    _run(sched.schedule())  # a's prefill, a samples
+    run_plan(sched.schedule())  # a's prefill, a samples
     sched.add(b)
     plan = sched.schedule()
     assert [(c.seq.request_id, c.num_new_tokens) for c in plan.chunks] == [("a", 1), ("b", 5)]
@@ -67,7 +67,7 @@ def test_newest_sequence_is_preempted_and_resumes_with_recompute() -> None:
     for _ in range(6):
         plan = sched.schedule()
         preempted += plan.preempted
-        _run(plan)
+        run_plan(plan)
     assert b in preempted and a not in preempted
     assert b.num_preemptions >= 1
     # Every page is accounted for: held by running sequences (shared ones once) or free.
@@ -85,7 +85,7 @@ def test_sequence_larger_than_the_pool_finishes_with_length() -> None:
     for _ in range(4):
         plan = sched.schedule()
         finished += plan.finished
-        _run(plan)
+        run_plan(plan)
     assert finished == [seq]
     assert seq.status is SequenceStatus.FINISHED and seq.finish_reason == "length"
     assert sched.allocator.num_free_blocks == 2
@@ -96,7 +96,7 @@ def test_finish_frees_pages_at_once() -> None:
     sched = Scheduler(SchedulerConfig(), alloc)
     seq = _seq("a", 9)
     sched.add(seq)
-    _run(sched.schedule())
+    run_plan(sched.schedule())
     assert alloc.num_free_blocks == 5
     sched.finish(seq, "abort")
     assert alloc.num_free_blocks == 8 and not sched.has_unfinished()

@@ -209,7 +209,19 @@ TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {
 namespace headrace_cpu {
 namespace {
 
-// The first index of each row's maximum (NaN counts as the maximum, as in torch.argmax).
+// The first index of the row's maximum (NaN counts as the maximum, as in torch.argmax).
+inline int64_t first_argmax(const float* row, int64_t n) {
+  const float max = at::vec::reduce_all<float>(
+      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, n);
+  int64_t index = 0;
+  if (std::isnan(max)) {
+    while (!std::isnan(row[index])) ++index;
+  } else {
+    while (row[index] != max) ++index;
+  }
+  return index;
+}
+
 template <typename T>
 void argmax_impl(const at::Tensor& x, at::Tensor& out) {
   const int64_t rows = x.size(0), n = x.size(1);
@@ -220,15 +232,7 @@ void argmax_impl(const at::Tensor& x, at::Tensor& out) {
     std::vector<float> row(n);
     for (int64_t r = begin; r < end; ++r) {
       to_float(src + r * xs, row.data(), n);
-      const float max = at::vec::reduce_all<float>(
-          [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row.data(), n);
-      int64_t index = 0;
-      if (std::isnan(max)) {
-        while (!std::isnan(row[index])) ++index;
-      } else {
-        while (row[index] != max) ++index;
-      }
-      dst[r] = index;
+      dst[r] = first_argmax(row.data(), n);
     }
   });
 }
@@ -262,13 +266,7 @@ void sample_impl(const at::Tensor& x, const float* inv_temp, const float* u, at:
           [t](Vec a) { return a * t; }, [](Vec a, Vec b) { return at::vec::maximum(a, b); },
           p.data(), n);
       if (!std::isfinite(max)) {  // no distribution to sample (NaN, +inf, or all masked):
-        int64_t i = 0;            // the argmax, as a greedy row would take
-        if (std::isnan(max)) {
-          while (i + 1 < n && !std::isnan(p[i])) ++i;
-        } else {
-          while (i + 1 < n && p[i] * inv_temp[r] != max) ++i;
-        }
-        dst[r] = i;
+        dst[r] = first_argmax(p.data(), n);  // the argmax, as a greedy row would take
         continue;
       }
       const Vec vmax(max);

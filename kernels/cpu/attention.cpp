@@ -10,9 +10,6 @@
 namespace headrace_cpu {
 namespace {
 
-constexpr float kInt8Max = 127.0f;
-constexpr float kMinScale = 1.0f / 1048576.0f;  // 2^-20, ops.quant.MIN_SCALE
-
 struct PoolView {
   char* data;
   int64_t block_stride, token_stride, head_stride;  // in elements

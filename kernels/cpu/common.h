@@ -180,17 +180,9 @@ inline float abs_max(const float* x, int64_t n) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : amax;
 }
 
-// out[i] = (int8) x[i] for x already integral and within ±127.
-inline void store_int8(const float* x, int8_t* out, int64_t n) {
-  int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  for (; i + 16 <= n; i += 16) {
-    const __m512i q = _mm512_cvtps_epi32(_mm512_loadu_ps(x + i));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(q));
-  }
-#endif
-  for (; i < n; ++i) out[i] = static_cast<int8_t>(x[i]);
-}
+// Symmetric int8: codes in [-127, 127]; the smallest scale (2^-20, ops.quant.MIN_SCALE).
+constexpr float kInt8Max = 127.0f;
+constexpr float kMinScale = 1.0f / 1048576.0f;
 
 // dst[i] = clamp(floor(x[i] op s + 0.5), -127, 127) as int8, op: * (kMultiply) or / (the
 // KV cache's exact reference). One pass from float32 to the int8 codes.
@@ -200,7 +192,7 @@ inline void quantize_store(const float* x, float s, int8_t* dst, int64_t n) {
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 vs = _mm512_set1_ps(s), half = _mm512_set1_ps(0.5f);
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512 lo = _mm512_set1_ps(-kInt8Max), hi = _mm512_set1_ps(kInt8Max);
   for (; i + w <= n; i += w) {
     const __m512 a = _mm512_loadu_ps(x + i);
     __m512 q = _mm512_add_ps(kMultiply ? _mm512_mul_ps(a, vs) : _mm512_div_ps(a, vs), half);
@@ -212,7 +204,7 @@ inline void quantize_store(const float* x, float s, int8_t* dst, int64_t n) {
 #endif
   for (; i < n; ++i) {
     const float q = std::floor((kMultiply ? x[i] * s : x[i] / s) + 0.5f);
-    dst[i] = static_cast<int8_t>(std::min(std::max(q, -127.0f), 127.0f));
+    dst[i] = static_cast<int8_t>(std::min(std::max(q, -kInt8Max), kInt8Max));
   }
 }
 

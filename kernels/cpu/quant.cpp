@@ -7,9 +7,6 @@
 namespace headrace_cpu {
 namespace {
 
-constexpr float kInt8Max = 127.0f;
-constexpr float kMinScale = 1.0f / 1048576.0f;  // 2^-20, ops.quant.MIN_SCALE
-
 // x ← x H for each block of `block` values, H the normalized Sylvester Hadamard matrix
 // (the normalization is left to the caller). Butterflies of span h ≥ W (the vector width)
 // run on whole vectors; the spans below W together are H_W applied to each W-chunk, done as

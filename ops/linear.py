@@ -1,19 +1,19 @@
 """Dense (unquantized) linear layers: which dtype the GEMM runs in on this device.
 
-On CPUs without native bf16/fp16 matrix instructions (no AVX512-BF16 or AMX, e.g. AVX2-only
-hosts), oneDNN emulates half-precision GEMMs one row at a time: ~5 GFLOP/s against ~55 in
-float32 on the same core, and no faster per row at larger batches. There, the weights of a
-bf16/fp16 model are kept widened to float32 (their values stay the bf16/fp16 ones) and the
-GEMM runs in float32: bf16 x bf16 products are exact in float32 and half-precision GEMMs
-accumulate in float32 anyway, so the result is the same computation, rounded to the model
-dtype once at the end. Activations, the KV cache and everything else keep the model dtype.
+Where our CPU kernels are built, a bf16 GEMM runs on a copy of the weight packed once
+(`packed_weight`) in our kernel's layout (kernels/cpu/gemm.cpp): on AMX tiles, AVX512-BF16
+dot products, or, on AVX2-only CPUs, FMAs on the bf16 weights widened in registers. It
+streams the weights at up to 2x oneDNN's speed for the few rows of a decode step (AVX2: half
+the bytes of a float32 GEMM) and applies the MLP's activation in its epilogue.
 
-Where the CPU multiplies bf16 natively, the GEMM runs on a copy of the weight packed once
-(`packed_weight`): with AMX or AVX512-BF16, our kernel's layout (kernels/cpu/gemm.cpp, which
-streams the weights at up to 2x oneDNN's speed for the few rows of a decode step and applies
-the MLP's activation in its epilogue); where our kernels are not built, oneDNN's blocked
-layout (the plain `F.linear` call reorders the weight on every call, which made the SmolLM2
-decode step 1.3-1.5x slower).
+Without our kernels: where the CPU multiplies bf16 natively, oneDNN's blocked layout (the
+plain `F.linear` call reorders the weight on every call, which made the SmolLM2 decode step
+1.3-1.5x slower); where it does not (AVX2), oneDNN emulates half-precision GEMMs one row at a
+time (~5 GFLOP/s against ~55 in float32 on the same core), so the weights of a bf16/fp16
+model are kept widened to float32 (their values stay the bf16/fp16 ones) and the GEMM runs in
+float32: bf16 x bf16 products are exact in float32 and half-precision GEMMs accumulate in
+float32 anyway, so the result is the same computation, rounded to the model dtype once at the
+end. Activations, the KV cache and everything else keep the model dtype.
 """
 
 from __future__ import annotations
@@ -41,25 +41,28 @@ def cpu_has_native_gemm(dtype: torch.dtype) -> bool:
 
 def gemm_weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype to keep linear weights in, for a model of `dtype` on `device`."""
-    if device.type == "cpu" and dtype in HALF_DTYPES and not cpu_has_native_gemm(dtype):
-        return torch.float32
-    return dtype
+    if device.type != "cpu" or dtype not in HALF_DTYPES or cpu_has_native_gemm(dtype):
+        return dtype
+    if dtype == torch.bfloat16 and gemm_kernel():
+        return dtype  # our kernel widens bf16 weights in registers
+    return torch.float32
 
 
 @functools.cache
 def gemm_kernel() -> str:
     """What our packed GEMMs (bf16 and int8, kernels/cpu/gemm.cpp) run on: "amx", "avx512"
-    (AVX512-VNNI and AVX512-BF16 dot products), or "" where they cannot run."""
+    (AVX512-VNNI and AVX512-BF16 dot products), "avx2" (FMA, vpmaddwd), or "" where they
+    cannot run (no AVX2, or the kernels are not built)."""
     return str(torch.ops.headrace_cpu.gemm_kernel()) if cpu_kernels.available() else ""
 
 
 def pack_kind(weight: torch.Tensor) -> str | None:
-    """How `linear` runs this weight: "headrace" (our kernel, on AMX or AVX512-BF16),
-    "onednn" (oneDNN's blocked layout, where the CPU has bf16 instructions but our kernels
-    are not built), or None (plain `F.linear`)."""
+    """How `linear` runs this weight: "headrace" (our kernel), "onednn" (oneDNN's blocked
+    layout, where the CPU has bf16 instructions but our kernels are not built), or None
+    (plain `F.linear`)."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
-    if gemm_kernel():  # implies AVX512-BF16: the row kernels and epilogues use it
+    if gemm_kernel():
         return "headrace"
     if torch.backends.mkldnn.is_available() and cpu_has_native_gemm(torch.bfloat16):
         return "onednn"

@@ -116,8 +116,8 @@ def rmsnorm_quant(
 
 
 def packed_int8_weight(qweight: torch.Tensor) -> torch.Tensor | None:
-    """qweight: [N, K] int8 → our kernel's packed copy of it (`int8_gemm(..., packed=)`), on
-    CPUs with AMX or AVX512-VNNI + BF16; None elsewhere."""
+    """qweight: [N, K] int8 → our kernel's packed copy of it (`int8_gemm(..., packed=)`),
+    where our CPU GEMM runs (`ops.linear.gemm_kernel`); None elsewhere."""
     if qweight.device.type != "cpu" or not gemm_kernel():
         return None
     return torch.ops.headrace_cpu.pack_int8(qweight)
@@ -125,8 +125,8 @@ def packed_int8_weight(qweight: torch.Tensor) -> torch.Tensor | None:
 
 def packed_int8_gated(qweight: torch.Tensor) -> torch.Tensor | None:
     """qweight: [2I, K] int8 of a gate_up projection → our kernel's packed copy with 16 gate
-    and the matching 16 up columns per 32-column group (`w8a8_linear_silu`), on CPUs with
-    AMX or AVX512-VNNI + BF16; None elsewhere."""
+    and the matching 16 up columns per 32-column group (`w8a8_linear_silu`), where our CPU
+    GEMM runs; None elsewhere."""
     if qweight.device.type != "cpu" or not gemm_kernel() or qweight.shape[0] % 32:
         return None
     return torch.ops.headrace_cpu.pack_int8(interleave_gate_up(qweight))

@@ -9,6 +9,6 @@ from ops import cpu_kernels
 
 needs_packed_gemm = pytest.mark.skipif(
     not (cpu_kernels.load() and torch.ops.headrace_cpu.gemm_kernel()),
-    reason="this CPU has neither AMX nor AVX512-VNNI + AVX512-BF16: the packed GEMMs (and the "
-    "C++ decode loop over them) cannot run",
+    reason="this CPU (or build) has none of AMX, AVX512-VNNI + AVX512-BF16 and AVX2: the packed "
+    "GEMMs (and the C++ decode loop over them) cannot run",
 )

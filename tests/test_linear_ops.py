@@ -1,4 +1,5 @@
-"""ops.linear: half-precision models keep float32 GEMM weights on CPUs without native half GEMMs."""
+"""ops.linear: half-precision models keep float32 GEMM weights on CPUs without native half GEMMs
+(unless our packed GEMM runs bf16 there)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,18 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_gemm_weight_dtype_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+@pytest.mark.parametrize("kernel", ["", "avx2"])
+def test_gemm_weight_dtype_follows_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, native: bool, kernel: str
+) -> None:
     monkeypatch.setattr(linear_ops, "cpu_has_native_gemm", lambda dtype: native)
-    expected = torch.bfloat16 if native else torch.float32
+    monkeypatch.setattr(linear_ops, "gemm_kernel", lambda: kernel)
+    # Our kernel widens bf16 weights in registers; without it, a GEMM the CPU cannot run in
+    # bf16 runs on float32 copies.
+    expected = torch.bfloat16 if native or kernel else torch.float32
     assert linear_ops.gemm_weight_dtype(torch.bfloat16, CPU) == expected
+    expected = torch.float16 if native else torch.float32
+    assert linear_ops.gemm_weight_dtype(torch.float16, CPU) == expected
     assert linear_ops.gemm_weight_dtype(torch.float32, CPU) == torch.float32
     # GPUs multiply half precision natively: never widened there.
     assert linear_ops.gemm_weight_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
@@ -42,6 +51,7 @@ def test_model_keeps_bf16_values_in_float32_gemm_weights(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir
 ) -> None:
     model_dir: Path = tiny_model_dir("llama")  # tied embeddings
+    monkeypatch.setattr(linear_ops, "gemm_kernel", lambda: "")  # no packed bf16 GEMM either
     monkeypatch.setattr(linear_ops, "cpu_has_native_gemm", lambda dtype: True)
     native = load_model(model_dir, torch.bfloat16, CPU, 64)
     monkeypatch.setattr(linear_ops, "cpu_has_native_gemm", lambda dtype: False)

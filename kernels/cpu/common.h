@@ -73,6 +73,20 @@ inline Vec load_float(const T* src) {
   }
 }
 
+// `count` (<= W) int32 values converted to float32 (the lanes past `count` zero).
+inline Vec int32_to_float(const int32_t* src, int64_t count = Vec::size()) {
+  if (count == Vec::size()) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_cvtepi32_ps(_mm512_loadu_si512(src));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+#endif
+  }
+  float values[Vec::size()] = {};
+  for (int64_t i = 0; i < count; ++i) values[i] = static_cast<float>(src[i]);
+  return Vec::loadu(values);
+}
+
 // One vector per step (at::vec's widening of bf16/fp16 arrays is its generic per-element
 // loop).
 template <typename T>
@@ -172,6 +186,29 @@ inline float abs_max(const float* x, int64_t n) {
   }
   amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
   nan = bad != 0;
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0, bad = m0;
+  for (; i + 4 * w <= n; i += 4 * w) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + w);
+    const __m256 c = _mm256_loadu_ps(x + i + 2 * w), d = _mm256_loadu_ps(x + i + 3 * w);
+    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q), _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+    m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, a));
+    m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sign, b));
+    m2 = _mm256_max_ps(m2, _mm256_andnot_ps(sign, c));
+    m3 = _mm256_max_ps(m3, _mm256_andnot_ps(sign, d));
+  }
+  for (; i + w <= n; i += w) {
+    const __m256 a = _mm256_loadu_ps(x + i);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, a));
+  }
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  amax = _mm_cvtss_f32(h);
+  nan = _mm256_movemask_ps(bad) != 0;
 #endif
   for (; i < n; ++i) {
     nan |= std::isnan(x[i]);
@@ -200,6 +237,17 @@ inline void quantize_store(const float* x, float s, int8_t* dst, int64_t n) {
     q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
                      _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 vs = _mm256_set1_ps(s), half = _mm256_set1_ps(0.5f);
+  const __m256 lo = _mm256_set1_ps(-kInt8Max), hi = _mm256_set1_ps(kInt8Max);
+  for (; i + w <= n; i += w) {
+    const __m256 a = _mm256_loadu_ps(x + i);
+    __m256 q = _mm256_add_ps(kMultiply ? _mm256_mul_ps(a, vs) : _mm256_div_ps(a, vs), half);
+    q = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(q), lo), hi);
+    const __m256i q32 = _mm256_cvtps_epi32(q);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packs_epi16(q16, q16));
   }
 #endif
   for (; i < n; ++i) {

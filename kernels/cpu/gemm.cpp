@@ -1,11 +1,12 @@
 // Linear layers on packed weights: out[M, N] = x[M, K] @ W[N, K]ᵀ (+ bias), W packed once at
-// load, run on AMX tiles or, on CPUs without AMX, on AVX-512 dot-product instructions
-// (gemm_drivers.h; both read the same layout).
+// load, run on AMX tiles, on AVX-512 dot-product instructions (CPUs without AMX), or on AVX2
+// FMAs and vpmaddwd (CPUs with neither; gemm_drivers.h, gemm_avx2.h).
 //
-// bf16: x bf16, W bf16 → float32 accumulation (tdpbf16ps / vdpbf16ps) → out bf16.
+// bf16: x bf16, W bf16 → float32 accumulation (tdpbf16ps / vdpbf16ps / widened FMAs) → out
+//       bf16.
 // int8: x int8 per-token (scale [M]), W int8 per output channel (scale [N]) → int32
-//       accumulation (tdpbssd / vpdpbusd) → out = acc * x_scale[m] * w_scale[n] (+ bias), in
-//       bf16/fp16/fp32.
+//       accumulation (tdpbssd / vpdpbusd / vpmaddwd) → out = acc * x_scale[m] * w_scale[n]
+//       (+ bias), in bf16/fp16/fp32.
 //
 // Why our own kernel: a decode step multiplies a few rows by every weight of the model, so the
 // step costs what streaming the weights costs. oneDNN's GEMM reached ~8 GB/s of weights in the
@@ -15,10 +16,10 @@
 // calls lack.
 //
 // Packed layout (`pack_*`): W padded to N % 32 == 0 and K % (32 | 64) == 0, then tiles of
-// [16 k-groups][16 n][vnni] where vnni = 2 (bf16) or 4 (int8) consecutive k of one column,
-// ordered [N / 32][K / kstep][2 column halves] so that a column group is one contiguous run.
-// For the AVX-512 driver, int8 weights are stored + 128 (vpdpbusd multiplies unsigned by
-// signed bytes). The torch references are ops/linear.py (`F.linear`) and ops/quant.py
+// [16 k-groups][16 n][vnni] where vnni = 2 (bf16; int8 for the AVX2 driver) or 4 (int8)
+// consecutive k of one column, ordered [N / 32][K / kstep][2 column halves] so that a column
+// group is one contiguous run. For the AVX-512 driver, int8 weights are stored + 128
+// (vpdpbusd multiplies unsigned by signed bytes). The torch references are ops/linear.py (`F.linear`) and ops/quant.py
 // (`int8_gemm`).
 #include "common.h"
 
@@ -30,7 +31,7 @@ namespace {
 using gemm::kGroupCols;
 using gemm::kTileRows;
 
-bool kernel_ready() { return gemm::amx_ready() || gemm::dot_ready(); }
+bool kernel_ready() { return gemm::amx_ready() || gemm::dot_ready() || gemm::avx2_ready(); }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -73,29 +74,19 @@ at::Tensor pack_bf16(const at::Tensor& weight) {
 
 at::Tensor pack_int8(const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kChar, "pack_int8 takes an int8 weight");
-  at::Tensor packed = pack_weight<int8_t>(weight, 4);
+  at::Tensor packed = pack_weight<int8_t>(weight, gemm::int8_vnni());
   // The AVX-512 driver's vpdpbusd takes the weights as its unsigned operand.
-  if (!gemm::amx_ready()) packed.view(at::kByte).add_(128);
+  if (gemm::dot_ready() && !gemm::amx_ready()) packed.view(at::kByte).add_(128);
   return packed;
 }
 
-#if defined(HEADRACE_AMX) || defined(HEADRACE_AVX512_DOT)
+#if defined(HEADRACE_AMX) || defined(HEADRACE_AVX512_DOT) || defined(HEADRACE_AVX2_GEMM)
 #define HEADRACE_GEMM 1
-
-inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
-}
-
-// 16 float32 lanes (those in `mask`) → dst, rounded to nearest even.
-inline void store(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
-inline void store(at::BFloat16* dst, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
-inline void store(at::Half* dst, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
 #endif
+
+// The epilogues below work on `Vec`s (16 lanes with AVX-512, 8 with AVX2): a 32-column
+// group is 32 / W vectors per row, the last group's columns past N masked by `count`.
+constexpr int64_t kW = Vec::size();
 
 // x: [M, K] contiguous with K a multiple of `kstep`, or a zero-padded copy of it.
 at::Tensor padded_rows(const at::Tensor& x, int64_t kp) {
@@ -108,11 +99,12 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t kp) {
 // What every packed_linear_* op checks of its inputs: x [M, K] of `dtype` (bf16 or int8) and
 // a weight packed for it (`pack_*`) with room for K; returns the packed k-steps (kblocks).
 int64_t check_packed(const at::Tensor& x, const at::Tensor& packed, at::ScalarType dtype) {
-  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX and no AVX-512 VNNI + BF16");
+  TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX, AVX-512 VNNI + BF16 or AVX2");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype, "x: [M, K] ", dtype);
-  const int64_t kstep = dtype == at::kChar ? 64 : 32;  // k per packed tile
+  const int64_t kstep = dtype == at::kChar ? kTileRows * gemm::int8_vnni() : 32;  // k per tile
   // [groups, kblocks, 2 halves, 16 k-groups, 16 columns x vnni]: the last dim is kstep.
-  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTileRows && packed.size(4) == kstep,
+  TORCH_CHECK(packed.dim() == 5 && packed.scalar_type() == dtype && packed.size(3) == kTileRows &&
+                  packed.size(4) == kstep,
               "packed: a weight packed by pack_", dtype == at::kChar ? "int8" : "bf16");
   const int64_t kblocks = packed.size(1);
   TORCH_CHECK(x.size(1) <= kblocks * kstep, "x / packed weight mismatch");
@@ -134,11 +126,11 @@ at::Tensor packed_linear_bf16(const at::Tensor& x, const at::Tensor& packed, int
   auto epilogue = [&](const float* acc, int64_t m0, int64_t rows, int64_t col0) {
     const int64_t cols = std::min<int64_t>(kGroupCols, n - col0);
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < cols; c += 16) {
-        const __mmask16 mask = tail_mask(cols - c);
-        __m512 v = _mm512_maskz_loadu_ps(mask, acc + r * 32 + c);
-        if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + col0 + c));
-        store(o + (m0 + r) * n + col0 + c, v, mask);
+      for (int64_t c = 0; c < cols; c += kW) {
+        const int64_t count = std::min(kW, cols - c);
+        Vec v = Vec::loadu(acc + r * 32 + c, count);
+        if (bp) v = v + Vec::loadu(bp + col0 + c, count);
+        store_as(v, o + (m0 + r) * n + col0 + c, count);
       }
     }
   };
@@ -165,18 +157,19 @@ at::Tensor packed_linear_silu_bf16(const at::Tensor& x, const at::Tensor& packed
   const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;  // gate, then up
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
-  auto rounded = [](__m512 v) { return Vec(_mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v))); };
   auto epilogue = [&](const float* acc, int64_t m0, int64_t rows, int64_t col0) {
-    const int64_t c = col0 / 2;  // this group's first gate (and up) column
+    const int64_t c0 = col0 / 2;  // this group's first gate (and up) column
     for (int64_t r = 0; r < rows; ++r) {
-      __m512 gate = _mm512_loadu_ps(acc + r * 32), up = _mm512_loadu_ps(acc + r * 32 + 16);
-      if (bp) {
-        gate = _mm512_add_ps(gate, _mm512_loadu_ps(bp + c));
-        up = _mm512_add_ps(up, _mm512_loadu_ps(bp + inner + c));
+      for (int64_t j = 0; j < 16; j += kW) {
+        Vec gate = Vec::loadu(acc + r * 32 + j), up = Vec::loadu(acc + r * 32 + 16 + j);
+        if (bp) {
+          gate = gate + Vec::loadu(bp + c0 + j);
+          up = up + Vec::loadu(bp + inner + c0 + j);
+        }
+        const Vec g = round_to<at::BFloat16>(gate), u = round_to<at::BFloat16>(up);
+        const Vec v = g / (Vec(1.0f) + g.neg().exp_u20()) * u;  // silu_and_mul's bf16 path
+        store_as(v, o + (m0 + r) * inner + c0 + j);
       }
-      const Vec g = rounded(gate), u = rounded(up);
-      const Vec v = g / (Vec(1.0f) + g.neg().exp_u20()) * u;  // silu_and_mul's bf16 path
-      store(o + (m0 + r) * inner + c, __m512(v), __mmask16(0xFFFF));
     }
   };
   gemm::run<false>(static_cast<const char*>(xa.data_ptr()), m, xa.size(1) * 2,
@@ -192,7 +185,7 @@ struct Int8Operands {
   const float *xsp, *wsp, *bp;
   Int8Operands(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w_scale,
                const std::optional<at::Tensor>& bias, int64_t kblocks)
-      : xa(padded_rows(x, kblocks * 64)),
+      : xa(padded_rows(x, kblocks * kTileRows * gemm::int8_vnni())),
         xs(x_scale.to(at::kFloat).contiguous()),
         ws(w_scale.to(at::kFloat).contiguous()),
         b(bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor()),
@@ -218,14 +211,13 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& x_scale,
       const int32_t* acc = reinterpret_cast<const int32_t*>(acc_f);
       const int64_t cols = std::min<int64_t>(kGroupCols, n - col0);
       for (int64_t r = 0; r < rows; ++r) {
-        const __m512 s = _mm512_set1_ps(xsp[m0 + r]);
-        for (int64_t c = 0; c < cols; c += 16) {
-          const __mmask16 mask = tail_mask(cols - c);
+        const Vec s(xsp[m0 + r]);
+        for (int64_t c = 0; c < cols; c += kW) {
+          const int64_t count = std::min(kW, cols - c);
           // The reference's order: (acc * x_scale) * w_scale, then + bias.
-          __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + r * 32 + c));
-          v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(mask, wsp + col0 + c));
-          if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bp + col0 + c));
-          store(o + (m0 + r) * n + col0 + c, v, mask);
+          Vec v = int32_to_float(acc + r * 32 + c, count) * s * Vec::loadu(wsp + col0 + c, count);
+          if (bp) v = v + Vec::loadu(bp + col0 + c, count);
+          store_as(v, o + (m0 + r) * n + col0 + c, count);
         }
       }
     };
@@ -254,36 +246,29 @@ at::Tensor packed_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scal
   HEADRACE_DISPATCH_FLOAT(out_dtype, "packed_linear_int8_silu", [&] {
     using T = scalar_t;
     T* o = out.data_ptr<T>();
-    auto rounded = [](__m512 v) -> Vec {
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v));
-      } else if constexpr (std::is_same_v<T, at::Half>) {
-        return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      } else {
-        return v;
-      }
-    };
     auto epilogue = [&](const float* acc_f, int64_t m0, int64_t rows, int64_t col0) {
       const int32_t* acc = reinterpret_cast<const int32_t*>(acc_f);
-      const int64_t c = col0 / 2;  // this group's first gate (and up) column
-      const __m512 wg = _mm512_loadu_ps(wsp + c), wu = _mm512_loadu_ps(wsp + inner + c);
+      const int64_t c0 = col0 / 2;  // this group's first gate (and up) column
       for (int64_t r = 0; r < rows; ++r) {
-        const __m512 s = _mm512_set1_ps(xsp[m0 + r]);
-        // The reference's order: (acc * x_scale) * w_scale, then + bias.
-        __m512 gate = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + r * 32)), s), wg);
-        __m512 up = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + r * 32 + 16)), s), wu);
-        if (bp) {
-          gate = _mm512_add_ps(gate, _mm512_loadu_ps(bp + c));
-          up = _mm512_add_ps(up, _mm512_loadu_ps(bp + inner + c));
+        const Vec s(xsp[m0 + r]);
+        for (int64_t j = 0; j < 16; j += kW) {
+          const int64_t c = c0 + j;
+          // The reference's order: (acc * x_scale) * w_scale, then + bias.
+          Vec gate = int32_to_float(acc + r * 32 + j) * s * Vec::loadu(wsp + c);
+          Vec up = int32_to_float(acc + r * 32 + 16 + j) * s * Vec::loadu(wsp + inner + c);
+          if (bp) {
+            gate = gate + Vec::loadu(bp + c);
+            up = up + Vec::loadu(bp + inner + c);
+          }
+          const Vec g = round_to<T>(gate), u = round_to<T>(up);
+          Vec v;
+          if constexpr (std::is_same_v<T, float>) {  // silu_and_mul's float32 path (1-ulp exp)
+            v = g / (Vec(1.0f) + g.neg().exp()) * u;
+          } else {
+            v = g / (Vec(1.0f) + g.neg().exp_u20()) * u;
+          }
+          store_as(v, o + (m0 + r) * inner + c);
         }
-        const Vec g = rounded(gate), u = rounded(up);
-        Vec v;
-        if constexpr (std::is_same_v<T, float>) {  // silu_and_mul's float32 path (1-ulp exp)
-          v = g / (Vec(1.0f) + g.neg().exp()) * u;
-        } else {
-          v = g / (Vec(1.0f) + g.neg().exp_u20()) * u;
-        }
-        store(o + (m0 + r) * inner + c, __m512(v), __mmask16(0xFFFF));
       }
     };
     gemm::run<true>(static_cast<const char*>(ops.xa.data_ptr()), m, ops.xa.size(1),
@@ -293,9 +278,10 @@ at::Tensor packed_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scal
   return out;
 }
 
-// Which driver `packed_linear_*` run on: "amx", "avx512" (VNNI + BF16 dot products) or "".
+// Which driver `packed_linear_*` run on: "amx", "avx512" (VNNI + BF16 dot products), "avx2"
+// (FMA and vpmaddwd) or "".
 std::string gemm_kernel() {
-  return gemm::amx_ready() ? "amx" : gemm::dot_ready() ? "avx512" : "";
+  return gemm::amx_ready() ? "amx" : gemm::dot_ready() ? "avx512" : gemm::avx2_ready() ? "avx2" : "";
 }
 
 }  // namespace

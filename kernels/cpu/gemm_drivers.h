@@ -1,12 +1,16 @@
-// The two GEMM drivers behind kernels/cpu/gemm.cpp: AMX tiles, and AVX-512 dot-product
-// instructions (VNNI for int8, AVX512-BF16 for bf16) on CPUs without AMX.
+// The GEMM drivers behind kernels/cpu/gemm.cpp: AMX tiles; AVX-512 dot-product instructions
+// (VNNI for int8, AVX512-BF16 for bf16) on CPUs without AMX; AVX2 + FMA (gemm_avx2.h) on
+// CPUs with neither.
 //
-// Both read the same packed weight layout (see gemm.cpp) and hand their float32 / int32 sums
-// to the caller's epilogue in blocks of up to 32 rows x one 32-column group:
+// All read the same packed weight layout (see gemm.cpp; int8 pairs instead of fours for
+// AVX2) and hand their float32 / int32 sums to the caller's epilogue in blocks of up to 32
+// rows x one 32-column group:
 //   epilogue(const float* acc /* [rows][32], int32 bits for int8 */, m0, rows, col0).
 #pragma once
 
 #include "common.h"
+#include "gemm_avx2.h"
+#include "gemm_layout.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
 #define HEADRACE_AMX 1
@@ -22,10 +26,6 @@
 
 namespace headrace_cpu {
 namespace gemm {
-
-constexpr int64_t kTileRows = 16;   // k-groups per packed tile (one 64-byte row each)
-constexpr int64_t kGroupCols = 32;  // two 16-column tiles per column group
-constexpr int64_t kTileBytes = kTileRows * 64;
 
 inline bool amx_ready() {
 #ifdef HEADRACE_AMX
@@ -51,6 +51,18 @@ inline bool dot_ready() {
   return false;
 #endif
 }
+
+// The AVX2 driver runs where neither of the others can.
+inline bool avx2_ready() {
+#ifdef HEADRACE_AVX2_GEMM
+  return !amx_ready() && !dot_ready();
+#else
+  return false;
+#endif
+}
+
+// Consecutive k per packed int8 column entry: 4 for AMX and VNNI, 2 for AVX2's vpmaddwd.
+inline int64_t int8_vnni() { return avx2_ready() ? 2 : 4; }
 
 #ifdef HEADRACE_AMX
 struct alignas(64) TileConfig {
@@ -261,8 +273,8 @@ void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t
 }
 #endif
 
-// Runs whichever driver this CPU has (the caller checks `amx_ready() || dot_ready()`).
-// x: rows `lda` bytes apart, K zero-padded to whole k-steps.
+// Runs whichever driver this CPU has (the caller checks that one is ready). x: rows `lda`
+// bytes apart, K zero-padded to whole k-steps (of 64 for int8 with vnni 4, else 32).
 template <bool Int8, typename Epilogue>
 void run(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
          int64_t kblocks, const Epilogue& epilogue) {
@@ -286,7 +298,10 @@ void run(const char* a, int64_t m, int64_t lda, const char* packed, int64_t grou
   }
   return dot_gemm<Int8>(a, m, lda, packed, groups, kblocks, row_sums.data(), epilogue);
 #endif
-  TORCH_CHECK(false, "no GEMM kernel for this CPU (needs AMX, or AVX-512 VNNI and BF16)");
+#ifdef HEADRACE_AVX2_GEMM
+  if (avx2_ready()) return avx2_gemm<Int8>(a, m, lda, packed, groups, kblocks, epilogue);
+#endif
+  TORCH_CHECK(false, "no GEMM kernel for this CPU (needs AMX, AVX-512 VNNI and BF16, or AVX2)");
 }
 
 }  // namespace gemm

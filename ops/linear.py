@@ -51,7 +51,7 @@ def gemm_weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 @functools.cache
 def gemm_kernel() -> str:
     """What our packed GEMMs (bf16 and int8, kernels/cpu/gemm.cpp) run on: "amx", "avx512"
-    (AVX512-VNNI and AVX512-BF16 dot products), "avx2" (FMA, vpmaddwd), or "" where they
+    (AVX512-VNNI and AVX512-BF16 dot products), "avx2" (FMA, vpmaddubsw), or "" where they
     cannot run (no AVX2, or the kernels are not built)."""
     return str(torch.ops.headrace_cpu.gemm_kernel()) if cpu_kernels.available() else ""
 

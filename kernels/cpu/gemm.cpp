@@ -1,11 +1,11 @@
 // Linear layers on packed weights: out[M, N] = x[M, K] @ W[N, K]ᵀ (+ bias), W packed once at
 // load, run on AMX tiles, on AVX-512 dot-product instructions (CPUs without AMX), or on AVX2
-// FMAs and vpmaddwd (CPUs with neither; gemm_drivers.h, gemm_avx2.h).
+// FMAs and vpmaddubsw (CPUs with neither; gemm_drivers.h, gemm_avx2.h).
 //
 // bf16: x bf16, W bf16 → float32 accumulation (tdpbf16ps / vdpbf16ps / widened FMAs) → out
 //       bf16.
 // int8: x int8 per-token (scale [M]), W int8 per output channel (scale [N]) → int32
-//       accumulation (tdpbssd / vpdpbusd / vpmaddwd) → out = acc * x_scale[m] * w_scale[n]
+//       accumulation (tdpbssd / vpdpbusd / vpmaddubsw) → out = acc * x_scale[m] * w_scale[n]
 //       (+ bias), in bf16/fp16/fp32.
 //
 // Why our own kernel: a decode step multiplies a few rows by every weight of the model, so the
@@ -74,7 +74,7 @@ at::Tensor pack_bf16(const at::Tensor& weight) {
 
 at::Tensor pack_int8(const at::Tensor& weight) {
   TORCH_CHECK(weight.scalar_type() == at::kChar, "pack_int8 takes an int8 weight");
-  at::Tensor packed = pack_weight<int8_t>(weight, gemm::int8_vnni());
+  at::Tensor packed = pack_weight<int8_t>(weight, 4);
   // The AVX-512 driver's vpdpbusd takes the weights as its unsigned operand.
   if (gemm::dot_ready() && !gemm::amx_ready()) packed.view(at::kByte).add_(128);
   return packed;
@@ -101,7 +101,7 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t kp) {
 int64_t check_packed(const at::Tensor& x, const at::Tensor& packed, at::ScalarType dtype) {
   TORCH_CHECK(kernel_ready(), "this CPU (or build) has no AMX, AVX-512 VNNI + BF16 or AVX2");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == dtype, "x: [M, K] ", dtype);
-  const int64_t kstep = dtype == at::kChar ? kTileRows * gemm::int8_vnni() : 32;  // k per tile
+  const int64_t kstep = dtype == at::kChar ? 64 : 32;  // k per packed tile
   // [groups, kblocks, 2 halves, 16 k-groups, 16 columns x vnni]: the last dim is kstep.
   TORCH_CHECK(packed.dim() == 5 && packed.scalar_type() == dtype && packed.size(3) == kTileRows &&
                   packed.size(4) == kstep,
@@ -185,7 +185,7 @@ struct Int8Operands {
   const float *xsp, *wsp, *bp;
   Int8Operands(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w_scale,
                const std::optional<at::Tensor>& bias, int64_t kblocks)
-      : xa(padded_rows(x, kblocks * kTileRows * gemm::int8_vnni())),
+      : xa(padded_rows(x, kblocks * 64)),
         xs(x_scale.to(at::kFloat).contiguous()),
         ws(w_scale.to(at::kFloat).contiguous()),
         b(bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor()),
@@ -279,7 +279,7 @@ at::Tensor packed_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scal
 }
 
 // Which driver `packed_linear_*` run on: "amx", "avx512" (VNNI + BF16 dot products), "avx2"
-// (FMA and vpmaddwd) or "".
+// (FMA and vpmaddubsw) or "".
 std::string gemm_kernel() {
   return gemm::amx_ready() ? "amx" : gemm::dot_ready() ? "avx512" : gemm::avx2_ready() ? "avx2" : "";
 }

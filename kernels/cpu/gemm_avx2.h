@@ -1,17 +1,19 @@
 // The GEMM driver for CPUs with AVX2 + FMA but neither AMX nor AVX-512 VNNI + BF16 (Zen 2/3,
 // Haswell to Raptor Lake's big cores without AVX-512, and AVX-512 CPUs without BF16).
 //
-// Same packed weights and epilogue contract as the other drivers (gemm_drivers.h), except
-// that int8 weights are packed in pairs of k (vnni = 2, kstep 32) instead of fours:
+// Same packed weights (AMX's signed int8 layout) and epilogue contract as the other drivers
+// (gemm_drivers.h):
 //   bf16: a packed 32-bit lane holds (w[k], w[k+1]) of one column; `<< 16` and `& 0xffff0000`
 //         widen it to two float32 vectors (exact), multiplied by x (widened to float32 once
 //         per call) with FMAs. The weights stay bf16 in memory: a decode step streams half
 //         the bytes of the float32 GEMM this replaces, and the MLP's silu joins the epilogue.
-//   int8: the pair sign-extends to int16 and vpmaddwd multiplies it by x's pair (x widened
-//         to int16 once per call), giving w[k] x[k] + w[k+1] x[k+1] in int32, exact. That
-//         is 16 multiply-adds per instruction against an FMA's 8, with a quarter of the
-//         float32 GEMM's weight bytes. (vpmaddubsw, 32 per instruction, saturates its int16
-//         sums for int8 x int8 operands and needs sign tricks costing as much as it saves.)
+//   int8: a lane holds 4 consecutive k of one column. vpmaddubsw multiplies unsigned by
+//         signed bytes, so it gets |w| and x carrying w's sign (vpsignb): each int16 sum of
+//         two products is at most 2 * 127 * 127 < 2^15 (codes are in [-127, 127]), so
+//         nothing saturates and the int32 sums (vpmaddwd by ones) are exact. 32 products
+//         per vpmaddubsw: on Zen 3, 1.5x the FMA path's multiply-adds per second, and a
+//         quarter of the float32 GEMM's weight bytes. (Sign-extending the weights to int16
+//         for vpmaddwd measured 2-3x slower: vpmovsxbw from memory is the bottleneck.)
 #pragma once
 
 #include "common.h"
@@ -71,25 +73,29 @@ inline void avx2_bf16_half(const float* x, int64_t ldx, const char* b, int64_t k
   }
 }
 
-// R rows × one 16-column half, int8 weights (vnni = 2) and int16 x: int32 sums into acc.
+// R rows × one 16-column half, int8 weights and x (rows `ldx` bytes apart): int32 sums into
+// acc. Each packed tile row is 16 columns × 4 k (64 bytes).
 template <int R>
-inline void avx2_int8_half(const int16_t* x, int64_t ldx, const char* b, int64_t kblocks,
+inline void avx2_int8_half(const int8_t* x, int64_t ldx, const char* b, int64_t kblocks,
                            int32_t* acc) {
-  constexpr int64_t kHalfBytes = kTileRows * 32;  // a vnni-2 int8 tile: 16 pairs x 16 cols
   __m256i c[R][2];
   for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const char* bt = b + kb * 2 * kHalfBytes;
-    const int16_t* xk = x + kb * 32;
+    const char* bt = b + kb * 2 * kTileBytes;
+    const int8_t* xk = x + kb * 64;
     for (int64_t r = 0; r < kTileRows; ++r) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bt + r * 32)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bt + r * 32 + 16)));
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bt + r * 64));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bt + r * 64 + 32));
+      const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);  // |w|
       for (int i = 0; i < R; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, xk + i * ldx + 2 * r, 4);
-        const __m256i xp = _mm256_set1_epi32(pair);
-        c[i][0] = _mm256_add_epi32(c[i][0], _mm256_madd_epi16(w0, xp));
-        c[i][1] = _mm256_add_epi32(c[i][1], _mm256_madd_epi16(w1, xp));
+        int32_t quad;
+        std::memcpy(&quad, xk + i * ldx + 4 * r, 4);
+        const __m256i xq = _mm256_set1_epi32(quad);
+        const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xq, w0));
+        const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xq, w1));
+        c[i][0] = _mm256_add_epi32(c[i][0], _mm256_madd_epi16(p0, ones));
+        c[i][1] = _mm256_add_epi32(c[i][1], _mm256_madd_epi16(p1, ones));
       }
     }
   }
@@ -107,11 +113,10 @@ inline void avx2_rows(int64_t rows, const void* x, int64_t ldx, const char* b, i
     if (rows < R) return avx2_rows<Int8, R - 1>(rows, x, ldx, b, kblocks, acc);
   }
   if constexpr (Int8) {
-    const int16_t* x16 = static_cast<const int16_t*>(x);
+    const int8_t* x8 = static_cast<const int8_t*>(x);
     int32_t* out = reinterpret_cast<int32_t*>(acc);
-    constexpr int64_t kHalfBytes = kTileRows * 32;
-    avx2_int8_half<R>(x16, ldx, b, kblocks, out);
-    avx2_int8_half<R>(x16, ldx, b + kHalfBytes, kblocks, out + 16);
+    avx2_int8_half<R>(x8, ldx, b, kblocks, out);
+    avx2_int8_half<R>(x8, ldx, b + kTileBytes, kblocks, out + 16);
   } else {
     const float* x32 = static_cast<const float*>(x);
     avx2_bf16_half<R>(x32, ldx, b, kblocks, acc);
@@ -120,29 +125,24 @@ inline void avx2_rows(int64_t rows, const void* x, int64_t ldx, const char* b, i
 }
 
 // Same contract as amx_gemm / dot_gemm (x: bf16 or int8 rows `lda` bytes apart, K padded to
-// whole k-steps of 32). x is widened once (float32 / int16) into a buffer all threads read.
+// whole k-steps). bf16 x is widened to float32 once, into a buffer all threads read.
 template <bool Int8, typename Epilogue>
 void avx2_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
                int64_t kblocks, const Epilogue& epilogue) {
-  using Wide = std::conditional_t<Int8, int16_t, float>;
-  const int64_t k = kblocks * 32;
-  const int64_t group_bytes = kblocks * 2 * (Int8 ? kTileRows * 32 : kTileBytes);
-  std::vector<Wide> wide(m * k);
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if constexpr (Int8) {
-        const int8_t* src = reinterpret_cast<const int8_t*>(a + i * lda);
-        int64_t j = 0;
-        for (; j + 16 <= k; j += 16) {
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(&wide[i * k + j]), _mm256_cvtepi8_epi16(v));
-        }
-        for (; j < k; ++j) wide[i * k + j] = src[j];
-      } else {
-        to_float(reinterpret_cast<const at::BFloat16*>(a + i * lda), &wide[i * k], k);
+  const int64_t group_bytes = kblocks * 2 * kTileBytes;
+  std::vector<float> wide;
+  const void* x = a;
+  int64_t ldx = lda;  // in elements of x's type
+  if constexpr (!Int8) {
+    ldx = kblocks * 32;
+    wide.resize(m * ldx);
+    at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        to_float(reinterpret_cast<const at::BFloat16*>(a + i * lda), &wide[i * ldx], ldx);
       }
-    }
-  });
+    });
+    x = wide.data();
+  }
   // Rows in chunks of equal size (<= kAvx2Rows): a short chunk has fewer independent chains.
   const int64_t chunks = (m + kAvx2Rows - 1) / kAvx2Rows;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
@@ -151,7 +151,9 @@ void avx2_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_
       const char* b = packed + g * group_bytes;
       for (int64_t chunk = 0, m0 = 0; chunk < chunks; ++chunk) {
         const int64_t rows = (m - m0) / (chunks - chunk);
-        avx2_rows<Int8>(rows, wide.data() + m0 * k, k, b, kblocks, acc);
+        const void* xm = Int8 ? static_cast<const void*>(static_cast<const int8_t*>(x) + m0 * ldx)
+                              : static_cast<const void*>(static_cast<const float*>(x) + m0 * ldx);
+        avx2_rows<Int8>(rows, xm, ldx, b, kblocks, acc);
         epilogue(acc, m0, rows, g * kGroupCols);
         m0 += rows;
       }

@@ -2,9 +2,8 @@
 // (VNNI for int8, AVX512-BF16 for bf16) on CPUs without AMX; AVX2 + FMA (gemm_avx2.h) on
 // CPUs with neither.
 //
-// All read the same packed weight layout (see gemm.cpp; int8 pairs instead of fours for
-// AVX2) and hand their float32 / int32 sums to the caller's epilogue in blocks of up to 32
-// rows x one 32-column group:
+// All read the same packed weight layout (see gemm.cpp) and hand their float32 / int32 sums
+// to the caller's epilogue in blocks of up to 32 rows x one 32-column group:
 //   epilogue(const float* acc /* [rows][32], int32 bits for int8 */, m0, rows, col0).
 #pragma once
 
@@ -60,9 +59,6 @@ inline bool avx2_ready() {
   return false;
 #endif
 }
-
-// Consecutive k per packed int8 column entry: 4 for AMX and VNNI, 2 for AVX2's vpmaddwd.
-inline int64_t int8_vnni() { return avx2_ready() ? 2 : 4; }
 
 #ifdef HEADRACE_AMX
 struct alignas(64) TileConfig {
@@ -274,7 +270,7 @@ void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t
 #endif
 
 // Runs whichever driver this CPU has (the caller checks that one is ready). x: rows `lda`
-// bytes apart, K zero-padded to whole k-steps (of 64 for int8 with vnni 4, else 32).
+// bytes apart, K zero-padded to whole k-steps (64 for int8, 32 for bf16).
 template <bool Int8, typename Epilogue>
 void run(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
          int64_t kblocks, const Epilogue& epilogue) {

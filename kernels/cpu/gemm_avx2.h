@@ -33,11 +33,32 @@ namespace gemm {
 // 16 ymm registers.
 constexpr int64_t kAvx2Rows = 4;
 
+// The next column group's weights, fetched `lines` cache lines per k-step while this group
+// runs: a decode step's weights come from DRAM, and the hardware prefetcher alone left the
+// one-row GEMMs at about half of the memory bandwidth.
+struct Prefetch {
+  const char* base;
+  int64_t lines;
+  bool l2;  // into L2 (one chunk of rows: the stream is what bounds it) or L1
+
+  void step(int64_t kb) const {
+    const char* p = base + kb * lines * 64;
+    for (int64_t line = 0; line < lines; ++line) {
+      if (l2) {
+        _mm_prefetch(p + line * 64, _MM_HINT_T1);
+      } else {
+        _mm_prefetch(p + line * 64, _MM_HINT_T0);
+      }
+    }
+  }
+  Prefetch after(int64_t kblocks) const { return {base + kblocks * lines * 64, lines, l2}; }
+};
+
 // R rows × one 16-column half of a column group, bf16: acc[i][0..16) += Σk x[i][k] w[k][col].
 // `b`: the half's first tile; consecutive k-steps are 2 * kTileBytes apart.
 template <int R>
 inline void avx2_bf16_half(const float* x, int64_t ldx, const char* b, int64_t kblocks,
-                           float* acc) {
+                           const Prefetch& pf, float* acc) {
   constexpr int kSplit = R <= 2 ? 2 : 1;
   __m256 c[R][2][kSplit];
   for (int i = 0; i < R; ++i)
@@ -45,6 +66,7 @@ inline void avx2_bf16_half(const float* x, int64_t ldx, const char* b, int64_t k
       for (int s = 0; s < kSplit; ++s) c[i][j][s] = _mm256_setzero_ps();
   const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u));
   for (int64_t kb = 0; kb < kblocks; ++kb) {
+    pf.step(kb);
     const char* bt = b + kb * 2 * kTileBytes;
     const float* xk = x + kb * 32;
     for (int64_t r = 0; r < kTileRows; ++r) {
@@ -77,11 +99,12 @@ inline void avx2_bf16_half(const float* x, int64_t ldx, const char* b, int64_t k
 // acc. Each packed tile row is 16 columns × 4 k (64 bytes).
 template <int R>
 inline void avx2_int8_half(const int8_t* x, int64_t ldx, const char* b, int64_t kblocks,
-                           int32_t* acc) {
+                           const Prefetch& pf, int32_t* acc) {
   __m256i c[R][2];
   for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t kb = 0; kb < kblocks; ++kb) {
+    pf.step(kb);
     const char* bt = b + kb * 2 * kTileBytes;
     const int8_t* xk = x + kb * 64;
     for (int64_t r = 0; r < kTileRows; ++r) {
@@ -108,19 +131,19 @@ inline void avx2_int8_half(const int8_t* x, int64_t ldx, const char* b, int64_t 
 // Both halves of one column group for `rows` (1..kAvx2Rows) rows.
 template <bool Int8, int R = kAvx2Rows>
 inline void avx2_rows(int64_t rows, const void* x, int64_t ldx, const char* b, int64_t kblocks,
-                      float* acc) {
+                      const Prefetch& pf, float* acc) {
   if constexpr (R > 1) {
-    if (rows < R) return avx2_rows<Int8, R - 1>(rows, x, ldx, b, kblocks, acc);
+    if (rows < R) return avx2_rows<Int8, R - 1>(rows, x, ldx, b, kblocks, pf, acc);
   }
   if constexpr (Int8) {
     const int8_t* x8 = static_cast<const int8_t*>(x);
     int32_t* out = reinterpret_cast<int32_t*>(acc);
-    avx2_int8_half<R>(x8, ldx, b, kblocks, out);
-    avx2_int8_half<R>(x8, ldx, b + kTileBytes, kblocks, out + 16);
+    avx2_int8_half<R>(x8, ldx, b, kblocks, pf, out);
+    avx2_int8_half<R>(x8, ldx, b + kTileBytes, kblocks, pf.after(kblocks), out + 16);
   } else {
     const float* x32 = static_cast<const float*>(x);
-    avx2_bf16_half<R>(x32, ldx, b, kblocks, acc);
-    avx2_bf16_half<R>(x32, ldx, b + kTileBytes, kblocks, acc + 16);
+    avx2_bf16_half<R>(x32, ldx, b, kblocks, pf, acc);
+    avx2_bf16_half<R>(x32, ldx, b + kTileBytes, kblocks, pf.after(kblocks), acc + 16);
   }
 }
 
@@ -145,15 +168,20 @@ void avx2_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_
   }
   // Rows in chunks of equal size (<= kAvx2Rows): a short chunk has fewer independent chains.
   const int64_t chunks = (m + kAvx2Rows - 1) / kAvx2Rows;
+  // The next group's lines spread evenly over this group's 2 * chunks * kblocks k-steps.
+  const int64_t steps = 2 * chunks * kblocks;
+  const int64_t pf_lines = (group_bytes / 64 + steps - 1) / steps;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[kAvx2Rows * 32];
     for (int64_t g = begin; g < end; ++g) {
       const char* b = packed + g * group_bytes;
+      const char* next = g + 1 < end ? b + group_bytes : b;
       for (int64_t chunk = 0, m0 = 0; chunk < chunks; ++chunk) {
         const int64_t rows = (m - m0) / (chunks - chunk);
+        const Prefetch pf{next + chunk * 2 * kblocks * pf_lines * 64, pf_lines, chunks == 1};
         const void* xm = Int8 ? static_cast<const void*>(static_cast<const int8_t*>(x) + m0 * ldx)
                               : static_cast<const void*>(static_cast<const float*>(x) + m0 * ldx);
-        avx2_rows<Int8>(rows, xm, ldx, b, kblocks, acc);
+        avx2_rows<Int8>(rows, xm, ldx, b, kblocks, pf, acc);
         epilogue(acc, m0, rows, g * kGroupCols);
         m0 += rows;
       }

@@ -49,9 +49,14 @@ def vec_capability(flags: frozenset[str]) -> str:
     return "DEFAULT"
 
 
-# HEADRACE_CPU_ISA builds for less than the host has, to check the AVX2 and scalar paths on
-# an AVX-512 machine: "avx2" (x86-64-v3: AVX2, FMA) or "scalar" (x86-64 baseline).
-_ISA_OVERRIDES = {"avx2": ("x86-64-v3", "AVX2"), "scalar": ("x86-64", "DEFAULT")}
+# HEADRACE_CPU_ISA builds for less than the host has, to check the narrower paths on a wider
+# machine: "avx512vnni" (Cascade Lake: AVX-512 with VNNI, no BF16, no AMX), "avx2"
+# (x86-64-v3: AVX2, FMA) or "scalar" (x86-64 baseline).
+_ISA_OVERRIDES = {
+    "avx512vnni": ("cascadelake", "AVX512"),
+    "avx2": ("x86-64-v3", "AVX2"),
+    "scalar": ("x86-64", "DEFAULT"),
+}
 
 
 def _target() -> tuple[str, str]:
@@ -60,7 +65,7 @@ def _target() -> tuple[str, str]:
     if isa in _ISA_OVERRIDES:
         return _ISA_OVERRIDES[isa]
     if isa != "native":
-        raise ValueError(f"HEADRACE_CPU_ISA must be native, avx2 or scalar, got {isa!r}")
+        raise ValueError(f"HEADRACE_CPU_ISA must be native, {', '.join(_ISA_OVERRIDES)}, got {isa!r}")
     return "native", vec_capability(cpu_flags())
 
 

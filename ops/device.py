@@ -40,6 +40,7 @@ def kernel_paths(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     ours = {
         "amx": "our AMX kernel (kernels/cpu/gemm.cpp)",
         "avx512": "our AVX-512 dot-product kernel (kernels/cpu/gemm.cpp)",
+        "avx512vnni": "our AVX-512 kernel (kernels/cpu/gemm.cpp: vpdpbusd for int8, FMA on widened bf16)",
         "avx2": "our AVX2 kernel (kernels/cpu/gemm.cpp: FMA on widened bf16, vpmaddubsw for int8)",
     }.get(gemm_kernel(), "")
     if kind == "headrace":

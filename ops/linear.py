@@ -2,7 +2,7 @@
 
 Where our CPU kernels are built, a bf16 GEMM runs on a copy of the weight packed once
 (`packed_weight`) in our kernel's layout (kernels/cpu/gemm.cpp): on AMX tiles, AVX512-BF16
-dot products, or, on AVX2-only CPUs, FMAs on the bf16 weights widened in registers. It
+dot products, or, on CPUs without either, FMAs on the bf16 weights widened in registers. It
 streams the weights at up to 2x oneDNN's speed for the few rows of a decode step (AVX2: half
 the bytes of a float32 GEMM) and applies the MLP's activation in its epilogue.
 
@@ -51,8 +51,9 @@ def gemm_weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 @functools.cache
 def gemm_kernel() -> str:
     """What our packed GEMMs (bf16 and int8, kernels/cpu/gemm.cpp) run on: "amx", "avx512"
-    (AVX512-VNNI and AVX512-BF16 dot products), "avx2" (FMA, vpmaddubsw), or "" where they
-    cannot run (no AVX2, or the kernels are not built)."""
+    (AVX512-VNNI and AVX512-BF16 dot products), "avx512vnni" (VNNI for int8, FMAs on widened
+    bf16), "avx2" (FMA, vpmaddubsw), or "" where they cannot run (no AVX2, or the kernels
+    are not built)."""
     return str(torch.ops.headrace_cpu.gemm_kernel()) if cpu_kernels.available() else ""
 
 

@@ -1,8 +1,9 @@
 // Linear layers on packed weights: out[M, N] = x[M, K] @ W[N, K]ᵀ (+ bias), W packed once at
-// load, run on AMX tiles, on AVX-512 dot-product instructions (CPUs without AMX), or on AVX2
-// FMAs and vpmaddubsw (CPUs with neither; gemm_drivers.h, gemm_avx2.h).
+// load, run on AMX tiles, on AVX-512 dot-product instructions (VNNI, and AVX512-BF16 or FMAs
+// for bf16; CPUs without AMX), or on AVX2 FMAs and vpmaddubsw (CPUs with neither;
+// gemm_drivers.h, gemm_avx2.h).
 //
-// bf16: x bf16, W bf16 → float32 accumulation (tdpbf16ps / vdpbf16ps / widened FMAs) → out
+// bf16: x bf16, W bf16 → float32 accumulation (tdpbf16ps / vdpbf16ps / FMAs on widened bf16) → out
 //       bf16.
 // int8: x int8 per-token (scale [M]), W int8 per output channel (scale [N]) → int32
 //       accumulation (tdpbssd / vpdpbusd / vpmaddubsw) → out = acc * x_scale[m] * w_scale[n]
@@ -278,10 +279,18 @@ at::Tensor packed_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scal
   return out;
 }
 
-// Which driver `packed_linear_*` run on: "amx", "avx512" (VNNI + BF16 dot products), "avx2"
-// (FMA and vpmaddubsw) or "".
+// Which driver `packed_linear_*` run on: "amx", "avx512" (VNNI + BF16 dot products),
+// "avx512vnni" (VNNI for int8, FMAs on widened bf16), "avx2" (FMA and vpmaddubsw) or "".
 std::string gemm_kernel() {
-  return gemm::amx_ready() ? "amx" : gemm::dot_ready() ? "avx512" : gemm::avx2_ready() ? "avx2" : "";
+  if (gemm::amx_ready()) return "amx";
+#ifdef HEADRACE_AVX512_DOT
+#ifdef HEADRACE_AVX512_BF16
+  return "avx512";
+#else
+  return "avx512vnni";
+#endif
+#endif
+  return gemm::avx2_ready() ? "avx2" : "";
 }
 
 }  // namespace

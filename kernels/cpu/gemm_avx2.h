@@ -1,5 +1,5 @@
-// The GEMM driver for CPUs with AVX2 + FMA but neither AMX nor AVX-512 VNNI + BF16 (Zen 2/3,
-// Haswell to Raptor Lake's big cores without AVX-512, and AVX-512 CPUs without BF16).
+// The GEMM driver for CPUs with AVX2 + FMA but neither AMX nor AVX-512 VNNI (Zen 2/3, Haswell
+// to Raptor Lake's big cores without AVX-512, Skylake-X).
 //
 // Same packed weights (AMX's signed int8 layout) and epilogue contract as the other drivers
 // (gemm_drivers.h):
@@ -32,27 +32,6 @@ namespace gemm {
 // the FMA latency of a single chain); with the widened weights and x, R = 4 fills 14 of the
 // 16 ymm registers.
 constexpr int64_t kAvx2Rows = 4;
-
-// The next column group's weights, fetched `lines` cache lines per k-step while this group
-// runs: a decode step's weights come from DRAM, and the hardware prefetcher alone left the
-// one-row GEMMs at about half of the memory bandwidth.
-struct Prefetch {
-  const char* base;
-  int64_t lines;
-  bool l2;  // into L2 (one chunk of rows: the stream is what bounds it) or L1
-
-  void step(int64_t kb) const {
-    const char* p = base + kb * lines * 64;
-    for (int64_t line = 0; line < lines; ++line) {
-      if (l2) {
-        _mm_prefetch(p + line * 64, _MM_HINT_T1);
-      } else {
-        _mm_prefetch(p + line * 64, _MM_HINT_T0);
-      }
-    }
-  }
-  Prefetch after(int64_t kblocks) const { return {base + kblocks * lines * 64, lines, l2}; }
-};
 
 // R rows × one 16-column half of a column group, bf16: acc[i][0..16) += Σk x[i][k] w[k][col].
 // `b`: the half's first tile; consecutive k-steps are 2 * kTileBytes apart.

@@ -1,6 +1,6 @@
 // The GEMM drivers behind kernels/cpu/gemm.cpp: AMX tiles; AVX-512 dot-product instructions
-// (VNNI for int8, AVX512-BF16 for bf16) on CPUs without AMX; AVX2 + FMA (gemm_avx2.h) on
-// CPUs with neither.
+// (VNNI for int8; AVX512-BF16 for bf16, or FMAs on widened bf16 where the CPU lacks it) on
+// CPUs without AMX; AVX2 + FMA (gemm_avx2.h) on CPUs with neither.
 //
 // All read the same packed weight layout (see gemm.cpp) and hand their float32 / int32 sums
 // to the caller's epilogue in blocks of up to 32 rows x one 32-column group:
@@ -19,8 +19,13 @@
 #include <string>
 #include <unistd.h>
 #endif
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+// The AVX-512 driver needs VNNI (int8); its bf16 GEMM runs on vdpbf16ps where the CPU has
+// AVX512-BF16, else on FMAs (`fma_tile`).
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HEADRACE_AVX512_DOT 1
+#if defined(__AVX512BF16__)
+#define HEADRACE_AVX512_BF16 1
+#endif
 #endif
 
 namespace headrace_cpu {
@@ -165,7 +170,7 @@ void amx_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t
 #endif
 
 #ifdef HEADRACE_AVX512_DOT
-// Rows per register block: 2 * kDotRows accumulators + 2 weight vectors fit the 32 zmm
+// Rows per register block: 2 * kDotRows accumulators + the weight vectors fit the 32 zmm
 // registers, and 24 independent chains hide the dot instructions' latency.
 constexpr int64_t kDotRows = 12;
 
@@ -173,12 +178,10 @@ constexpr int64_t kDotRows = 12;
 // bf16 consecutive k), which is what vpdpbusd / vdpbf16ps multiply by a k-group of one row
 // of x broadcast to every lane. Int8: the weights are stored + 128 (unsigned, vpdpbusd's
 // first operand), x signed, so each row's sums start at -128 * Σk x (`row_sums`) to undo
-// the shift. `pf_lines` lines from `pf + kb * pf_lines * 64` are prefetched at each k-step,
-// into L2 (`pf_l2`) or L1.
+// the shift. bf16 on CPUs without AVX512-BF16: `fma_tile`.
 template <bool Int8, int R>
 inline void dot_tile(const char* a, int64_t lda, const char* b, int64_t kblocks,
-                     const int32_t* row_sums, const char* pf, int64_t pf_lines, bool pf_l2,
-                     float* acc) {
+                     const int32_t* row_sums, const Prefetch& pf, float* acc) {
   __m512i c[R][2];
   for (int i = 0; i < R; ++i) {
     if constexpr (Int8) {
@@ -188,16 +191,9 @@ inline void dot_tile(const char* a, int64_t lda, const char* b, int64_t kblocks,
     }
   }
   for (int64_t kb = 0; kb < kblocks; ++kb) {
+    pf.step(kb);
     const char* bt = b + kb * 2 * kTileBytes;
     const char* at = a + kb * kTileRows * 4;
-    for (int64_t line = 0; line < pf_lines; ++line) {
-      const char* p = pf + (kb * pf_lines + line) * 64;
-      if (pf_l2) {
-        _mm_prefetch(p, _MM_HINT_T1);
-      } else {
-        _mm_prefetch(p, _MM_HINT_T0);
-      }
-    }
     for (int64_t r = 0; r < kTileRows; ++r) {
       const __m512i w0 = _mm512_loadu_si512(bt + r * 64);
       const __m512i w1 = _mm512_loadu_si512(bt + kTileBytes + r * 64);
@@ -209,8 +205,10 @@ inline void dot_tile(const char* a, int64_t lda, const char* b, int64_t kblocks,
           c[i][0] = _mm512_dpbusd_epi32(c[i][0], w0, x);
           c[i][1] = _mm512_dpbusd_epi32(c[i][1], w1, x);
         } else {
+#ifdef HEADRACE_AVX512_BF16
           c[i][0] = (__m512i)_mm512_dpbf16_ps((__m512)c[i][0], (__m512bh)x, (__m512bh)w0);
           c[i][1] = (__m512i)_mm512_dpbf16_ps((__m512)c[i][1], (__m512bh)x, (__m512bh)w1);
+#endif
         }
       }
     }
@@ -221,16 +219,62 @@ inline void dot_tile(const char* a, int64_t lda, const char* b, int64_t kblocks,
   }
 }
 
-template <bool Int8, int R = kDotRows>
-inline void dot_rows(int64_t rows, const char* a, int64_t lda, const char* b, int64_t kblocks,
-                     const int32_t* row_sums, const char* pf, int64_t pf_lines, bool pf_l2,
-                     float* acc) {
-  if constexpr (R > 1) {
-    if (rows < R) {
-      return dot_rows<Int8, R - 1>(rows, a, lda, b, kblocks, row_sums, pf, pf_lines, pf_l2, acc);
+// bf16 without AVX512-BF16 (Ice Lake, Cascade Lake): R rows of float32 x (`a`, rows `lda`
+// bytes apart, widened once per call) × one column group, on FMAs. A packed 32-bit lane holds
+// (w[k], w[k+1]) of one column; `<< 16` and `& 0xffff0000` widen it to two float32 vectors
+// (exact), each multiplied by x[k] or x[k+1] broadcast. Twice the FMAs of vdpbf16ps, but the
+// same weight bytes: a decode step (bound by the weight stream) runs as fast. Few rows keep
+// even and odd k in separate accumulators, for enough independent FMA chains.
+template <int R>
+inline void fma_tile(const char* a, int64_t lda, const char* b, int64_t kblocks,
+                     const Prefetch& pf, float* acc) {
+  constexpr int kSplit = R < 4 ? 2 : 1;
+  __m512 c[R][2][kSplit];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int s = 0; s < kSplit; ++s) c[i][j][s] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    pf.step(kb);
+    const char* bt = b + kb * 2 * kTileBytes;
+    const char* xk = a + kb * kTileRows * 2 * sizeof(float);
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const __m512i w0 = _mm512_loadu_si512(bt + r * 64);
+      const __m512i w1 = _mm512_loadu_si512(bt + kTileBytes + r * 64);
+      const __m512 even0 = _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16));
+      const __m512 odd0 = _mm512_castsi512_ps(_mm512_and_si512(w0, high));
+      const __m512 even1 = _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16));
+      const __m512 odd1 = _mm512_castsi512_ps(_mm512_and_si512(w1, high));
+      for (int i = 0; i < R; ++i) {
+        const float* xr = reinterpret_cast<const float*>(xk + i * lda) + 2 * r;
+        const __m512 x0 = _mm512_set1_ps(xr[0]);
+        const __m512 x1 = _mm512_set1_ps(xr[1]);
+        c[i][0][0] = _mm512_fmadd_ps(x0, even0, c[i][0][0]);
+        c[i][1][0] = _mm512_fmadd_ps(x0, even1, c[i][1][0]);
+        c[i][0][kSplit - 1] = _mm512_fmadd_ps(x1, odd0, c[i][0][kSplit - 1]);
+        c[i][1][kSplit - 1] = _mm512_fmadd_ps(x1, odd1, c[i][1][kSplit - 1]);
+      }
     }
   }
-  dot_tile<Int8, R>(a, lda, b, kblocks, row_sums, pf, pf_lines, pf_l2, acc);
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      __m512 v = c[i][j][0];
+      if constexpr (kSplit == 2) v = _mm512_add_ps(v, c[i][j][1]);
+      _mm512_storeu_ps(acc + i * 32 + j * 16, v);
+    }
+  }
+}
+
+template <bool Int8, int R = kDotRows>
+inline void dot_rows(int64_t rows, const char* a, int64_t lda, const char* b, int64_t kblocks,
+                     const int32_t* row_sums, const Prefetch& pf, float* acc) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_rows<Int8, R - 1>(rows, a, lda, b, kblocks, row_sums, pf, acc);
+  }
+#ifndef HEADRACE_AVX512_BF16
+  if constexpr (!Int8) return fma_tile<R>(a, lda, b, kblocks, pf, acc);
+#endif
+  dot_tile<Int8, R>(a, lda, b, kblocks, row_sums, pf, acc);
 }
 
 // Same contract as amx_gemm; `row_sums` (int8 only): Σk x[m, k] for every row.
@@ -238,6 +282,21 @@ template <bool Int8, typename Epilogue>
 void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
               int64_t kblocks, const int32_t* row_sums, const Epilogue& epilogue) {
   const int64_t group_bytes = kblocks * 2 * kTileBytes;
+#ifndef HEADRACE_AVX512_BF16
+  // fma_tile reads x as float32: widened once, into a buffer all threads read.
+  std::vector<float> wide;
+  if constexpr (!Int8) {
+    const int64_t k = kblocks * kTileRows * 2;
+    wide.resize(m * k);
+    at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        to_float(reinterpret_cast<const at::BFloat16*>(a + i * lda), &wide[i * k], k);
+      }
+    });
+    a = reinterpret_cast<const char*>(wide.data());
+    lda = k * sizeof(float);
+  }
+#endif
   // Chunks of equal size (64 rows: 6 x 10-11, not 5 x 12 + 4): a short chunk has too few
   // independent accumulators to hide the dot instructions' latency.
   const int64_t chunks = (m + kDotRows - 1) / kDotRows;
@@ -258,9 +317,9 @@ void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t
       const char* next = g + 1 < end ? b + group_bytes : b;
       for (int64_t chunk = 0, m0 = 0; chunk < chunks; ++chunk) {
         const int64_t rows = (m - m0) / (chunks - chunk);
-        const char* pf = next + chunk * kblocks * pf_lines * 64;
+        const Prefetch pf{next + chunk * kblocks * pf_lines * 64, pf_lines, pf_l2};
         const int32_t* sums = Int8 ? row_sums + m0 : nullptr;
-        dot_rows<Int8>(rows, a + m0 * lda, lda, b, kblocks, sums, pf, pf_lines, pf_l2, acc);
+        dot_rows<Int8>(rows, a + m0 * lda, lda, b, kblocks, sums, pf, acc);
         epilogue(acc, m0, rows, g * kGroupCols);
         m0 += rows;
       }
@@ -297,7 +356,7 @@ void run(const char* a, int64_t m, int64_t lda, const char* packed, int64_t grou
 #ifdef HEADRACE_AVX2_GEMM
   if (avx2_ready()) return avx2_gemm<Int8>(a, m, lda, packed, groups, kblocks, epilogue);
 #endif
-  TORCH_CHECK(false, "no GEMM kernel for this CPU (needs AMX, AVX-512 VNNI and BF16, or AVX2)");
+  TORCH_CHECK(false, "no GEMM kernel for this CPU (needs AMX, AVX-512 VNNI, or AVX2)");
 }
 
 }  // namespace gemm

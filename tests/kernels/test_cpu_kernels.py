@@ -195,12 +195,12 @@ def _check_decode_attention(
         torch.testing.assert_close(out[i].float(), expected, rtol=tol, atol=tol)
 
 
-# -- Packed GEMMs (AMX, or AVX-512 VNNI + BF16), and W8A8's activation quantization ----------
+# -- Packed GEMMs (AMX, AVX-512 or AVX2 drivers), and W8A8's activation quantization -----------
 
 
 @needs_packed_gemm
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
-@pytest.mark.parametrize("m", [1, 16, 17, 40])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_bf16_linear_matches_float_math(m: int, n: int, k: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(6)
@@ -352,15 +352,22 @@ def test_sample_rows_draws_the_softmax_distribution() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx2", "scalar"])
 def test_narrower_builds_pass_these_tests(isa: str) -> None:
-    """The kernels built for AVX2 and for baseline x86-64 (HEADRACE_CPU_ISA), as on the CPUs
-    this project also runs on, pass the same tests (their AMX ones skip)."""
+    """The kernels built for less than this host has (HEADRACE_CPU_ISA), as on the CPUs this
+    project also runs on, pass the same tests (their AMX ones skip): AVX-512 with VNNI but
+    not BF16 (Cascade Lake, Ice Lake: bf16 GEMMs on FMAs), AVX2, baseline x86-64."""
     import os
     import subprocess
     import sys
 
-    if cpu_kernels.vec_capability(cpu_kernels.cpu_flags()) != "AVX512" and isa == "avx2":
+    flags = cpu_kernels.cpu_flags()
+    wide = cpu_kernels.vec_capability(flags) == "AVX512"
+    if isa == "avx512vnni" and not (wide and "avx512_vnni" in flags):
+        pytest.skip("this host cannot run an AVX-512 VNNI build")
+    if isa == "avx512vnni" and not flags & {"avx512_bf16", "amx_tile"}:
+        pytest.skip("this host's own build is the AVX-512 VNNI one, tested above")
+    if isa == "avx2" and not wide:
         pytest.skip("this host's own build is the AVX2 one, tested above")
     env = {**os.environ, "HEADRACE_CPU_ISA": isa}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", __file__]

@@ -65,7 +65,9 @@ def _target() -> tuple[str, str]:
     if isa in _ISA_OVERRIDES:
         return _ISA_OVERRIDES[isa]
     if isa != "native":
-        raise ValueError(f"HEADRACE_CPU_ISA must be native, {', '.join(_ISA_OVERRIDES)}, got {isa!r}")
+        raise ValueError(
+            f"HEADRACE_CPU_ISA must be native, {', '.join(_ISA_OVERRIDES)}, got {isa!r}"
+        )
     return "native", vec_capability(cpu_flags())
 
 

@@ -241,16 +241,19 @@ inline void fma_tile(const char* a, int64_t lda, const char* b, int64_t kblocks,
     for (int64_t r = 0; r < kTileRows; ++r) {
       const __m512i w0 = _mm512_loadu_si512(bt + r * 64);
       const __m512i w1 = _mm512_loadu_si512(bt + kTileBytes + r * 64);
+      // Even k for every row, then odd k: with both at once GCC ran out of registers and
+      // rotated the accumulators through moves (a 512-bit move takes an FMA port).
       const __m512 even0 = _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16));
-      const __m512 odd0 = _mm512_castsi512_ps(_mm512_and_si512(w0, high));
       const __m512 even1 = _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16));
-      const __m512 odd1 = _mm512_castsi512_ps(_mm512_and_si512(w1, high));
       for (int i = 0; i < R; ++i) {
-        const float* xr = reinterpret_cast<const float*>(xk + i * lda) + 2 * r;
-        const __m512 x0 = _mm512_set1_ps(xr[0]);
-        const __m512 x1 = _mm512_set1_ps(xr[1]);
+        const __m512 x0 = _mm512_set1_ps(reinterpret_cast<const float*>(xk + i * lda)[2 * r]);
         c[i][0][0] = _mm512_fmadd_ps(x0, even0, c[i][0][0]);
         c[i][1][0] = _mm512_fmadd_ps(x0, even1, c[i][1][0]);
+      }
+      const __m512 odd0 = _mm512_castsi512_ps(_mm512_and_si512(w0, high));
+      const __m512 odd1 = _mm512_castsi512_ps(_mm512_and_si512(w1, high));
+      for (int i = 0; i < R; ++i) {
+        const __m512 x1 = _mm512_set1_ps(reinterpret_cast<const float*>(xk + i * lda)[2 * r + 1]);
         c[i][0][kSplit - 1] = _mm512_fmadd_ps(x1, odd0, c[i][0][kSplit - 1]);
         c[i][1][kSplit - 1] = _mm512_fmadd_ps(x1, odd1, c[i][1][kSplit - 1]);
       }

@@ -215,11 +215,13 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
             ("dtype", args.dtype),
             ("max_model_len", args.max_model_len),
             ("kv_cache_memory", args.kv_cache_memory),
+            ("num_kv_blocks", args.num_kv_blocks),
             ("kv_cache_dtype", args.kv_cache_dtype),
             ("quantization", args.quantization),
             ("block_size", args.block_size),
             ("max_num_seqs", args.max_num_seqs),
             ("max_num_batched_tokens", args.max_num_batched_tokens),
+            ("admission", args.admission),
             ("seed", args.seed),
             ("num_threads", args.threads),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import logging
 import sys
@@ -289,8 +290,9 @@ def run_throughput(args: argparse.Namespace) -> int:
         # A worker's predictor learns from what it served; here, a workload like this one.
         num_warm = args.num_requests if args.warmup_requests is None else args.warmup_requests
         warmup = _workload(args, vocab, num_warm, args.seed + 1) if num_warm > 0 else None
-        if args.workload_file and warmup is not None:  # the file's own requests, again
-            warmup = replace(workload, name=f"{workload.name} (again)")
+        if args.workload_file and warmup is not None:  # the file's own requests, cycled
+            again = tuple(itertools.islice(itertools.cycle(workload.requests), num_warm))
+            warmup = Workload(f"{num_warm} requests of {workload.name}", again)
         warmup = admission.calibrate_stops(engine, warmup) if warmup else None
     workload = admission.calibrate_stops(engine, workload)
     if args.dump_workload:

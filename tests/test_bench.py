@@ -235,14 +235,15 @@ def test_bench_throughput_compares_admission_policies(
     path = tmp_path / "bimodal.json"
     bimodal_workload(vocab, 6, prompt_range=(8, 24), short_len=4, long_len=12).dump(path)
     argv = ["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--dtype", "float32"]
-    argv += ["--workload-file", str(path), "--num-kv-blocks", "6", "--block-size", "4"]
+    argv += ["--workload-file", str(path), "--num-kv-blocks", "10", "--block-size", "4"]
     argv += ["--max-num-batched-tokens", "32", "--no-baseline", "--compare-admission"]
+    argv += ["--warmup-requests", "30"]  # each request 5 times: enough samples of both kinds
     assert main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     comparison = report["compare_admission"]
     fcfs, predicted = comparison["fcfs"], comparison["predicted"]
     assert report["admission"] == "predicted" and report["headrace"] == predicted
-    assert report["kv_blocks"] == 6 and report["peak_kv_blocks"] > 6
+    assert report["kv_blocks"] == 10 and report["peak_kv_blocks"] > 30
     assert fcfs["output_tokens"] == predicted["output_tokens"]
     assert comparison["outputs_identical"] is True
     assert fcfs["preemptions"] > 0 and fcfs["recomputed_tokens"] > 0  # under KV pressure
@@ -250,7 +251,7 @@ def test_bench_throughput_compares_admission_policies(
     assert comparison["tokens_per_s_ratio"] == pytest.approx(
         predicted["output_tokens_per_s"] / fcfs["output_tokens_per_s"]
     )
-    assert comparison["warmup"].endswith("(again)")
+    assert comparison["warmup"].startswith("30 requests of bimodal")
     # The short half got a stop token from the calibration pass and stops by it.
     saved = Workload.load(path)
     assert sum(r.needs_stop for r in saved.requests) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import logging
 import sys
@@ -34,14 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_engine_args(tp)
     tp.add_argument(
         "--workload",
-        choices=("mixed", "uniform", "single", "shared-prefix"),
+        choices=("mixed", "uniform", "single", "shared-prefix", "bimodal"),
         default="mixed",
         help="single: one request of P prompt / O output tokens; shared-prefix: requests that "
         "share a --prefix-len prefix, each with its own --suffix-range suffix (also runs "
-        "with prefix caching off: --compare-prefix-caching)",
+        "with prefix caching off: --compare-prefix-caching); bimodal: half the requests stop "
+        "after ~16 tokens by a stop token (the one the model greedily emits there, found by "
+        "an untimed pass), half run to 256, all with max_tokens 256",
     )
     tp.add_argument(
-        "--num-requests", type=int, default=64, help="mixed/shared-prefix: number of requests"
+        "--num-requests",
+        type=int,
+        default=64,
+        help="mixed/shared-prefix/bimodal: number of requests",
     )
     tp.add_argument("--prompt-len", type=int, default=128, help="uniform/single: prompt tokens (P)")
     # None: 128 (uniform/single), 64 (shared-prefix: the issue's workload, prefill-bound).
@@ -65,6 +71,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also run our engine with prefix caching off, same process, and print the ratios "
         "(always on for shared-prefix)",
+    )
+    tp.add_argument(
+        "--compare-admission",
+        action="store_true",
+        help="run our engine with fcfs, then predicted-length admission, same process and "
+        "workload; print both (preemptions, recomputed tokens, tok/s), the ratios, and whether "
+        "greedy outputs are identical (set the KV budget with --num-kv-blocks)",
+    )
+    tp.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=None,
+        help="predicted admission: requests of an untimed warm-up workload (same kind, seed "
+        "+ 1; with --workload-file, that workload) served first so the length predictor has "
+        "samples (default: --num-requests; 0: none)",
     )
     tp.add_argument("--batch", type=int, default=16, help="uniform: number of requests (B)")
     tp.add_argument(
@@ -215,11 +236,13 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
             ("dtype", args.dtype),
             ("max_model_len", args.max_model_len),
             ("kv_cache_memory", args.kv_cache_memory),
+            ("num_kv_blocks", args.num_kv_blocks),
             ("kv_cache_dtype", args.kv_cache_dtype),
             ("quantization", args.quantization),
             ("block_size", args.block_size),
             ("max_num_seqs", args.max_num_seqs),
             ("max_num_batched_tokens", args.max_num_batched_tokens),
+            ("admission", args.admission),
             ("seed", args.seed),
             ("num_threads", args.threads),
         )
@@ -246,14 +269,8 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
 def run_throughput(args: argparse.Namespace) -> int:
     import torch
 
-    from bench import throughput
-    from bench.workloads import (
-        Workload,
-        mixed_workload,
-        sampleable_token_ids,
-        shared_prefix_workload,
-        uniform_workload,
-    )
+    from bench import admission, throughput
+    from bench.workloads import Workload, sampleable_token_ids
     from worker.engine.engine import Engine
     from worker.models.source import resolve_model
 
@@ -266,40 +283,54 @@ def run_throughput(args: argparse.Namespace) -> int:
     vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)
     if args.workload_file:
         workload = Workload.load(args.workload_file, engine.vocab_size)
-    elif args.workload == "mixed":
-        workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
-    elif args.workload == "shared-prefix":
-        workload = shared_prefix_workload(
-            vocab,
-            args.num_requests,
-            args.prefix_len,
-            tuple(args.suffix_range),
-            64 if args.output_len is None else args.output_len,
-            seed=args.seed,
-        )
     else:
-        batch = 1 if args.workload == "single" else args.batch
-        output_len = 128 if args.output_len is None else args.output_len
-        workload = uniform_workload(vocab, args.prompt_len, output_len, batch, seed=args.seed)
+        workload = _workload(args, vocab, args.num_requests, args.seed)
+    warmup = None
+    if args.compare_admission or config.scheduler.admission == "predicted":
+        # A worker's predictor learns from what it served; here, a workload like this one.
+        num_warm = args.num_requests if args.warmup_requests is None else args.warmup_requests
+        warmup = _workload(args, vocab, num_warm, args.seed + 1) if num_warm > 0 else None
+        if args.workload_file and warmup is not None:  # the file's own requests, cycled
+            again = tuple(itertools.islice(itertools.cycle(workload.requests), num_warm))
+            warmup = Workload(f"{num_warm} requests of {workload.name}", again)
+        warmup = admission.calibrate_stops(engine, warmup) if warmup else None
+    workload = admission.calibrate_stops(engine, workload)
     if args.dump_workload:
         workload.dump(args.dump_workload)
     warm_prompt = tuple(vocab[:8])
     pad_token_id = _pad_token_id(engine)
-
-    log.info("headrace (%s): %s", _config_label(config), workload.name)
-    engine.warm_up()
-    ours = throughput.run_engine(engine, workload)
+    kv_blocks = engine.allocator.num_blocks
     device = engine.device
     kernels = engine.runner.kernel_paths
-    del engine  # frees the KV cache before the next engine or the baseline loads
-    gc.collect()
+
+    comparison = None
+    # A fresh engine for each policy, and after calibrating stops (its prefix cache holds them).
+    fresh = args.compare_admission or any(r.stop_token_ids for r in workload.requests)
+    if fresh:
+        del engine
+        gc.collect()
+    if args.compare_admission:
+        if warmup is None:
+            warmup = Workload("no warm-up", ())
+        comparison = admission.compare(config, workload, warmup, _run_engine)
+        ours = comparison.predicted
+    elif fresh:
+        ours = _run_engine(config, workload, warmup)
+    else:
+        log.info("headrace (%s): %s", _config_label(config), workload.name)
+        engine.warm_up()
+        if warmup is not None:
+            throughput.run_engine(engine, warmup)  # untimed: the predictor's samples
+        ours = throughput.run_engine(engine, workload)
+        del engine  # frees the KV cache before the next engine or the baseline loads
+        gc.collect()
 
     no_prefix_cache = None
     compare = args.compare_prefix_caching or args.workload == "shared-prefix"
     if compare and config.cache.enable_prefix_caching:
         off = replace(config, cache=replace(config.cache, enable_prefix_caching=False))
         log.info("headrace (no prefix cache): %s", workload.name)
-        no_prefix_cache = _run_engine(off, workload)
+        no_prefix_cache = _run_engine(off, workload, warmup)
 
     reference = None
     if _config_label(config) != "unquantized":
@@ -310,7 +341,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             cache=replace(config.cache, dtype="auto"),
         )
         log.info("headrace (unquantized): %s", workload.name)
-        reference = _run_engine(plain, workload)
+        reference = _run_engine(plain, workload, warmup)
 
     baseline = None
     if not args.no_baseline:
@@ -335,18 +366,51 @@ def run_throughput(args: argparse.Namespace) -> int:
         unquantized=reference,
         no_prefix_cache=no_prefix_cache,
         kernels=kernels,
+        admission="predicted" if comparison else config.scheduler.admission,
+        kv_blocks=kv_blocks,
+        peak_kv_blocks=workload.peak_kv_blocks(config.cache.block_size),
+        compare_admission=comparison,
     )
     print(json.dumps(report.to_dict()) if args.json else report.format_table(), flush=True)
     return 0
 
 
-def _run_engine(config: EngineConfig, workload: Workload) -> RunResult:
-    """A fresh engine of `config`, warmed up and timed on `workload`, then freed."""
+def _workload(args: argparse.Namespace, vocab: list[int], num_requests: int, seed: int) -> Workload:
+    """The --workload kind, of `num_requests` (mixed, shared-prefix, bimodal) and `seed`."""
+    from bench import workloads
+
+    if args.workload == "mixed":
+        return workloads.mixed_workload(vocab, num_requests=num_requests, seed=seed)
+    if args.workload == "bimodal":
+        return workloads.bimodal_workload(vocab, num_requests=num_requests, seed=seed)
+    if args.workload == "shared-prefix":
+        return workloads.shared_prefix_workload(
+            vocab,
+            num_requests,
+            args.prefix_len,
+            tuple(args.suffix_range),
+            64 if args.output_len is None else args.output_len,
+            seed=seed,
+        )
+    batch = 1 if args.workload == "single" else args.batch
+    output_len = 128 if args.output_len is None else args.output_len
+    return workloads.uniform_workload(vocab, args.prompt_len, output_len, batch, seed=seed)
+
+
+def _run_engine(
+    config: EngineConfig, workload: Workload, warmup: Workload | None = None
+) -> RunResult:
+    """A fresh engine of `config`, warmed up (and, given `warmup`, served that untimed
+    first), then timed on `workload`, then freed."""
     from bench import throughput
     from worker.engine.engine import Engine
 
     engine = Engine(config)
+    log.info("headrace (%s, %s admission): %s", _config_label(config),
+             config.scheduler.admission, workload.name)  # fmt: skip
     engine.warm_up()
+    if warmup is not None and warmup.requests:
+        throughput.run_engine(engine, warmup)
     result = throughput.run_engine(engine, workload)
     del engine
     gc.collect()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
 
 if TYPE_CHECKING:
+    from bench.admission import AdmissionComparison
     from worker.engine.engine import Engine
 
 
@@ -36,6 +37,11 @@ class RunResult:
     tpot_s: tuple[float, ...] = ()
     num_requests: int = 0
     prefix_cache_hit_ratio: float | None = None  # our engine: prompt tokens served from cache
+    # Our engine: sequences preempted for lack of KV pages, and the tokens prefilled again.
+    num_preemptions: int | None = None
+    num_recomputed_tokens: int | None = None
+    # Our engine: each request's output tokens, in workload order (to compare two runs).
+    token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -54,6 +60,9 @@ class RunResult:
         }
         if self.prefix_cache_hit_ratio is not None:
             out["prefix_cache_hit_ratio"] = self.prefix_cache_hit_ratio
+        if self.num_preemptions is not None:
+            out["preemptions"] = self.num_preemptions
+            out["recomputed_tokens"] = self.num_recomputed_tokens
         for name, values in (("ttft", self.ttft_s), ("tpot", self.tpot_s)):
             if values:  # only our engine is timed per request
                 for q in (50, 99):
@@ -76,6 +85,10 @@ class BenchReport:
     unquantized: RunResult | None = None  # our engine without quantization, same run
     no_prefix_cache: RunResult | None = None  # our engine with prefix caching off, same run
     kernels: dict[str, str] | None = None  # `ops.device.kernel_paths`: CPU flags, kernels
+    admission: str = "fcfs"  # the policy of the `headrace` run
+    kv_blocks: int | None = None  # KV pool of our engine, in pages
+    peak_kv_blocks: int | None = None  # what the whole workload needs at once (no preemption)
+    compare_admission: AdmissionComparison | None = None  # fcfs vs predicted, same run
 
     @property
     def ratio(self) -> float | None:
@@ -99,7 +112,10 @@ class BenchReport:
 
     def to_dict(self) -> dict:
         runs = ("headrace", "transformers", "unquantized", "no_prefix_cache")
-        out = {k: v for k, v in asdict(self).items() if k not in runs}
+        skip = (*runs, "compare_admission")
+        out: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in skip}
+        comparison = self.compare_admission
+        out["compare_admission"] = None if comparison is None else comparison.to_dict()
         for name in runs:
             run = getattr(self, name)
             out[name] = None if run is None else run.to_dict()
@@ -115,10 +131,15 @@ class BenchReport:
             f"workload   {self.workload}: {self.num_requests} requests, "
             f"{self.prompt_tokens} prompt tokens",
             f"model      {self.model} ({self.dtype}, {self.config}, {self.num_threads} threads)",
+            f"admission  {self.admission}{self._kv_line()}",
             "",
-            f"{'':28}{'output tok/s':>14}{'requests/s':>12}{'output tokens':>15}{'elapsed s':>11}",
+            f"{'':28}{'output tok/s':>14}{'requests/s':>12}{'output tokens':>15}{'elapsed s':>11}"
+            f"{'preempted':>11}{'recomputed':>12}",
             _row(f"headrace ({self.config})", ours),
         ]
+        if self.compare_admission is not None:
+            rows[-1] = _row("headrace (predicted)", self.compare_admission.predicted)
+            rows.append(_row("headrace (fcfs)", self.compare_admission.fcfs))
         if self.unquantized is not None:
             rows.append(_row("headrace (unquantized)", self.unquantized))
             rows.append(f"{'ratio vs unquantized':28}{self.ratio_vs_unquantized:>13.2f}x")
@@ -128,6 +149,8 @@ class BenchReport:
         if base is not None:
             rows.append(_row(f"transformers (batch {self.baseline_batch_size})", base))
             rows.append(f"{'ratio':28}{self.ratio:>13.2f}x")
+        if self.compare_admission is not None:
+            rows += [""] + [line for line in self.compare_admission.format_lines() if line]
         if self.kernels:
             rows += [""] + [f"{name:11}{path}" for name, path in self.kernels.items()]
         ttft = f"{_latency(ours.ttft_s, 50)} / {_latency(ours.ttft_s, 99)}"
@@ -145,6 +168,12 @@ class BenchReport:
                 rows.append(f"TTFT p50 {reduction:.2f}x lower with the prefix cache")
         return "\n".join(rows)
 
+    def _kv_line(self) -> str:
+        if self.kv_blocks is None or not self.peak_kv_blocks:
+            return ""
+        share = 100 * self.kv_blocks / self.peak_kv_blocks
+        return f"; KV {self.kv_blocks} pages, {share:.0f}% of the workload's {self.peak_kv_blocks}"
+
 
 def run_engine(engine: Engine, workload: Workload) -> RunResult:
     """Greedy, ignore_eos, all requests queued at t=0; the engine schedules them as it likes.
@@ -152,12 +181,12 @@ def run_engine(engine: Engine, workload: Workload) -> RunResult:
     TTFT: t=0 → the request's first token. TPOT: (last − first token) / (tokens − 1).
     """
     requests = [
-        Request(f"bench-{i}", r.prompt_token_ids, _bench_params(r.output_len))
+        Request(f"bench-{i}", r.prompt_token_ids, bench_params(r))
         for i, r in enumerate(workload.requests)
     ]
     first: dict[str, float] = {}
     last: dict[str, float] = {}
-    counts = dict.fromkeys((r.request_id for r in requests), 0)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     progress = tqdm(total=workload.num_output_tokens, desc="headrace", unit="tok", leave=False)
     before = engine.stats()
     start = time.perf_counter()
@@ -168,18 +197,29 @@ def run_engine(engine: Engine, workload: Workload) -> RunResult:
         now = time.perf_counter()
         for out in outputs:
             if out.new_token_ids:
-                counts[out.request_id] += len(out.new_token_ids)
+                tokens[out.request_id] += out.new_token_ids
                 first.setdefault(out.request_id, now)
                 last[out.request_id] = now
                 progress.update(len(out.new_token_ids))
     elapsed = time.perf_counter() - start
     progress.close()
+    counts = {rid: len(ids) for rid, ids in tokens.items()}
     ttft = tuple(t - start for t in first.values())
     tpot = tuple((last[rid] - first[rid]) / (counts[rid] - 1) for rid in first if counts[rid] > 1)
     after = engine.stats()
     queries = after.prefix_cache_queries - before.prefix_cache_queries
     hits = (after.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else None
-    return RunResult(sum(counts.values()), elapsed, ttft, tpot, len(requests), hits)
+    return RunResult(
+        sum(counts.values()),
+        elapsed,
+        ttft,
+        tpot,
+        len(requests),
+        hits,
+        num_preemptions=after.num_preemptions - before.num_preemptions,
+        num_recomputed_tokens=after.num_recomputed_tokens - before.num_recomputed_tokens,
+        token_ids=tuple(tuple(ids) for ids in tokens.values()),
+    )
 
 
 def load_transformers(model_dir: Path, dtype: str, device: torch.device) -> torch.nn.Module:
@@ -240,8 +280,14 @@ def _generate_padded(
     return out.shape[1] - width
 
 
-def _bench_params(output_len: int) -> SamplingParams:
-    return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+def bench_params(r: BenchRequest) -> SamplingParams:
+    """Greedy, EOS ignored: a request ends at its max_tokens or at one of its stop tokens."""
+    return SamplingParams(
+        max_tokens=r.max_tokens or r.output_len,
+        temperature=0.0,
+        ignore_eos=True,
+        stop_token_ids=r.stop_token_ids,
+    )
 
 
 def _ratio(run: RunResult, base: RunResult | None) -> float | None:
@@ -262,7 +308,10 @@ def _latency(values: tuple[float, ...], q: float) -> str:
 
 
 def _row(name: str, result: RunResult) -> str:
-    return (
+    row = (
         f"{name:28}{result.tokens_per_s:>14.1f}{result.requests_per_s:>12.2f}"
         f"{result.output_tokens:>15}{result.elapsed_s:>11.2f}"
     )
+    if result.num_preemptions is not None:  # our engine: what KV pressure cost
+        row += f"{result.num_preemptions:>11}{result.num_recomputed_tokens:>12}"
+    return row

@@ -17,8 +17,22 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class BenchRequest:
+    """One request. It generates `output_len` tokens: its max_tokens, unless `max_tokens` is
+    larger and one of `stop_token_ids` ends it there (the bimodal workload's short half)."""
+
     prompt_token_ids: tuple[int, ...]
     output_len: int
+    stop_token_ids: tuple[int, ...] = ()
+    max_tokens: int | None = None  # None: output_len
+
+    @property
+    def needs_stop(self) -> bool:
+        """Meant to stop early, but its stop token is not chosen yet (`calibrate_stops`)."""
+        return (
+            self.max_tokens is not None
+            and self.max_tokens > self.output_len
+            and not (self.stop_token_ids)
+        )
 
 
 @dataclass(frozen=True)
@@ -34,13 +48,18 @@ class Workload:
     def num_output_tokens(self) -> int:
         return sum(r.output_len for r in self.requests)
 
+    def peak_kv_blocks(self, block_size: int) -> int:
+        """KV pages every request needs at its longest, all at once (what no preemption
+        would take with the whole workload running together)."""
+        return sum(
+            -(-(len(r.prompt_token_ids) + (r.max_tokens or r.output_len)) // block_size)
+            for r in self.requests
+        )
+
     def dump(self, path: str | Path) -> None:
         """Write the workload as JSON (`{"name", "requests": [{"prompt_token_ids",
         "output_len"}, ...]}`), so that other engines can be fed identical requests."""
-        requests = [
-            {"prompt_token_ids": list(r.prompt_token_ids), "output_len": r.output_len}
-            for r in self.requests
-        ]
+        requests = [_request_dict(r) for r in self.requests]
         Path(path).write_text(json.dumps({"name": self.name, "requests": requests}))
 
     @classmethod
@@ -50,7 +69,12 @@ class Workload:
         data = json.loads(Path(path).read_text())
         try:
             requests = tuple(
-                BenchRequest(tuple(int(t) for t in r["prompt_token_ids"]), int(r["output_len"]))
+                BenchRequest(
+                    tuple(int(t) for t in r["prompt_token_ids"]),
+                    int(r["output_len"]),
+                    tuple(int(t) for t in r.get("stop_token_ids", ())),
+                    None if r.get("max_tokens") is None else int(r["max_tokens"]),
+                )
                 for r in data["requests"]
             )
             name = str(data.get("name", Path(path).stem))
@@ -134,6 +158,46 @@ def shared_prefix_workload(
         f"O={output_len}, seed={seed})"
     )
     return Workload(name=name, requests=requests)
+
+
+def bimodal_workload(
+    token_ids: Sequence[int],
+    num_requests: int = 64,
+    seed: int = 0,
+    prompt_range: tuple[int, int] = (32, 512),
+    short_len: int = 16,
+    long_len: int = 256,
+) -> Workload:
+    """Half the requests (drawn at random) stop after ~`short_len` tokens by a stop token,
+    the other half run to `long_len`; every one has max_tokens `long_len`, so only the stop
+    tells them apart. Prompt lengths are log-uniform in `prompt_range`.
+
+    The short half's stop tokens are not known yet (`needs_stop`): `bench.admission.
+    calibrate_stops` picks, per request, the token the model greedily emits at `short_len`.
+    """
+    if not 1 <= short_len < long_len:
+        raise ValueError("need 1 <= short_len < long_len")
+    rng = random.Random(seed)
+    short = set(rng.sample(range(num_requests), num_requests // 2))
+    requests = tuple(
+        BenchRequest(
+            _random_prompt(rng, token_ids, _log_uniform(rng, *prompt_range)),
+            short_len if i in short else long_len,
+            max_tokens=long_len,
+        )
+        for i in range(num_requests)
+    )
+    name = f"bimodal(n={num_requests}, {short_len} by stop | {long_len}, seed={seed})"
+    return Workload(name=name, requests=requests)
+
+
+def _request_dict(r: BenchRequest) -> dict:
+    out: dict = {"prompt_token_ids": list(r.prompt_token_ids), "output_len": r.output_len}
+    if r.stop_token_ids:
+        out["stop_token_ids"] = list(r.stop_token_ids)
+    if r.max_tokens is not None:
+        out["max_tokens"] = r.max_tokens
+    return out
 
 
 def _log_uniform(rng: random.Random, low: int, high: int) -> int:

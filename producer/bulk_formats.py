@@ -16,7 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker.engine.params import PARAM_NAMES, SamplingParams, merge_line_params
+from worker.engine.params import (
+    PARAM_NAMES,
+    SamplingParams,
+    check_length_hint,
+    merge_line_params,
+)
 from worker.errors import RequestError
 from worker.protocol import STATUS_CANCELLED, STATUS_OK, Result
 
@@ -28,7 +33,7 @@ TEXT_URL = "/v1/completions"
 
 _PARAM_FIELDS = PARAM_NAMES
 _PROMPT_KINDS = ("prompt", "messages", "prompt_token_ids")
-_SIMPLE_FIELDS = frozenset({"id", "custom_id", "params", *_PROMPT_KINDS})
+_SIMPLE_FIELDS = frozenset({"id", "custom_id", "params", "length_hint", *_PROMPT_KINDS})
 _OPENAI_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 # Body fields with the same name and meaning as ours, plus vLLM's extensions to the API.
 _BODY_PASSTHROUGH = frozenset(
@@ -129,7 +134,10 @@ def _simple_job(obj: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, A
         raise RequestError("invalid_request", f"unknown field {unknown[0]!r}")
     if "id" in obj and "custom_id" in obj:
         raise RequestError("invalid_request", "give id or custom_id, not both")
-    return _job(obj, merge_line_params(obj, defaults))
+    job = _job(obj, merge_line_params(obj, defaults))
+    if obj.get("length_hint") is not None:
+        job["length_hint"] = check_length_hint(obj["length_hint"])
+    return job
 
 
 def _job(prompt: Mapping[str, Any], params: dict[str, Any]) -> dict[str, Any]:

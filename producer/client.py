@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from producer.replies import ClientClosedError, ReplyRouter
 from producer.submission import Submission, Submitter
 from worker.embedded import EmbeddedRedis, start_embedded_redis
-from worker.engine.params import SamplingParams
+from worker.engine.params import SamplingParams, check_length_hint
 from worker.keys import Keys
 from worker.protocol import Job, Result, decode_result, new_job_id
 from worker.redis_url import connect_async
@@ -34,7 +34,17 @@ REDIS_URL_ENV = "HEADRACE_REDIS_URL"
 _SUBMIT_CHUNK = 512
 _POLL_MAX_S = 0.5
 _JOB_ITEM_FIELDS = frozenset(
-    {"id", "prompt", "messages", "prompt_token_ids", "params", "stream", "deadline_ms", "priority"}
+    {
+        "id",
+        "prompt",
+        "messages",
+        "prompt_token_ids",
+        "params",
+        "stream",
+        "deadline_ms",
+        "priority",
+        "length_hint",
+    }
 )
 
 
@@ -149,6 +159,7 @@ class AsyncClient:
         stream: bool = False,
         deadline_ms: int | None = None,
         priority: int = 0,
+        length_hint: int | None = None,
         params: Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> str:
@@ -156,8 +167,11 @@ class AsyncClient:
 
         An `id` submitted before (by any client) queues nothing: the id is an idempotency
         key, and `result()` returns the earlier submission's result marked `reused`.
+        `length_hint`: how many tokens you expect the job to generate (for workers admitting
+        by predicted length); a positive int, bounded by max_tokens there.
         Raises:
-            RequestError("invalid_params") before anything is sent.
+            RequestError("invalid_params" or, for a bad length_hint, "invalid_request")
+            before anything is sent.
         """
         item = {
             "id": id,
@@ -167,13 +181,15 @@ class AsyncClient:
             "stream": stream,
             "deadline_ms": deadline_ms,
             "priority": priority,
+            "length_hint": length_hint,
             "params": {**(params or {}), **sampling},
         }
         return (await self.enqueue([item]))[0].id
 
     async def submit_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
         """Queue many jobs, pipelined. Items: {"id"?, "prompt"|"messages"|"prompt_token_ids",
-        "params"?, "stream"?, "deadline_ms"?, "priority"?} (the JSONL line format)."""
+        "params"?, "stream"?, "deadline_ms"?, "priority"?, "length_hint"?} (the JSONL line
+        format)."""
         return [sub.id for sub in await self.enqueue(items)]
 
     async def enqueue(
@@ -210,6 +226,7 @@ class AsyncClient:
             stream=bool(item.get("stream", False)),
             deadline_ms=item.get("deadline_ms"),
             priority=int(item.get("priority") or 0),
+            length_hint=check_length_hint(item.get("length_hint")),
         )
 
     async def _send(self, jobs: Sequence[Job], resubmit: bool) -> list[Submission]:

@@ -14,6 +14,7 @@ from bench.throughput import load_transformers, run_transformers
 from bench.workloads import (
     BenchRequest,
     Workload,
+    bimodal_workload,
     mixed_workload,
     sampleable_token_ids,
     shared_prefix_workload,
@@ -213,3 +214,48 @@ def test_bench_throughput_reports_the_cpu_and_its_kernels(
     assert {"cpu_flags", "gemm", "gemm_int8", "attention", "row_ops"} <= set(kernels)
     assert main(argv[:-1]) == 0  # the table lists them too
     assert f"gemm       {kernels['gemm']}" in capsys.readouterr().out
+
+
+def test_bimodal_workload_has_two_halves_told_apart_only_by_their_stop(vocab: list[int]) -> None:
+    work = bimodal_workload(vocab, num_requests=10, seed=2)
+    short = [r for r in work.requests if r.needs_stop]
+    assert len(short) == 5 and {r.output_len for r in short} == {16}
+    assert {r.max_tokens for r in work.requests} == {256}
+    assert {r.output_len for r in work.requests if not r.needs_stop} == {256}
+    assert work.peak_kv_blocks(16) == sum(
+        -(-(len(r.prompt_token_ids) + 256) // 16) for r in work.requests
+    )
+    assert bimodal_workload(vocab, num_requests=10, seed=2) == work
+
+
+def test_bench_throughput_compares_admission_policies(
+    tiny_model_dir, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vocab = list(range(10, 200))
+    path = tmp_path / "bimodal.json"
+    bimodal_workload(vocab, 6, prompt_range=(8, 24), short_len=4, long_len=12).dump(path)
+    argv = ["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--dtype", "float32"]
+    argv += ["--workload-file", str(path), "--num-kv-blocks", "10", "--block-size", "4"]
+    argv += ["--max-num-batched-tokens", "32", "--no-baseline", "--compare-admission"]
+    argv += ["--warmup-requests", "30"]  # each request 5 times: enough samples of both kinds
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    comparison = report["compare_admission"]
+    fcfs, predicted = comparison["fcfs"], comparison["predicted"]
+    assert report["admission"] == "predicted" and report["headrace"] == predicted
+    assert report["kv_blocks"] == 10 and report["peak_kv_blocks"] > 30
+    assert fcfs["output_tokens"] == predicted["output_tokens"]
+    assert comparison["outputs_identical"] is True
+    assert fcfs["preemptions"] > 0 and fcfs["recomputed_tokens"] > 0  # under KV pressure
+    assert predicted["recomputed_tokens"] <= fcfs["recomputed_tokens"]
+    assert comparison["tokens_per_s_ratio"] == pytest.approx(
+        predicted["output_tokens_per_s"] / fcfs["output_tokens_per_s"]
+    )
+    assert comparison["warmup"].startswith("30 requests of bimodal")
+    # The short half got a stop token from the calibration pass and stops by it.
+    saved = Workload.load(path)
+    assert sum(r.needs_stop for r in saved.requests) == 3
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "headrace (fcfs)" in table and "headrace (predicted)" in table
+    assert "recomputed tokens fcfs" in table and "greedy outputs identical" in table

@@ -46,6 +46,7 @@ class Peer:
     def __init__(self, url: str) -> None:
         self.redis = redis.Redis.from_url(url)
         self.seen: dict[str, str] = {}  # job id → reply_to
+        self.jobs: dict[str, Job] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists already
@@ -76,6 +77,7 @@ class Peer:
                 self.publish(entry_id, err.reply_to, error_result(err.job_id, err.error))
             return
         self.seen[job.id] = job.reply_to
+        self.jobs[job.id] = job
         if job.prompt == "silent":
             self.redis.xack(KEYS.requests, KEYS.group, entry_id)
         elif job.prompt == "fail":
@@ -387,6 +389,9 @@ def test_bad_params_fail_before_anything_is_sent(redis_url: str) -> None:
             assert info.value.code == "invalid_params"
             with pytest.raises(ValueError):
                 await client.submit("x", prompt_token_ids=[1])
+            for bad in (0, -3, True, 2.5):
+                with pytest.raises(RequestError, match="length_hint"):
+                    await client.submit("x", length_hint=bad)
             assert await client._require().xlen(KEYS.requests) == 0
 
     asyncio.run(main())
@@ -455,3 +460,15 @@ def test_cli_submit_timeout_cancels_and_needs_a_url(
     assert "within 0.2 s" in capsys.readouterr().err
     monkeypatch.delenv("HEADRACE_REDIS_URL", raising=False)
     assert cli_main(["submit", "hello"]) == 2
+
+
+def test_length_hint_travels_with_the_job(redis_url: str, peer: Peer) -> None:
+    async def main() -> None:
+        async with AsyncClient(redis_url) as client:
+            job_id = await client.submit("hello", length_hint=12, max_tokens=3)
+            await client.result(job_id, timeout=10)
+            [other] = await client.submit_many([{"prompt": "x", "length_hint": 5}])
+            await client.result(other, timeout=10)
+            assert peer.jobs[job_id].length_hint == 12 and peer.jobs[other].length_hint == 5
+
+    asyncio.run(main())

@@ -59,6 +59,7 @@ def jobs(draw: st.DrawFn) -> Job:
         stream=draw(st.booleans()),
         deadline_ms=draw(st.none() | st.integers(0, 2**62)),
         priority=draw(st.integers(-(2**31), 2**31)),
+        length_hint=draw(st.none() | st.integers(1, 2**31)),
         **{kind: draw(prompt_fields[kind])},
     )
 
@@ -171,6 +172,10 @@ MALFORMED: dict[str, tuple[Any, str, str | None, str | None]] = {
     "stream not bool": (msgpack.packb(_base(stream=1)), "invalid_request", "job-1", "hr:reply:c"),
     "priority bool": (msgpack.packb(_base(priority=True)), "invalid_request", "job-1", "hr:reply:c"),
     "negative deadline": (msgpack.packb(_base(deadline=-1)), "invalid_request", "job-1", "hr:reply:c"),
+    "zero length_hint": (msgpack.packb(_base(length_hint=0)), "invalid_request", "job-1", "hr:reply:c"),
+    "length_hint bool": (msgpack.packb(_base(length_hint=True)), "invalid_request", "job-1", "hr:reply:c"),
+    "length_hint float": (msgpack.packb(_base(length_hint=16.0)), "invalid_request", "job-1", "hr:reply:c"),
+    "length_hint str": (msgpack.packb(_base(length_hint="16")), "invalid_request", "job-1", "hr:reply:c"),
     "token ids not ints": (msgpack.packb(_base(prompt=_DROP, prompt_token_ids=["a"])), "invalid_request", "job-1", "hr:reply:c"),
     "message extra key": (msgpack.packb(_base(prompt=_DROP, messages=[{"role": "user", "content": "x", "k": "v"}])), "invalid_request", "job-1", "hr:reply:c"),
     "message not map": (msgpack.packb(_base(prompt=_DROP, messages=["hi"])), "invalid_request", "job-1", "hr:reply:c"),
@@ -292,3 +297,9 @@ def test_reply_to_may_name_reply_streams_and_foreign_keys_only() -> None:
     assert keys.may_reply_to("hrx:requests")  # another namespace that shares a prefix
     for own in (keys.requests, keys.dead_letter, keys.result("j"), keys.cancelled("j"), "hr"):
         assert not keys.may_reply_to(own), own
+
+
+def test_length_hint_is_decoded_and_reaches_the_job() -> None:
+    job = decode_job(msgpack.packb(_base(length_hint=24)), max_bytes=MAX)
+    assert job.length_hint == 24
+    assert decode_job(msgpack.packb(_base()), max_bytes=MAX).length_hint is None

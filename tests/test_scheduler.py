@@ -1,7 +1,11 @@
 """Scheduler: token budget, chunked prefill, admission and preemption, without a model."""
 
+from dataclasses import replace
+
 from worker.config import SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator
+from worker.engine.length_predictor import LengthPredictor, PredictorConfig
+from worker.engine.params import SamplingParams
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Request, Sequence, SequenceStatus
 
@@ -100,3 +104,89 @@ def test_finish_frees_pages_at_once() -> None:
     assert alloc.num_free_blocks == 5
     sched.finish(seq, "abort")
     assert alloc.num_free_blocks == 8 and not sched.has_unfinished()
+
+
+# -- predicted-length admission ------------------------------------------------------
+
+
+def _drive(sched: Scheduler, max_steps: int = 200) -> list[str]:
+    """Run to completion as the engine would, feeding the predictor; returns the
+    request ids of every preemption, in order."""
+    preempted = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            return preempted
+        plan = sched.schedule()
+        preempted += [s.request_id for s in plan.preempted]
+        run_plan(plan)
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if seq.num_output_tokens >= seq.params.max_tokens and not seq.is_finished:
+                sched.predictor.observe(seq.num_prompt_tokens, seq.params, seq.num_output_tokens)
+                sched.finish(seq, "length")
+    raise AssertionError("did not finish")
+
+
+def _long(name: str, max_tokens: int = 20, hint: int | None = None) -> Sequence:
+    request = Request(name, tuple(range(1, 8)), SamplingParams(max_tokens=max_tokens))
+    return Sequence(replace(request, length_hint=hint))
+
+
+def _sched(admission: str, num_blocks: int = 12) -> Scheduler:
+    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, admission=admission)
+    predictor = LengthPredictor(PredictorConfig(min_samples=2))
+    return Scheduler(config, BlockAllocator(num_blocks, 4, enable_caching=False), predictor)
+
+
+def _teach(sched: Scheduler, num_output: int, max_tokens: int = 20) -> None:
+    for _ in range(2):
+        sched.predictor.observe(7, SamplingParams(max_tokens=max_tokens), num_output)
+
+
+def test_predicted_admission_waits_for_room_instead_of_preempting() -> None:
+    # 12 pages of 4 tokens; each request grows to 7 + 20 = 27 tokens (7 pages).
+    fcfs, predicted = _sched("fcfs"), _sched("predicted")
+    _teach(predicted, 20)
+    for sched in (fcfs, predicted):
+        sched.add(_long("a"))
+        sched.add(_long("b"))
+    first = predicted.schedule()
+    assert [c.seq.request_id for c in first.chunks] == ["a"]  # b's 7 pages do not fit beside a's
+    assert predicted.running[0].predicted_num_tokens == 27
+    run_plan(first)
+    assert _drive(predicted) == [] and predicted.num_recomputed_tokens == 0
+    assert _drive(fcfs) == ["b"]  # both admitted at once: b is preempted, then recomputed
+    assert fcfs.num_preemptions == 1 and fcfs.num_recomputed_tokens > 7
+
+
+def test_a_sequence_that_outgrows_its_prediction_is_preempted_as_a_safety_net() -> None:
+    sched = _sched("predicted")
+    _teach(sched, 2)  # predicts 2 output tokens: both fit, but they grow to 20
+    sched.add(_long("a"))
+    sched.add(_long("b"))
+    assert len(sched.schedule().chunks) == 2
+    assert _drive(sched) == ["b"]
+    assert sched.allocator.num_free_blocks == 12
+
+
+def test_without_enough_samples_predicted_admission_is_fcfs() -> None:
+    fcfs, predicted = _sched("fcfs"), _sched("predicted")
+    for sched in (fcfs, predicted):
+        sched.add(_long("a"))
+        sched.add(_long("b"))
+    assert _drive(fcfs) == _drive(predicted) == ["b"]
+
+
+def test_length_hint_overrides_what_was_seen() -> None:
+    sched = _sched("predicted")
+    _teach(sched, 2)
+    sched.add(_long("a", hint=20))
+    sched.add(_long("b", hint=20))
+    plan = sched.schedule()
+    assert [c.seq.request_id for c in plan.chunks] == ["a"]
+    run_plan(plan)
+    # A sequence past its prediction still counts the page of its next token.
+    a = sched.running[0]
+    a.predicted_num_tokens = 1
+    assert a.num_tokens == 8 and len(a.block_ids) == 2
+    assert sched._remaining_need(a) == 1  # the 9th token needs a third page

@@ -12,6 +12,9 @@ DEFAULT_MODEL = "smollm2"
 QUANTIZATIONS = ("none", "w8a8", "w4a16", "w4a16-g32")
 # "auto": the KV cache in the model dtype; "int8": int8 codes + float16 scale per (token, kv head).
 KV_CACHE_DTYPES = ("auto", "int8")
+# "fcfs": admit in arrival order while the first chunk fits (today's policy); "predicted":
+# admit when prompt + predicted output fit beside what running sequences still need.
+ADMISSION_POLICIES = ("fcfs", "predicted")
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,25 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching budget: tokens per forward pass and sequences per batch."""
+    """Continuous batching budget: tokens per forward pass and sequences per batch.
+
+    admission: "fcfs" admits waiting sequences in arrival order while their next chunk fits
+    (a 1% watermark kept free); "predicted" admits one only when its prompt plus predicted
+    output (`LengthPredictor`) fits beside the predicted remaining need of the running ones,
+    so fewer are preempted and recomputed under KV pressure. Preemption stays the safety net.
+    """
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
+    admission: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("scheduler budgets must be >= 1")
+        if self.admission not in ADMISSION_POLICIES:
+            raise ValueError(
+                f"admission must be one of {ADMISSION_POLICIES}, got {self.admission!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from worker.config import (
+    ADMISSION_POLICIES,
     DEFAULT_MODEL,
     DTYPES,
     KV_CACHE_DTYPES,
@@ -79,6 +81,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=ModelConfig.quantization,
         help="weight quantization applied at load",
     )
+    group.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV cache size in blocks (overrides --kv-cache-memory)",
+    )
     group.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     group.add_argument(
         "--prefix-caching",
@@ -90,6 +98,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens
     )
     group.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    group.add_argument(
+        "--admission",
+        choices=ADMISSION_POLICIES,
+        # The same variable as `headrace worker`'s, so one setting covers every verb.
+        default=os.environ.get("HEADRACE_ADMISSION") or SchedulerConfig.admission,
+        help="fcfs: admit while the next chunk fits; predicted: admit when prompt + predicted "
+        "output fit beside the running sequences' predicted need [env HEADRACE_ADMISSION]",
+    )
     group.add_argument(
         "--seed",
         type=int,
@@ -117,11 +133,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(
             block_size=args.block_size,
             memory_gib=args.kv_cache_memory,
+            num_blocks=args.num_kv_blocks,
             dtype=args.kv_cache_dtype,
             enable_prefix_caching=args.prefix_caching,
         ),
         scheduler=SchedulerConfig(
-            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            admission=args.admission,
         ),
         seed=args.seed,
         num_threads=args.threads,

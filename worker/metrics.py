@@ -103,6 +103,11 @@ class Metrics:
         self.preemptions = Counter(
             "headrace_preemptions", "Sequences preempted for lack of KV blocks", registry=reg
         )
+        self.recomputed_tokens = Counter(
+            "headrace_recomputed_tokens",
+            "Tokens prefilled again when preempted sequences resumed (the work preemption wasted)",
+            registry=reg,
+        )
         self.prefix_queries = Counter(
             "headrace_prefix_cache_query_tokens",
             "Tokens to prefill at admission (prompt, plus output so far for a resumed sequence)",
@@ -136,6 +141,7 @@ class Metrics:
         self.total_requests = 0
         self._engine: Any = None  # last EngineStats (one reference swap: safe across threads)
         self._preemptions_seen = 0
+        self._recomputed_seen = 0
         self._prefix_seen = (0, 0)  # (queries, hits)
         self._window_s = rate_window_s
         self._samples: deque[_Sample] = deque()
@@ -251,6 +257,9 @@ class Metrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        if stats.num_recomputed_tokens > self._recomputed_seen:
+            self.recomputed_tokens.inc(stats.num_recomputed_tokens - self._recomputed_seen)
+            self._recomputed_seen = stats.num_recomputed_tokens
         queries, hits = self._prefix_seen
         self.prefix_queries.inc(stats.prefix_cache_queries - queries)
         self.prefix_hits.inc(stats.prefix_cache_hits - hits)

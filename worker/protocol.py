@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from worker.engine.params import SamplingParams
+from worker.engine.params import SamplingParams, check_length_hint
 from worker.errors import RequestError
 
 PROTOCOL_VERSION = 1
@@ -43,6 +43,7 @@ _JOB_WIRE_NAMES = {
     "stream": "stream",
     "deadline": "deadline_ms",
     "priority": "priority",
+    "length_hint": "length_hint",
 }
 _PROMPT_KINDS = ("prompt", "messages", "prompt_token_ids")
 _MESSAGE_KEYS = frozenset({"role", "content"})  # as worker.engine.prompts accepts
@@ -54,6 +55,8 @@ class Job:
 
     params: the engine's sampling parameters by name (validated by SamplingParams).
     deadline_ms: unix time in ms; a job not started by then gets `deadline_exceeded`.
+    length_hint: the producer's guess of how many tokens the job will generate; predicted-
+        length admission uses it instead of what the worker learnt (bounded by max_tokens).
     """
 
     id: str
@@ -65,6 +68,7 @@ class Job:
     stream: bool = False
     deadline_ms: int | None = None
     priority: int = 0
+    length_hint: int | None = None
     v: int = PROTOCOL_VERSION
 
     def sampling_params(self) -> SamplingParams:
@@ -148,6 +152,8 @@ def encode_job(job: Job) -> bytes:
         wire["deadline"] = job.deadline_ms
     if job.priority:
         wire["priority"] = job.priority
+    if job.length_hint is not None:
+        wire["length_hint"] = job.length_hint
     return msgpack.packb(wire, use_bin_type=True)
 
 
@@ -214,6 +220,7 @@ def _build_job(raw: dict[str, Any], job_id: str) -> Job:
         stream=_check_type(raw, "stream", bool, False),
         deadline_ms=_check_deadline(raw.get("deadline")),
         priority=_check_type(raw, "priority", int, 0),
+        length_hint=check_length_hint(raw.get("length_hint")),
     )
 
 

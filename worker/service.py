@@ -428,7 +428,7 @@ class WorkerService:
 
     def _start(self, state: JobState, token_ids: tuple[int, ...]) -> None:
         params = state.job.sampling_params()  # validated by decode_job, cannot raise here
-        state.request = Request(state.job.id, token_ids, params)
+        state.request = Request(state.job.id, token_ids, params, length_hint=state.job.length_hint)
         if state.job.stream or params.stop:
             state.text = TextStream(self.engine.tokenizer, token_ids, params)
         state.started_ms = now_ms()

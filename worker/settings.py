@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.config import (
+    ADMISSION_POLICIES,
     DTYPES,
     KV_CACHE_DTYPES,
     QUANTIZATIONS,
@@ -187,6 +188,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("max_num_seqs", int, "sequences per batch"),
     Option("max_num_batched_tokens", int, "tokens per forward pass"),
+    Option(
+        "admission",
+        str,
+        "fcfs (default): admit while the next chunk fits; predicted: admit when prompt + "
+        "predicted output fit beside the running sequences' predicted need (fewer preemptions)",
+        ADMISSION_POLICIES,
+    ),
     Option("seed", int, "engine seed"),
     Option("num_threads", int, "torch CPU threads"),
     Option("max_inflight", int, "jobs held (read, not yet acked); default 2 × max-num-seqs"),
@@ -302,7 +310,11 @@ def _engine_config(values: Mapping[str, Any]) -> EngineConfig:
             )
         ),
         scheduler=SchedulerConfig(
-            **pick(max_num_seqs="max_num_seqs", max_num_batched_tokens="max_num_batched_tokens")
+            **pick(
+                max_num_seqs="max_num_seqs",
+                max_num_batched_tokens="max_num_batched_tokens",
+                admission="admission",
+            )
         ),
         **pick(seed="seed", num_threads="num_threads"),
     )

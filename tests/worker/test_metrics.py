@@ -207,3 +207,25 @@ def test_worker_cli_logs_json_and_serves_metrics_from_env(model_dir, redis_url, 
     # Nothing went out in the text format.
     text_lines = [ln for ln in run.stderr.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", ln)]
     assert not text_lines, text_lines[:3]
+
+
+def test_preemptions_and_recomputed_tokens_are_counted_from_engine_stats():
+    from prometheus_client import generate_latest
+
+    from worker.engine.engine import EngineStats
+
+    metrics = Metrics()
+    base = dict(num_running=1, num_waiting=0, num_free_blocks=3, num_total_blocks=8)
+    for preemptions, recomputed in ((1, 40), (3, 100), (3, 100)):
+        metrics.observe_step(
+            EngineStats(
+                **base,
+                block_size=16,
+                num_preemptions=preemptions,
+                num_batched_tokens=1,
+                num_recomputed_tokens=recomputed,
+            )
+        )
+    page = samples(generate_latest(metrics.registry).decode())
+    assert page[("headrace_preemptions_total", ())] == 3
+    assert page[("headrace_recomputed_tokens_total", ())] == 100

@@ -19,6 +19,7 @@ from ops.device import default_device
 from worker.config import EngineConfig
 from worker.engine import isolation
 from worker.engine.block_allocator import BlockAllocator
+from worker.engine.length_predictor import LengthPredictor
 from worker.engine.model_runner import ModelRunner
 from worker.engine.params import SamplingParams
 from worker.engine.sampler import Sampler, SamplerOutput
@@ -50,6 +51,9 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_cached_blocks: int = 0  # pages findable by their tokens now (in use or free)
+    # Cumulative since start: tokens prefilled again when preempted sequences came back (prompt
+    # + output so far, less what the prefix cache still held): the work preemption wasted.
+    num_recomputed_tokens: int = 0
 
     @property
     def prefix_cache_hit_ratio(self) -> float:
@@ -85,7 +89,9 @@ class Engine:
         self.allocator = BlockAllocator(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.allocator)
+        # Learns output lengths from every finished request; used under predicted admission.
+        self.predictor = LengthPredictor()
+        self.scheduler = Scheduler(config.scheduler, self.allocator, self.predictor)
         self.sampler = Sampler(self.vocab_size, seed=config.seed)
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[TokenOutput] = []
@@ -154,6 +160,7 @@ class Engine:
             prefix_cache_queries=self.scheduler.num_prefix_query_tokens,
             prefix_cache_hits=self.scheduler.num_prefix_hit_tokens,
             num_cached_blocks=self.allocator.num_cached_blocks,
+            num_recomputed_tokens=self.scheduler.num_recomputed_tokens,
         )
 
     def warm_up(self) -> None:
@@ -162,7 +169,8 @@ class Engine:
         A process's first steps pay for what torch and the kernels set up lazily and for
         the first touch of buffers: without this a worker's first jobs waited ~0.35 s
         longer (`headrace bench e2e`, TTFT p50 0.96 -> 0.72 s). Greedy, so the seeded
-        sampler's stream is untouched; the scheduler's counters start from zero again.
+        sampler's stream is untouched; the scheduler's counters start from zero again and the
+        length predictor forgets this request.
         """
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up() runs before the first request")
@@ -170,6 +178,7 @@ class Engine:
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         self.generate([Request("warm-up", prompt, params)])
         self.scheduler.reset_counters()
+        self.predictor.clear()
 
     def step(self) -> list[TokenOutput]:
         """Schedule, run one forward pass, sample, and apply the new tokens.
@@ -247,6 +256,8 @@ class Engine:
         seq.output_token_ids.append(token)
         reason = self._stop_reason(seq, token)
         if reason is not None:
+            # Only natural ends teach the predictor (not aborts, errors or a too-small pool).
+            self.predictor.observe(seq.num_prompt_tokens, seq.params, seq.num_output_tokens)
             self.scheduler.finish(seq, reason)
             self._seqs.pop(seq.request_id, None)
         return TokenOutput(

@@ -156,6 +156,22 @@ def merge_line_params(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> di
     return {**defaults, **nested, **top}
 
 
+def check_length_hint(value: Any) -> int | None:
+    """A job's or line's optional `length_hint` (its predicted output tokens, not a sampling
+    param: it changes admission, never the output).
+
+    Raises:
+        RequestError(code="invalid_request") unless None or a positive int (not a bool).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestError(
+            "invalid_request", "length_hint must be a positive integer (predicted output tokens)"
+        )
+    return value
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise RequestError("invalid_params", message)

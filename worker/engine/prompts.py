@@ -14,14 +14,19 @@ from typing import Any
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from worker.engine.params import PARAM_NAMES, SamplingParams, merge_line_params
+from worker.engine.params import (
+    PARAM_NAMES,
+    SamplingParams,
+    check_length_hint,
+    merge_line_params,
+)
 from worker.engine.sequence import Request
 from worker.errors import RequestError
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 PARAM_FIELDS = PARAM_NAMES
-_LINE_FIELDS = frozenset({"id", "params", *PROMPT_FIELDS})
+_LINE_FIELDS = frozenset({"id", "params", "length_hint", *PROMPT_FIELDS})
 # Stands for message i's content while the template is rendered (private-use characters
 # that no template writes).
 _MARK = "\ue000{}\ue001"
@@ -89,7 +94,8 @@ def request_from_dict(
     defaults: SamplingParams | None = None,
     request_id: str | None = None,
 ) -> Request:
-    """Parse one JSONL line: {"id", one of prompt/messages/prompt_token_ids, "params", ...}.
+    """Parse one JSONL line: {"id", one of prompt/messages/prompt_token_ids, "params",
+    "length_hint"?, ...}.
 
     Sampling params may sit in "params" or as top-level keys (not both for the same
     name); they override `defaults`. The id is the line's "id", else `request_id`,
@@ -115,7 +121,8 @@ def request_from_dict(
         vocab_size=vocab_size,
         special_tokens_in_content=params.special_tokens_in_content,
     )
-    return Request(request_id=rid, prompt_token_ids=tuple(token_ids), params=params)
+    hint = check_length_hint(raw.get("length_hint"))
+    return Request(rid, tuple(token_ids), params, length_hint=hint)
 
 
 def _request_id(line_id: Any, fallback: str | None) -> str:

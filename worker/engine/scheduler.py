@@ -6,6 +6,12 @@ under one budget — running sequences first (a decode is one token, an
 unfinished prefill gets a chunk), then waiting ones in arrival order. When the
 KV pool runs dry the newest running sequence is preempted and later recomputed.
 
+Admission (`SchedulerConfig.admission`): "fcfs" admits a waiting sequence when its next chunk
+fits with a 1% watermark to spare; "predicted" admits it only when its prompt plus predicted
+output (`LengthPredictor`) fits beside what the running sequences are predicted to still
+need, so they rarely outgrow the pool and get preempted. A sequence that outgrows its
+prediction still runs; preemption remains the safety net.
+
 Prefix caching: a sequence's full, computed pages are offered to the allocator's cache
 (each step and when it leaves); a sequence being admitted starts from the longest run of
 cached pages matching its tokens, counted as computed, so only the rest is prefilled.
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 
 from worker.config import SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator
+from worker.engine.length_predictor import LengthPredictor
 from worker.engine.sequence import Sequence, SequenceStatus
 
 
@@ -50,13 +57,23 @@ class Scheduler:
     # grow for a while without immediately preempting the newcomer.
     WATERMARK = 0.01
 
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        allocator: BlockAllocator,
+        predictor: LengthPredictor | None = None,
+    ) -> None:
         self.config = config
         self.allocator = allocator
+        # Consulted only under predicted admission; whoever sees requests finish feeds it.
+        self.predictor = predictor if predictor is not None else LengthPredictor()
+        self._predicted = config.admission == "predicted"
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._watermark_blocks = int(self.WATERMARK * allocator.num_blocks)
         self.num_preemptions = 0
+        # Tokens prefilled again when preempted sequences are readmitted (less cache hits).
+        self.num_recomputed_tokens = 0
         # Prefix cache totals, in tokens, counted at each admission (a resumed sequence again).
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
@@ -64,6 +81,7 @@ class Scheduler:
     def reset_counters(self) -> None:
         """Zero the cumulative totals (after the engine's warm-up request)."""
         self.num_preemptions = 0
+        self.num_recomputed_tokens = 0
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
 
@@ -115,7 +133,14 @@ class Scheduler:
             # NOTE: on `break` seq left `running` (finished or preempted), so index i
             # already points at the next sequence.
 
-        # Then waiting sequences in arrival order, while they fit.
+        self._admit_waiting(budget, chunks, finished)
+        return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(finished))
+
+    def _admit_waiting(
+        self, budget: int, chunks: list[ScheduledChunk], finished: list[Sequence]
+    ) -> None:
+        """Admit waiting sequences in arrival order while the policy lets them in."""
+        reserved = self._reserved_blocks() if self._predicted else 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = self._cached_prefix(seq)
@@ -123,7 +148,12 @@ class Scheduler:
             num_new = min(seq.num_tokens - start, budget)
             need = self.allocator.blocks_for(start + num_new) - len(cached)
             free = self.allocator.num_free_blocks - self.allocator.num_unreferenced(cached)
-            if need + self._watermark_blocks > free and self.running:
+            predicted = self._predict(seq)
+            if predicted is None:  # fcfs, or nothing learnt yet for requests like this one
+                wanted = need + self._watermark_blocks + reserved
+            else:
+                wanted = self.allocator.blocks_for(predicted) - len(cached) + reserved
+            if wanted > free and self.running:
                 break
             if need > free:
                 if not self.running and not chunks:
@@ -134,12 +164,32 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(seq, cached)
+            seq.predicted_num_tokens = predicted
             grown = self._grow(seq, num_new)
             assert grown, "the pages were counted above"
             chunks.append(ScheduledChunk(seq, num_new))
             budget -= num_new
+            if self._predicted:
+                reserved += self._remaining_need(seq)
 
-        return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(finished))
+    def _predict(self, seq: Sequence) -> int | None:
+        """Prompt + predicted output tokens of `seq` (at least one more than it has), or None
+        under fcfs or while the predictor has seen too few requests like it."""
+        if not self._predicted:
+            return None
+        num_output = self.predictor.predict(seq.num_prompt_tokens, seq.params, seq.length_hint)
+        if num_output is None:
+            return None
+        return max(seq.num_prompt_tokens + num_output, seq.num_tokens + 1)
+
+    def _remaining_need(self, seq: Sequence) -> int:
+        """Pages running `seq` is predicted to still need; past its prediction (or with none),
+        the page of its next token."""
+        target = max(seq.predicted_num_tokens or 0, seq.num_tokens + 1)
+        return max(self.allocator.blocks_for(target) - len(seq.block_ids), 0)
+
+    def _reserved_blocks(self) -> int:
+        return sum(self._remaining_need(seq) for seq in self.running)
 
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         """Ensure `seq` has pages for its next `num_new` tokens; False if the pool is short."""
@@ -166,6 +216,8 @@ class Scheduler:
         seq.block_ids = list(cached)
         seq.num_cached_blocks = len(cached)
         seq.num_computed_tokens = len(cached) * self.allocator.block_size
+        if seq.num_preemptions:
+            self.num_recomputed_tokens += seq.num_tokens - seq.num_computed_tokens
         self.num_prefix_query_tokens += seq.num_tokens
         self.num_prefix_hit_tokens += seq.num_computed_tokens
         seq.status = SequenceStatus.RUNNING

@@ -17,12 +17,17 @@ from worker.errors import RequestError
 
 @dataclass(frozen=True)
 class Request:
-    """A validated, tokenized request ready for the engine."""
+    """A validated, tokenized request ready for the engine.
+
+    length_hint: the producer's guess of the output length (job field `length_hint`);
+    predicted-length admission uses it instead of what it learnt from finished requests.
+    """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
+    length_hint: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ class Sequence:
 
     `block_ids[:num_cached_blocks]` are pages already offered to the prefix cache (full and
     computed); `block_keys` caches their chained keys, grown as pages fill.
+
+    `predicted_num_tokens`: prompt + predicted output, set at admission under predicted-length
+    admission (None: no prediction, or fcfs).
     """
 
     def __init__(self, request: Request) -> None:
@@ -98,6 +106,8 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.params = request.params
         self.arrival_time = request.arrival_time
+        self.length_hint = request.length_hint
+        self.predicted_num_tokens: int | None = None
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.status = SequenceStatus.WAITING

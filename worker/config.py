@@ -67,14 +67,22 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching budget: tokens per forward pass and sequences per batch."""
+    """Continuous batching budget: tokens per forward pass and sequences per batch.
+
+    priority_aging_s: a waiting request's effective priority rises by one every this many
+    seconds since it was enqueued, so a steady flow of higher-priority work delays a job but
+    never starves it (workers apply the same rule when choosing which priority stream to read).
+    """
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
+    priority_aging_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("scheduler budgets must be >= 1")
+        if not self.priority_aging_s > 0:
+            raise ValueError("priority_aging_s must be > 0")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,14 @@
 There is no prefill phase and no decode phase (as in vLLM v1): every sequence
 has `num_computed_tokens` and `num_tokens`, and each step hands out tokens
 under one budget — running sequences first (a decode is one token, an
-unfinished prefill gets a chunk), then waiting ones in arrival order. When the
-KV pool runs dry the newest running sequence is preempted and later recomputed.
+unfinished prefill gets a chunk), then waiting ones. When the KV pool runs dry
+a running sequence is preempted and later recomputed.
+
+Priority: both queues are ordered by effective priority (highest first), then arrival
+(oldest first). Effective priority = the request's priority + one per
+`priority_aging_s` seconds since it arrived, so old work eventually outranks any newer
+work (no starvation). Waiting sequences are admitted in that order; the preemption victim
+is the last running one: lowest effective priority, newest among equals.
 
 Prefix caching: a sequence's full, computed pages are offered to the allocator's cache
 (each step and when it leaves); a sequence being admitted starts from the longest run of
@@ -13,8 +19,11 @@ cached pages matching its tokens, counted as computed, so only the rest is prefi
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from worker.config import SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator
@@ -50,8 +59,15 @@ class Scheduler:
     # grow for a while without immediately preempting the newcomer.
     WATERMARK = 0.01
 
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        allocator: BlockAllocator,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self._clock = clock  # the arrival times' clock (tests pass a fake one)
         self.allocator = allocator
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -91,8 +107,10 @@ class Scheduler:
         finished: list[Sequence] = []
         for seq in self.running:
             self._cache_pages(seq)
+        now = self._clock()
 
-        # Running sequences first, oldest first; preempt from the newest end.
+        # Running sequences first, by rank; preempt from the end (lowest rank).
+        self.running = self._by_rank(self.running, now)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -115,7 +133,8 @@ class Scheduler:
             # NOTE: on `break` seq left `running` (finished or preempted), so index i
             # already points at the next sequence.
 
-        # Then waiting sequences in arrival order, while they fit.
+        # Then waiting sequences by rank, while they fit (preempted ones included).
+        self.waiting = deque(self._by_rank(self.waiting, now))
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = self._cached_prefix(seq)
@@ -140,6 +159,21 @@ class Scheduler:
             budget -= num_new
 
         return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(finished))
+
+    def _by_rank(self, seqs: Iterable[Sequence], now: float) -> list[Sequence]:
+        """`seqs` by effective priority (highest first), then arrival (oldest first).
+
+        NOTE: among equal base priorities aging never reorders (older means at least as
+        aged), so the common all-equal case is one sort by arrival time.
+        """
+        by_arrival = sorted(seqs, key=attrgetter("arrival_time"))
+        if len({seq.priority for seq in by_arrival}) <= 1:
+            return by_arrival
+        aging_s = self.config.priority_aging_s
+        # Stable sort: arrival order is kept among equal effective priorities.
+        return sorted(
+            by_arrival, key=lambda seq: -(seq.priority + int((now - seq.arrival_time) // aging_s))
+        )
 
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         """Ensure `seq` has pages for its next `num_new` tokens; False if the pool is short."""
@@ -182,14 +216,15 @@ class Scheduler:
         seq.num_cached_blocks = num_full
 
     def _preempt(self, seq: Sequence) -> None:
-        """Drop `seq`'s KV (recompute later, less what stays cached) and put it first in line."""
+        """Drop `seq`'s KV (recompute later, less what stays cached) and put it back in line
+        (at its rank: ahead of newer requests of its effective priority)."""
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.append(seq)
 
     def _release(self, seq: Sequence, cache: bool = True) -> None:
         if cache:

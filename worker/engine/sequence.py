@@ -17,12 +17,18 @@ from worker.errors import RequestError
 
 @dataclass(frozen=True)
 class Request:
-    """A validated, tokenized request ready for the engine."""
+    """A validated, tokenized request ready for the engine.
+
+    priority: higher is admitted first, then earlier `arrival_time` (a `time.monotonic()`
+    value; the worker backdates it to the job's enqueue time so that aging counts the wait
+    in Redis too).
+    """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.params = request.params
         self.arrival_time = request.arrival_time
+        self.priority = request.priority
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.status = SequenceStatus.WAITING

@@ -28,7 +28,7 @@ TEXT_URL = "/v1/completions"
 
 _PARAM_FIELDS = PARAM_NAMES
 _PROMPT_KINDS = ("prompt", "messages", "prompt_token_ids")
-_SIMPLE_FIELDS = frozenset({"id", "custom_id", "params", *_PROMPT_KINDS})
+_SIMPLE_FIELDS = frozenset({"id", "custom_id", "params", "priority", *_PROMPT_KINDS})
 _OPENAI_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 # Body fields with the same name and meaning as ours, plus vLLM's extensions to the API.
 _BODY_PASSTHROUGH = frozenset(
@@ -129,7 +129,13 @@ def _simple_job(obj: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, A
         raise RequestError("invalid_request", f"unknown field {unknown[0]!r}")
     if "id" in obj and "custom_id" in obj:
         raise RequestError("invalid_request", "give id or custom_id, not both")
-    return _job(obj, merge_line_params(obj, defaults))
+    job = _job(obj, merge_line_params(obj, defaults))
+    priority = obj.get("priority")
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise RequestError("invalid_request", "priority must be an integer")
+        job["priority"] = priority  # routes the job to its level's stream (docs/protocol.md)
+    return job
 
 
 def _job(prompt: Mapping[str, Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 Reads only as many entries as the caller has room for, so un-started jobs held
 in memory stay bounded, from the priority levels' streams in their read order
-(worker/levels.py): a lower level gets only the room the higher ones left. Decoding is cheap and synchronous; tokenization (chat
-templates included) runs in a thread pool, one call per read batch, on private
-tokenizer copies (a fast tokenizer must not be shared with the publish stage's
-decoding across threads).
+(worker/levels.py): a lower level gets only the room the higher ones left.
+Decoding is cheap and synchronous; tokenization (chat templates included) runs in
+a thread pool, one call per read batch, on private tokenizer copies (a fast
+tokenizer must not be shared with the publish stage's decoding across threads).
 """
 
 from __future__ import annotations

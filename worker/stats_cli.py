@@ -134,7 +134,8 @@ def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> Que
     )
     rows = client.xinfo_consumers(keys.requests, keys.group) if group else []
     for level in levels:
-        rows += client.xinfo_consumers(level.stream, keys.group) if level.lag is not None else []
+        if _group(client, keys, level.stream) is not None:
+            rows += client.xinfo_consumers(level.stream, keys.group)
     reports = {_text(k): msgpack.unpackb(v) for k, v in client.hgetall(keys.workers).items()}
     names = sorted({_text(r["name"]) for r in rows} | set(reports))
     pending_of = dict.fromkeys(names, 0)

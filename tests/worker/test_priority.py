@@ -51,10 +51,12 @@ def test_a_high_priority_job_overtakes_a_thousand_queued_jobs(engine, redis_url,
 
     urgent_queued, urgent_started = entry_time_ms(urgent_entry), started_ms("urgent", urgent_entry)
     starts = [started_ms(f"q{i}", eid) for i, eid in enumerate(backlog)]
-    # Backlog jobs that started while the urgent one waited: only those the worker held
-    # already (read before it was submitted, at most `held`); none of the ~900 left in Redis.
+    # Backlog jobs that started while the urgent one waited: those the worker held already
+    # (read before it was submitted: at most `held`) and those admitted in the same engine
+    # step as it (max_num_seqs - 1 at most); none of the ~900 still queued in Redis.
     overtaking = [s for s in starts if urgent_queued < s < urgent_started]
-    assert len(overtaking) <= held, (len(overtaking), held)
+    max_num_seqs = engine.config.scheduler.max_num_seqs
+    assert len(overtaking) <= held + max_num_seqs - 1, (len(overtaking), held)
     # Its wait is a small fraction of the backlog's median wait (~500 jobs' worth of steps).
     low_waits = [got[f"q{i}"][0].timings["ttft_ms"] for i in range(BACKLOG)]
     urgent_wait = got["urgent"][0].timings["ttft_ms"]

@@ -89,3 +89,25 @@ def test_every_level_stream_is_served_and_stats_show_the_levels(engine, redis_ur
     for stream in KEYS.request_streams:
         assert client.xlen(stream) == 0, stream
         assert client.xpending(stream, KEYS.group)["pending"] == 0, stream
+
+
+def test_a_duplicate_in_another_level_is_deleted_with_the_running_copy_result(
+    engine, redis_url, client
+):
+    high = KEYS.request_stream(1)
+    long = {"max_tokens": 300, "ignore_eos": True, "temperature": 0.0}
+    with InProcessWorker(worker_config(redis_url, engine.config), engine) as worker:
+        push(client, [job("twice", "Once upon a time", **long)])
+        inflight = worker.service.inflight
+        wait_for(lambda: "twice" in inflight and inflight["twice"].running, 30, "twice running")
+        # The same id resubmitted at high priority: acked at once, kept until the final result.
+        push(client, [job("twice", "Once upon a time", priority=1, **long)], high)
+        wait_for(
+            lambda: client.xlen(high) == 1 and client.xpending(high, KEYS.group)["pending"] == 0,
+            10,
+            "the duplicate acked",
+        )
+        assert "twice" not in finals(client), "must still run for this check"
+        wait_for(lambda: "twice" in finals(client), 60, "the final result")
+        wait_for(lambda: client.xlen(high) + client.xlen(KEYS.requests) == 0, 10, "both deleted")
+    assert len(finals(client)["twice"]) == 1

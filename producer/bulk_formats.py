@@ -33,7 +33,7 @@ TEXT_URL = "/v1/completions"
 
 _PARAM_FIELDS = PARAM_NAMES
 _PROMPT_KINDS = ("prompt", "messages", "prompt_token_ids")
-_SIMPLE_FIELDS = frozenset({"id", "custom_id", "params", "length_hint", *_PROMPT_KINDS})
+_SIMPLE_FIELDS = frozenset({"id", "custom_id", "params", "length_hint", "priority", *_PROMPT_KINDS})
 _OPENAI_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 # Body fields with the same name and meaning as ours, plus vLLM's extensions to the API.
 _BODY_PASSTHROUGH = frozenset(
@@ -137,6 +137,11 @@ def _simple_job(obj: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, A
     job = _job(obj, merge_line_params(obj, defaults))
     if obj.get("length_hint") is not None:
         job["length_hint"] = check_length_hint(obj["length_hint"])
+    priority = obj.get("priority")
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise RequestError("invalid_request", "priority must be an integer")
+        job["priority"] = priority  # routes the job to its level's stream (docs/protocol.md)
     return job
 
 

@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="higher runs first: > 0 goes to the high stream, < 0 to the low one (default 0)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT_S,
@@ -93,7 +99,7 @@ def _job_fields(args: argparse.Namespace) -> dict[str, Any]:
         )
         if value is not None
     }
-    job: dict[str, Any] = {"params": params, "stream": args.stream}
+    job: dict[str, Any] = {"params": params, "stream": args.stream, "priority": args.priority}
     if args.text is not None:
         job["prompt"] = args.text
     else:

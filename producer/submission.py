@@ -1,7 +1,8 @@
 """Submission (producer side of protocol v1): claim a job id and queue the job; find it again.
 
 A job id is an idempotency key. The first submission of an id claims
-`{ns}:submitted:{id}` and appends the job to the request stream in one script; a
+`{ns}:submitted:{id}` and appends the job to the request stream of its priority level
+(`Keys.request_stream`) in one script; a
 later submission finds the claim (or the id's final result) and appends nothing, so
 the id never runs twice and its caller gets the first submission's result.
 `locate` tells where submitted jobs are, so that a producer can notice the ones
@@ -52,7 +53,8 @@ return entry
 
 @dataclass(frozen=True)
 class Submission:
-    """One submitted job. entry_id: its request stream entry; None when `reused`.
+    """One submitted job. entry_id: its entry in `stream` (the request stream of its
+    priority level); both None when `reused`.
 
     reused: the id had been submitted before (it is an idempotency key): nothing was
         queued, and the job's result is that earlier submission's.
@@ -61,6 +63,7 @@ class Submission:
     id: str
     entry_id: str | None
     reused: bool = False
+    stream: str | None = None
 
 
 class Submitter:
@@ -88,14 +91,18 @@ class Submitter:
                 pipe.evalsha(
                     self._script.sha,
                     3,
-                    *(keys.submitted(job.id), keys.result(job.id), keys.requests),
+                    *(
+                        keys.submitted(job.id),
+                        keys.result(job.id),
+                        keys.request_stream(job.priority),
+                    ),
                     *(token, self._claim_ttl_s, encode_job(job), int(resubmit), job.reply_to),
                 )
             entry_ids = await pipe.execute()
         return [
             Submission(job.id, None, reused=True)
             if entry_id is None
-            else Submission(job.id, _text(entry_id))
+            else Submission(job.id, _text(entry_id), stream=keys.request_stream(job.priority))
             for job, entry_id in zip(jobs, entry_ids, strict=True)
         ]
 
@@ -115,9 +122,10 @@ class Submitter:
         keys = self._keys
         async with self._redis.pipeline(transaction=True) as pipe:
             for sub in queued:
+                stream = sub.stream or keys.requests
                 pipe.exists(keys.result(sub.id))
-                pipe.xrange(keys.requests, sub.entry_id, sub.entry_id, count=1)
-                pipe.xpending_range(keys.requests, keys.group, sub.entry_id, sub.entry_id, 1)
+                pipe.xrange(stream, sub.entry_id, sub.entry_id, count=1)
+                pipe.xpending_range(stream, keys.group, sub.entry_id, sub.entry_id, 1)
             replies = await pipe.execute(raise_on_error=False)
         places = {}
         for i, sub in enumerate(queued):

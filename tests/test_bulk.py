@@ -474,3 +474,14 @@ def test_simple_params_merge_and_conflicts() -> None:
     assert both.error.code == "invalid_params" and "seed" in both.error.message
     two = parse(SIMPLE, {"prompt": "p", "messages": []})
     assert (two.key, two.error.code) == ("line-1", "invalid_request")
+
+
+def test_simple_lines_carry_a_priority() -> None:
+    assert parse(SIMPLE, {"prompt": "p", "priority": 2}).job == {
+        "prompt": "p",
+        "params": {},
+        "priority": 2,
+    }
+    assert "priority" not in parse(SIMPLE, {"prompt": "p"}).job
+    bad = parse(SIMPLE, {"prompt": "p", "priority": "high"})
+    assert bad.error.code == "invalid_request" and "priority" in bad.error.message

@@ -284,6 +284,26 @@ def test_locate_tells_done_queued_and_lost_jobs(redis_url: str) -> None:
     asyncio.run(_with_raw(redis_url, main))
 
 
+def test_priority_routes_jobs_to_their_level_stream_and_locate_follows(redis_url: str) -> None:
+    async def main(raw: aioredis.Redis) -> None:
+        async with AsyncClient(redis_url) as client:
+            jobs = [("hi", 3), ("zero", 0), ("lo", -2)]
+            subs = await client.enqueue({"id": i, "prompt": i, "priority": p} for i, p in jobs)
+            for sub, (job_id, priority) in zip(subs, jobs, strict=True):
+                stream = KEYS.request_stream(priority)
+                assert sub.stream == stream
+                [(entry_id, fields)] = await raw.xrange(stream)
+                assert entry_id.decode() == sub.entry_id
+                assert decode_job(fields[JOB_FIELD.encode()], max_bytes=4096).id == job_id
+            # Priority 0 goes exactly where it always went.
+            assert KEYS.request_stream(0) == KEYS.requests == "headrace:requests"
+            assert await client.locate(subs) == dict.fromkeys(["hi", "zero", "lo"], QUEUED)
+            await raw.delete(KEYS.request_stream(3))
+            assert (await client.locate(subs))["hi"] == LOST
+
+    asyncio.run(_with_raw(redis_url, main))
+
+
 async def _with_raw(redis_url: str, main) -> None:
     async with aioredis.Redis.from_url(redis_url) as raw:
         await main(raw)

@@ -190,3 +190,101 @@ def test_length_hint_overrides_what_was_seen() -> None:
     a.predicted_num_tokens = 1
     assert a.num_tokens == 8 and len(a.block_ids) == 2
     assert sched._remaining_need(a) == 1  # the 9th token needs a third page
+
+
+class FakeClock:
+    """A settable clock for the scheduler's aging (seconds, like time.monotonic)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _prio_seq(name: str, num_prompt: int, priority: int, arrival: float) -> Sequence:
+    tokens = tuple(range(1, num_prompt + 1))
+    return Sequence(Request(name, tokens, arrival_time=arrival, priority=priority))
+
+
+def test_waiting_sequences_are_admitted_by_priority_then_arrival() -> None:
+    clock = FakeClock()
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=3),
+        BlockAllocator(32, 4),
+        clock=clock,
+    )
+    for name, prio, arrival in [("low", -1, 1.0), ("a0", 0, 2.0), ("hi", 5, 9.0), ("b0", 0, 3.0)]:
+        sched.add(_prio_seq(name, 2, prio, clock.now - 10 + arrival))
+    plan = sched.schedule()
+    assert [c.seq.request_id for c in plan.chunks] == ["hi", "a0", "b0"]
+    assert [s.request_id for s in sched.waiting] == ["low"]
+
+
+def test_preemption_victim_is_the_lowest_priority_then_newest_running_sequence() -> None:
+    clock = FakeClock()
+    alloc = BlockAllocator(6, 4)  # 24 tokens in all
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), alloc, clock=clock
+    )
+    # "old_low" arrived first but has the lowest priority; "new_hi" is newest but highest.
+    seqs = {
+        "old_low": _prio_seq("old_low", 7, 0, clock.now - 3),
+        "mid": _prio_seq("mid", 7, 1, clock.now - 2),
+        "new_hi": _prio_seq("new_hi", 7, 2, clock.now - 1),
+    }
+    for seq in seqs.values():
+        sched.add(seq)
+    preempted: list[Sequence] = []
+    for _ in range(4):
+        plan = sched.schedule()
+        preempted += plan.preempted
+        run_plan(plan)
+    assert preempted and preempted[0] is seqs["old_low"]
+    assert seqs["new_hi"].num_preemptions == 0
+
+
+def test_preemption_among_equal_priorities_takes_the_newest() -> None:
+    clock = FakeClock()
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4),
+        BlockAllocator(4, 4),
+        clock=clock,
+    )
+    old, new = _prio_seq("old", 7, 1, clock.now - 2), _prio_seq("new", 7, 1, clock.now - 1)
+    sched.add(new)  # added first, but arrived later: rank follows arrival, not add order
+    sched.add(old)
+    preempted: list[Sequence] = []
+    for _ in range(6):
+        plan = sched.schedule()
+        preempted += plan.preempted
+        run_plan(plan)
+    assert preempted and all(s is new for s in preempted)
+
+
+def test_aging_admits_a_low_priority_request_while_high_priority_ones_keep_arriving() -> None:
+    """The rule: effective priority = priority + floor(wait / priority_aging_s). A request of
+    priority p waiting behind a stream of fresh priority-q requests (q > p) is admitted once it
+    has waited (q - p) * aging_s: then it ties with them and its earlier arrival wins."""
+    clock = FakeClock()
+    aging_s = 10.0
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=1, priority_aging_s=aging_s),
+        BlockAllocator(64, 4),
+        clock=clock,
+    )
+    low = _prio_seq("low", 2, -1, clock.now)
+    sched.add(low)
+    admitted_at = None
+    for step in range(100):
+        # A fresh priority-1 request arrives every second; the one running finishes each step.
+        sched.add(_prio_seq(f"hi{step}", 2, 1, clock.now))
+        plan = sched.schedule()
+        [chunk] = plan.chunks
+        if chunk.seq is low:
+            admitted_at = clock.now - low.arrival_time
+            break
+        sched.finish(chunk.seq, "stop")
+        clock.now += 1.0
+    assert admitted_at is not None, "the low-priority request starved"
+    assert admitted_at == 2 * aging_s  # two levels below: two aging periods

@@ -61,7 +61,10 @@ def dead_letter(client: redis.Redis, entry_id: str, payload: bytes) -> None:
         None, KEYS, "w-live", claim_idle_ms=1, max_attempts=1, liveness_ttl_s=1, held=tuple
     )
     error = RequestError("max_attempts_exceeded", "delivered 2 times")
-    client.xadd(KEYS.dead_letter, recovery.dead_letter_fields(Entry(entry_id, payload, 2), error))
+    client.xadd(
+        KEYS.dead_letter,
+        recovery.dead_letter_fields(Entry(KEYS.requests, entry_id, payload, 2), error),
+    )
 
 
 def test_stats_reports_queue_pending_dead_letters_and_throughput(redis_url, client, capsys):

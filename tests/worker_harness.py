@@ -52,19 +52,26 @@ def worker_config(redis_url: str, engine: EngineConfig, **overrides: Any) -> Wor
 
 def job(job_id: str, prompt: str = "Hello", reply_to: str = REPLY, **params: Any) -> Job:
     stream = bool(params.pop("stream", False))
-    return Job(id=job_id, reply_to=reply_to, prompt=prompt, params=params, stream=stream)
+    priority = int(params.pop("priority", 0))
+    return Job(
+        id=job_id, reply_to=reply_to, prompt=prompt, params=params, stream=stream, priority=priority
+    )
 
 
-def push(client: redis.Redis, jobs: Iterable[Job | bytes | dict[str, bytes]]) -> list[str]:
-    """XADD each job (or raw payload, or raw entry fields) to the requests stream; returns the
-    entry ids."""
+def push(
+    client: redis.Redis,
+    jobs: Iterable[Job | bytes | dict[str, bytes]],
+    stream: str = KEYS.requests,
+) -> list[str]:
+    """XADD each job (or raw payload, or raw entry fields) to a request stream (default: the
+    default priority level's); returns the entry ids."""
     pipe = client.pipeline(transaction=False)
     for item in jobs:
         if isinstance(item, dict):
-            pipe.xadd(KEYS.requests, item)
+            pipe.xadd(stream, item)
         else:
             payload = item if isinstance(item, bytes) else encode_job(item)
-            pipe.xadd(KEYS.requests, {JOB_FIELD: payload})
+            pipe.xadd(stream, {JOB_FIELD: payload})
     return [eid.decode() for eid in pipe.execute()]
 
 

@@ -76,11 +76,15 @@ class SchedulerConfig:
     (a 1% watermark kept free); "predicted" admits one only when its prompt plus predicted
     output (`LengthPredictor`) fits beside the predicted remaining need of the running ones,
     so fewer are preempted and recomputed under KV pressure. Preemption stays the safety net.
+    priority_aging_s: a waiting request's effective priority rises by one every this many
+    seconds since it was enqueued, so a steady flow of higher-priority work delays a job but
+    never starves it (workers apply the same rule when choosing which priority stream to read).
     """
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     admission: str = "fcfs"
+    priority_aging_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -89,6 +93,8 @@ class SchedulerConfig:
             raise ValueError(
                 f"admission must be one of {ADMISSION_POLICIES}, got {self.admission!r}"
             )
+        if not self.priority_aging_s > 0:
+            raise ValueError("priority_aging_s must be > 0")
 
 
 @dataclass(frozen=True)

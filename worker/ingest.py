@@ -1,10 +1,11 @@
 """Ingest stage: XREADGROUP with backpressure, decode and validate at the boundary, tokenize off-loop.
 
 Reads only as many entries as the caller has room for, so un-started jobs held
-in memory stay bounded. Decoding is cheap and synchronous; tokenization (chat
-templates included) runs in a thread pool, one call per read batch, on private
-tokenizer copies (a fast tokenizer must not be shared with the publish stage's
-decoding across threads).
+in memory stay bounded, from the priority levels' streams in their read order
+(worker/levels.py): a lower level gets only the room the higher ones left.
+Decoding is cheap and synchronous; tokenization (chat templates included) runs in
+a thread pool, one call per read batch, on private tokenizer copies (a fast
+tokenizer must not be shared with the publish stage's decoding across threads).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from worker.config import SchedulerConfig
 from worker.engine.prompts import encode_prompt
 from worker.errors import RequestError
 from worker.keys import Keys
+from worker.levels import LevelReader
 from worker.protocol import Job, JobDecodeError, decode_job
 from worker.recovery import Entry, entry_from_fields
 from worker.resilience import TRANSIENT, Backoff
@@ -61,6 +64,7 @@ class Ingest:
         max_model_len: int,
         vocab_size: int,
         max_payload_bytes: int,
+        priority_aging_s: float = SchedulerConfig.priority_aging_s,
         threads: int = 1,
     ) -> None:
         self._redis = client
@@ -70,42 +74,51 @@ class Ingest:
         self._max_model_len = max_model_len
         self._vocab_size = vocab_size
         self._max_payload_bytes = max_payload_bytes
+        self._levels = LevelReader(client, keys, priority_aging_s)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="headrace-tokenize")
         self._local = threading.local()
         self.num_read = 0
 
     async def ensure_group(self) -> None:
-        """Create the consumer group (and the stream) unless it exists."""
-        try:
-            await self._redis.xgroup_create(
-                self._keys.requests, self._keys.group, id="0", mkstream=True
-            )
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the consumer group (and the stream) of each priority level unless it exists."""
+        for stream in self._keys.request_streams:
+            try:
+                await self._redis.xgroup_create(stream, self._keys.group, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def read(self, count: int, block_ms: int | None) -> list[Entry]:
         """Up to `count` never-delivered entries, waiting at most `block_ms` for the first.
 
+        Streams are read one by one in their read order, each for the room still left;
+        only when all are empty does one blocking read wait on all of them (one entry
+        each: in a race with several producers the room can be overrun by a level or two).
         A missing group (NOGROUP) raises: the caller re-creates it (worker/resilience.py).
         """
         if count <= 0:
             return []
+        entries: list[Entry] = []
+        for stream in await self._levels.order():
+            if len(entries) >= count:
+                break
+            entries += await self._read({stream: ">"}, count - len(entries), None)
+        if not entries and block_ms is not None:
+            streams = dict.fromkeys(await self._levels.order(), ">")
+            entries = await self._read(streams, 1, block_ms)
+        self.num_read += len(entries)
+        return entries
+
+    async def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Entry]:
         reply = await self._redis.xreadgroup(
-            self._keys.group,
-            self._consumer,
-            {self._keys.requests: ">"},
-            count=count,
-            block=block_ms,
+            self._keys.group, self._consumer, streams, count=count, block=block_ms
         )
-        entries = [
-            entry_from_fields(entry_id, fields, attempt=1)
-            for _, messages in reply or ()
+        return [
+            entry_from_fields(_text(stream), entry_id, fields, attempt=1)
+            for stream, messages in reply or ()
             for entry_id, fields in messages
             if entry_id is not None
         ]
-        self.num_read += len(entries)
-        return entries
 
     def decode(self, entry: Entry) -> Job:
         """Validate one entry's job. Raises JobDecodeError (with whatever ids were salvaged)."""
@@ -238,3 +251,7 @@ class Ingest:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -13,6 +13,21 @@ JOB_FIELD = "job"
 RESULT_FIELD = "result"
 CONSUMER_GROUP = "headrace"
 
+# (request stream, entry id): an entry id is unique only within its stream.
+EntryRef = tuple[str, str]
+
+# Priority levels (protocol): a job's `priority` picks the request stream of its level,
+# and workers read the streams from the highest level down. Level 0 (priority 0, the
+# default) is the original `{ns}:requests`, so producers and workers that predate the
+# levels keep working unchanged for priority-0 jobs.
+PRIORITY_LEVELS = (1, 0, -1)
+LEVEL_NAMES = {1: "high", 0: "default", -1: "low"}
+
+
+def priority_level(priority: int) -> int:
+    """The stream level of a job priority: 1 above zero, -1 below, else 0."""
+    return 1 if priority > 0 else -1 if priority < 0 else 0
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -33,9 +48,20 @@ class Keys:
         an entry once its final result is written and acked (the group must be the only one)."""
         return f"{self.namespace}:requests"
 
+    def request_stream(self, priority: int) -> str:
+        """The stream a job of `priority` goes to: `requests` for 0, `requests:high` above,
+        `requests:low` below (the same contract as `requests`, one consumer group each)."""
+        level = priority_level(priority)
+        return self.requests if level == 0 else f"{self.requests}:{LEVEL_NAMES[level]}"
+
+    @property
+    def request_streams(self) -> tuple[str, ...]:
+        """Every request stream, highest level first (the order workers read them in)."""
+        return tuple(self.request_stream(level) for level in PRIORITY_LEVELS)
+
     @property
     def group(self) -> str:
-        """Consumer group of the workers on `requests`."""
+        """Consumer group of the workers on each request stream (the same name on each)."""
         return CONSUMER_GROUP
 
     @property

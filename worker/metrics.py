@@ -25,6 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from worker.keys import LEVEL_NAMES, priority_level
 from worker.protocol import Result
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,14 @@ class Metrics:
         self.queue_wait = Histogram(
             "headrace_request_queue_time_seconds",
             "Enqueue to hand-off to the engine (stream wait + tokenization)",
+            buckets=_LONG_BUCKETS,
+            registry=reg,
+        )
+        self.priority_wait = Histogram(
+            "headrace_priority_queue_wait_seconds",
+            "Enqueue to the job's first engine output (the end of its admission step when its "
+            "prompt fits one step), by priority level: high, default or low",
+            ["priority"],
             buckets=_LONG_BUCKETS,
             registry=reg,
         )
@@ -156,6 +165,10 @@ class Metrics:
     def add_generation_tokens(self, n: int) -> None:
         self.generation_tokens.inc(n)
         self.total_generation_tokens += n
+
+    def observe_priority_wait(self, priority: int, seconds: float) -> None:
+        """Record how long a job of `priority` waited for the engine to take it."""
+        self.priority_wait.labels(LEVEL_NAMES[priority_level(priority)]).observe(seconds)
 
     def observe_result(self, result: Result) -> None:
         """Count one final result and record its latencies (from `result.timings`, in ms)."""

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from worker.engine.detokenizer import TextStream
 from worker.engine.sequence import Request, TokenLogprobs, TokenOutput
 from worker.errors import RequestError
-from worker.keys import Keys
+from worker.keys import EntryRef, Keys
 from worker.metrics import Metrics
 from worker.protocol import (
     STATUS_CANCELLED,
@@ -64,11 +64,12 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('XDEL', KEYS[1], ARGV[2])
 """
 
-# KEYS: result key, reply stream ('' = nobody to answer), requests stream, dead-letter
-# stream ('' = none).
+# KEYS: result key, reply stream ('' = nobody to answer), the entry's request stream,
+# dead-letter stream ('' = none).
 # ARGV: payload, ttl s (result key and reply stream), reply maxlen, group, entry id,
-# dead-letter maxlen, n, then n more entry ids of this job to delete (duplicates acked
-# earlier), then the dead-letter entry's field/value pairs.
+# dead-letter maxlen, n, then n (request stream, entry id) pairs: other entries of this job
+# to delete (duplicates acked earlier, possibly in another priority level's stream), then
+# the dead-letter entry's field/value pairs.
 # Returns 1 if this call published the final result, 0 if one already existed.
 # The dead-letter entry is written only with the first final result, so an entry reclaimed
 # again while its refusal was being written is not dead-lettered twice.
@@ -85,10 +86,13 @@ if first and KEYS[2] ~= '' then
 end
 local extra = tonumber(ARGV[7])
 if first and KEYS[4] ~= '' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8 + extra))
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8 + 2 * extra))
 end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
-redis.call('XDEL', KEYS[3], ARGV[5], unpack(ARGV, 8, 7 + extra))
+redis.call('XDEL', KEYS[3], ARGV[5])
+for i = 8, 7 + 2 * extra, 2 do
+  redis.call('XDEL', ARGV[i], ARGV[i + 1])
+end
 if first then return 1 end
 return 0
 """
@@ -113,6 +117,7 @@ class JobState:
     entry_id: str
     job: Job
     attempt: int
+    stream: str  # the request stream holding the entry (one per priority level)
     request: Request | None = None  # set once it is handed to the engine
     text: TextStream | None = None  # incremental text, for stream jobs and stop strings only
     token_ids: list[int] = field(default_factory=list)
@@ -121,9 +126,13 @@ class JobState:
     first_token_ms: float | None = None
     cancel_requested: bool = False
     # Other entries of this job id, acked while it ran: deleted with its final result.
-    duplicates: list[str] = field(default_factory=list)
+    duplicates: list[EntryRef] = field(default_factory=list)
     text_flushed: bool = False
     done: bool = False  # final result queued: later engine outputs are ignored
+
+    @property
+    def ref(self) -> EntryRef:
+        return (self.stream, self.entry_id)
 
     @property
     def running(self) -> bool:
@@ -174,6 +183,8 @@ class Publisher:
             return False
         if state.first_token_ms is None and out.new_token_ids:
             state.first_token_ms = now_ms()
+            waited_ms = state.first_token_ms - entry_time_ms(state.entry_id)
+            self._metrics.observe_priority_wait(state.job.priority, max(0.0, waited_ms) / 1000)
         state.token_ids.extend(out.new_token_ids)
         state.logprobs.extend(out.logprobs)
         self._metrics.add_generation_tokens(len(out.new_token_ids))
@@ -252,7 +263,7 @@ class Publisher:
 
     def refuse(
         self,
-        entry_id: str,
+        entry: EntryRef,
         job_id: str,
         reply_to: str | None,
         error: RequestError,
@@ -269,13 +280,13 @@ class Publisher:
         """
         result = error_result(job_id, error, worker=self._worker, attempt=attempt)
         self._metrics.observe_result(result)
-        self._queue_final(entry_id, job_id, reply_to, encode_result(result), on_done, dead_letter)
+        self._queue_final(entry, job_id, reply_to, encode_result(result), on_done, dead_letter)
 
     def _finish(self, state: JobState, result: Result) -> None:
         state.done = True
         self._metrics.observe_result(result)
         self._queue_final(
-            state.entry_id,
+            state.ref,
             state.job.id,
             state.job.reply_to,
             encode_result(result),
@@ -285,18 +296,19 @@ class Publisher:
 
     def _queue_final(
         self,
-        entry_id: str,
+        entry: EntryRef,
         job_id: str,
         reply_to: str | None,
         payload: bytes,
         on_done: Callable[[bool], None] | None,
         dead_letter: dict[str, Any] | None = None,
-        duplicates: list[str] | tuple[str, ...] = (),
+        duplicates: list[EntryRef] | tuple[EntryRef, ...] = (),
     ) -> None:
+        stream, entry_id = entry
         dead_stream = self._keys.dead_letter if dead_letter else ""
-        keys = [self._keys.result(job_id), reply_to or "", self._keys.requests, dead_stream]
+        keys = [self._keys.result(job_id), reply_to or "", stream, dead_stream]
         args = [payload, self._ttl, self._maxlen, self._keys.group, entry_id, DEAD_LETTER_MAXLEN]
-        args += [len(duplicates), *duplicates]
+        args += [len(duplicates), *(part for ref in duplicates for part in ref)]
         for name, value in (dead_letter or {}).items():
             args += [name, value]
         self._queue(lambda pipe: self._eval_final(pipe, keys, args), on_done, final=True)
@@ -329,21 +341,21 @@ class Publisher:
         self._idle.clear()
         self._wake.set()
 
-    def ack(self, entry_id: str, on_done: Callable[[], None] | None = None) -> None:
+    def ack(self, entry: EntryRef, on_done: Callable[[], None] | None = None) -> None:
         """Ack and delete an entry that needs no result (its job's final result exists, or is
         queued before this ack: ops are written in order)."""
-        stream, group = self._keys.requests, self._keys.group
+        (stream, entry_id), group = entry, self._keys.group
         done = None if on_done is None else lambda _ok: on_done()
         self._queue(lambda pipe: pipe.eval(_ACK_DELETE_LUA, 1, stream, group, entry_id), done)
 
-    def ack_duplicate(self, holder: JobState, entry_id: str) -> None:
+    def ack_duplicate(self, holder: JobState, entry: EntryRef) -> None:
         """Ack another entry of a job that `holder` is running; it is deleted with the final
         result (until then a producer locating that entry still finds it queued)."""
         if holder.done:
-            self.ack(entry_id)  # its final result is queued already
+            self.ack(entry)  # its final result is queued already
             return
-        holder.duplicates.append(entry_id)
-        stream, group = self._keys.requests, self._keys.group
+        holder.duplicates.append(entry)
+        (stream, entry_id), group = entry, self._keys.group
         self._queue(lambda pipe: pipe.xack(stream, group, entry_id))
 
     async def run(self) -> None:

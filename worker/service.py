@@ -27,9 +27,10 @@ from worker.engine.sequence import Request
 from worker.engine_loop import EngineEvent, EngineLoop
 from worker.errors import RequestError
 from worker.ingest import ALREADY_DONE, CANCELLED, Ingest
+from worker.keys import EntryRef
 from worker.metrics import Health, Metrics, MetricsServer, monitor
 from worker.protocol import STATUS_CANCELLED, JobDecodeError
-from worker.publish import JobState, Publisher, now_ms
+from worker.publish import JobState, Publisher, entry_time_ms, now_ms
 from worker.recovery import Entry, Recovery
 from worker.redis_url import connect_async, redact_url
 from worker.resilience import TRANSIENT, Interrupted, Retrier, Supervisor
@@ -68,7 +69,7 @@ class WorkerService:
         self.num_failed = 0
         # Entries refused (undecodable, or out of attempts) whose error result is not yet
         # written: their claims are kept fresh and a reclaim of one is ignored.
-        self._refusing: set[str] = set()
+        self._refusing: set[EntryRef] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
@@ -197,7 +198,7 @@ class WorkerService:
         log.info(
             "worker %s ready on %s (%s)",
             self.config.consumer,
-            self.keys.requests,
+            ", ".join(self.keys.request_streams),
             redact_url(cfg.redis_url),
         )
         return True
@@ -212,6 +213,7 @@ class WorkerService:
             max_model_len=engine.max_model_len,
             vocab_size=getattr(engine, "vocab_size", len(engine.tokenizer)),
             max_payload_bytes=cfg.max_payload_bytes,
+            priority_aging_s=cfg.engine.scheduler.priority_aging_s,
             threads=cfg.tokenizer_threads,
         )
         self.recovery = Recovery(
@@ -257,9 +259,9 @@ class WorkerService:
         if self._stopping is not None:
             self._stop_now(force=True)
 
-    def _held_entries(self) -> list[str]:
-        """Entry ids this worker answers for now: in flight, or being refused."""
-        return [s.entry_id for s in self.inflight.values()] + list(self._refusing)
+    def _held_entries(self) -> list[EntryRef]:
+        """Entries this worker answers for now: in flight, or being refused."""
+        return [s.ref for s in self.inflight.values()] + list(self._refusing)
 
     async def _drain(self) -> None:
         assert self._changed is not None
@@ -287,7 +289,7 @@ class WorkerService:
             self.engine_loop.abort(state.job.id)
             self.inflight.pop(state.job.id, None)
         with contextlib.suppress(*_EXIT_ERRORS):
-            await self.recovery.release([s.entry_id for s in states])
+            await self.recovery.release([s.ref for s in states])
 
     async def _shutdown(self) -> None:
         assert self._closing is not None
@@ -368,7 +370,7 @@ class WorkerService:
         """
         states = []
         for entry in entries:
-            if entry.entry_id in self._refusing:
+            if entry.ref in self._refusing:
                 continue  # our own refusal, reclaimed before its ack landed
             if self.recovery.exhausted(entry):
                 self._dead_letter(entry)
@@ -381,10 +383,10 @@ class WorkerService:
             holder = self.inflight.get(job.id)
             if holder is not None:
                 # Our own entry reclaimed, or a resubmitted id: the running copy answers for it.
-                if holder.entry_id != entry.entry_id:
-                    self.publisher.ack_duplicate(holder, entry.entry_id)
+                if holder.ref != entry.ref:
+                    self.publisher.ack_duplicate(holder, entry.ref)
                 continue
-            state = JobState(entry.entry_id, job, entry.attempt)
+            state = JobState(entry.entry_id, job, entry.attempt, entry.stream)
             self.inflight[job.id] = state
             states.append(state)
         self.peak_inflight = max(self.peak_inflight, len(self.inflight) + len(self._refusing))
@@ -407,7 +409,7 @@ class WorkerService:
         for state, verdict in zip(states, verdicts, strict=True):
             if verdict == ALREADY_DONE:
                 state.done = True
-                self.publisher.ack(state.entry_id, lambda s=state: self._release(s))
+                self.publisher.ack(state.ref, lambda s=state: self._release(s))
             elif verdict == CANCELLED or state.cancel_requested:
                 self.publisher.final(state, STATUS_CANCELLED, "abort")
             elif (error := self.ingest.expired(state.job)) is not None:
@@ -423,12 +425,22 @@ class WorkerService:
                 self.publisher.final(state, STATUS_CANCELLED, "abort")
             else:
                 ready.append((state, tok.token_ids))
-        for state, token_ids in sorted(ready, key=lambda item: -item[0].job.priority):
+        for state, token_ids in ready:  # the engine orders them by priority
             self._start(state, token_ids)
 
     def _start(self, state: JobState, token_ids: tuple[int, ...]) -> None:
         params = state.job.sampling_params()  # validated by decode_job, cannot raise here
-        state.request = Request(state.job.id, token_ids, params, length_hint=state.job.length_hint)
+        # Arrival backdated to the enqueue time: the engine's order and aging count the wait
+        # in Redis too, so a job read late is not ranked behind newer ones of its priority.
+        waited_s = max(0.0, now_ms() - entry_time_ms(state.entry_id)) / 1000
+        state.request = Request(
+            state.job.id,
+            token_ids,
+            params,
+            arrival_time=time.monotonic() - waited_s,
+            length_hint=state.job.length_hint,
+            priority=state.job.priority,
+        )
         if state.job.stream or params.stop:
             state.text = TextStream(self.engine.tokenizer, token_ids, params)
         state.started_ms = now_ms()
@@ -462,23 +474,23 @@ class WorkerService:
         dead_letter: bool,
     ) -> None:
         fields = self.recovery.dead_letter_fields(entry, error) if dead_letter else None
-        self._refusing.add(entry.entry_id)
+        self._refusing.add(entry.ref)
         self.publisher.refuse(
-            entry.entry_id,
+            entry.ref,
             job_id,
             reply_to,
             error,
             entry.attempt,
             fields,
-            lambda first: self._refused(entry.entry_id, first, dead_letter),
+            lambda first: self._refused(entry.ref, first, dead_letter),
         )
 
-    def _refused(self, entry_id: str, first: bool, dead_letter: bool) -> None:
+    def _refused(self, entry: EntryRef, first: bool, dead_letter: bool) -> None:
         # Counted once written, and only by the write that published: under load an entry
         # can be reclaimed again while its refusal is in flight and be refused twice.
         self.num_failed += first
         self.num_dead_lettered += first and dead_letter
-        self._refusing.discard(entry_id)
+        self._refusing.discard(entry)
         self._notify()
 
     # -- engine and publish ---------------------------------------------------------------

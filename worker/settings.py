@@ -198,6 +198,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", int, "engine seed"),
     Option("num_threads", int, "torch CPU threads"),
     Option("max_inflight", int, "jobs held (read, not yet acked); default 2 × max-num-seqs"),
+    Option(
+        "priority_aging",
+        float,
+        "seconds of waiting that raise a job's priority by one, so none starves (default 60)",
+    ),
     Option("max_attempts", int, "deliveries before a job goes to the dead-letter stream"),
     Option("claim_idle_ms", int, "reclaim pending jobs of consumers silent this long"),
     Option("heartbeat_interval", float, "seconds between claim refreshes"),
@@ -314,6 +319,7 @@ def _engine_config(values: Mapping[str, Any]) -> EngineConfig:
                 max_num_seqs="max_num_seqs",
                 max_num_batched_tokens="max_num_batched_tokens",
                 admission="admission",
+                priority_aging_s="priority_aging",
             )
         ),
         **pick(seed="seed", num_threads="num_threads"),

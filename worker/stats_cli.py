@@ -1,6 +1,7 @@
 """The `headrace stats` verb (operations, read-only): queue depth, pending per consumer, dead letters, throughput.
 
-Reads only what Redis already holds: XINFO on the requests stream and its group,
+Reads only what Redis already holds: XINFO on the request streams (one per priority
+level; the top lines are the default one's, the others get a line each) and their groups,
 XLEN of the dead-letter stream, and the per-worker stats hash that each worker
 refreshes every heartbeat (recent tok/s and req/s, engine occupancy, prefix cache
 hit ratio) together
@@ -44,9 +45,22 @@ class ConsumerStats:
 
 
 @dataclass(frozen=True)
+class LevelStats:
+    """The request stream of a priority level other than the default (as in QueueStats)."""
+
+    stream: str
+    length: int
+    lag: int | None
+    pending: int
+    oldest_waiting_s: float | None
+
+
+@dataclass(frozen=True)
 class QueueStats:
     """What `headrace stats` reports for one namespace.
 
+    stream, length, lag, pending, oldest_*: of the default priority level's stream;
+    levels: the same for the other levels' streams that exist (consumers count all levels).
     lag: entries not yet delivered to any worker (None before the group exists).
     oldest_waiting_s / oldest_pending_s: age of the oldest undelivered / unacked entry.
     prefix_cache_hit_ratio: prompt tokens served from the live workers' prefix caches / their
@@ -66,6 +80,7 @@ class QueueStats:
     recent_tok_s: float
     recent_req_s: float
     prefix_cache_hit_ratio: float | None = None
+    levels: tuple[LevelStats, ...] = ()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -111,20 +126,34 @@ def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> Que
     """Gather the stats of `keys.namespace` (a handful of round trips, whatever the queue size)."""
     now_ms = time.time() * 1000 if now_ms is None else now_ms
     length = int(client.xlen(keys.requests))
-    group = _group(client, keys) if length or client.exists(keys.requests) else None
+    group = _group(client, keys, keys.requests) if length or client.exists(keys.requests) else None
+    levels = tuple(
+        _level(client, keys, stream, now_ms)
+        for stream in keys.request_streams
+        if stream != keys.requests and client.exists(stream)
+    )
     rows = client.xinfo_consumers(keys.requests, keys.group) if group else []
+    for level in levels:
+        if _group(client, keys, level.stream) is not None:
+            rows += client.xinfo_consumers(level.stream, keys.group)
     reports = {_text(k): msgpack.unpackb(v) for k, v in client.hgetall(keys.workers).items()}
     names = sorted({_text(r["name"]) for r in rows} | set(reports))
+    pending_of = dict.fromkeys(names, 0)
+    for r in rows:
+        pending_of[_text(r["name"])] += int(r["pending"])
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.exists(keys.worker(name))
     alive = dict(zip(names, (bool(x) for x in pipe.execute()), strict=True))
-    by_name = {_text(r["name"]): r for r in rows}
+    idle_ms: dict[str, int] = {}  # the most recent activity on any level's stream
+    for r in rows:
+        name = _text(r["name"])
+        idle_ms[name] = min(int(r["idle"]), idle_ms.get(name, int(r["idle"])))
     consumers = tuple(
         ConsumerStats(
             name=name,
-            pending=int(by_name[name]["pending"]) if name in by_name else 0,
-            idle_s=int(by_name[name]["idle"]) / 1000 if name in by_name else None,
+            pending=pending_of[name],
+            idle_s=idle_ms[name] / 1000 if name in idle_ms else None,
             alive=alive[name],
             worker=reports.get(name),
         )
@@ -138,7 +167,7 @@ def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> Que
         length=length,
         lag=_lag(group, length, pending),
         pending=pending,
-        oldest_waiting_s=_oldest_waiting(client, keys, group, now_ms),
+        oldest_waiting_s=_oldest_waiting(client, keys.requests, group, now_ms),
         oldest_pending_s=_oldest_pending(client, keys, now_ms) if pending else None,
         dead_letter=int(client.xlen(keys.dead_letter)),
         consumers=consumers,
@@ -146,6 +175,20 @@ def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> Que
         recent_tok_s=round(sum(float(w.get("recent_tok_s", 0)) for w in live), 2),
         recent_req_s=round(sum(float(w.get("recent_req_s", 0)) for w in live), 3),
         prefix_cache_hit_ratio=_hit_ratio(live),
+        levels=levels,
+    )
+
+
+def _level(client: redis.Redis, keys: Keys, stream: str, now_ms: float) -> LevelStats:
+    length = int(client.xlen(stream))
+    group = _group(client, keys, stream)
+    pending = int(group["pending"]) if group else 0
+    return LevelStats(
+        stream=stream,
+        length=length,
+        lag=_lag(group, length, pending),
+        pending=pending,
+        oldest_waiting_s=_oldest_waiting(client, stream, group, now_ms),
     )
 
 
@@ -156,8 +199,8 @@ def _hit_ratio(workers: list[dict[str, Any]]) -> float | None:
     return round(hits / queries, 4) if queries else None
 
 
-def _group(client: redis.Redis, keys: Keys) -> dict[str, Any] | None:
-    for row in client.xinfo_groups(keys.requests):
+def _group(client: redis.Redis, keys: Keys, stream: str) -> dict[str, Any] | None:
+    for row in client.xinfo_groups(stream):
         if _text(row["name"]) == keys.group:
             return row
     return None
@@ -178,11 +221,11 @@ def _lag(group: dict[str, Any] | None, length: int, pending: int) -> int | None:
 
 
 def _oldest_waiting(
-    client: redis.Redis, keys: Keys, group: dict[str, Any] | None, now_ms: float
+    client: redis.Redis, stream: str, group: dict[str, Any] | None, now_ms: float
 ) -> float | None:
     # The first entry after the group's last delivered id is the oldest one nobody took yet.
     start = "-" if group is None else "(" + _text(group["last-delivered-id"])
-    first = client.xrange(keys.requests, min=start, count=1)
+    first = client.xrange(stream, min=start, count=1)
     return _age_s(first[0][0], now_ms) if first else None
 
 
@@ -206,6 +249,12 @@ def render(stats: QueueStats, redis_url: str) -> str:
         f"headrace stats: namespace {stats.namespace} on {redact_url(redis_url)}",
         f"  requests    {stats.stream}: {stats.length} entries, {lag} waiting, "
         f"{stats.pending} pending (delivered, not acked yet)",
+        *(
+            f"  priority    {level.stream}: {level.length} entries, "
+            f"{'?' if level.lag is None else level.lag} waiting, {level.pending} pending, "
+            f"oldest waiting {_age(level.oldest_waiting_s)}"
+            for level in stats.levels
+        ),
         f"  oldest      waiting {_age(stats.oldest_waiting_s)}, pending {_age(stats.oldest_pending_s)}",
         f"  dead-letter {Keys(stats.namespace).dead_letter}: {stats.dead_letter} entries",
         f"  throughput  {stats.recent_tok_s:.1f} tok/s, {stats.recent_req_s:.2f} req/s "

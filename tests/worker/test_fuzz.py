@@ -508,7 +508,7 @@ def final_results(client: redis.Redis) -> dict[str, list[tuple[str, Result]]]:
 # Writes each key of the namespace may see (keyspace event names), by key pattern.
 OWN_WRITES = (
     (
-        re.escape(KEYS.requests),
+        "|".join(re.escape(stream) for stream in KEYS.request_streams),  # every priority level
         {"xadd", "xdel", "xgroup-create", "xgroup-createconsumer", "xclaim", "xautoclaim"},
     ),
     (re.escape(KEYS.dead_letter), {"xadd"}),
@@ -539,7 +539,7 @@ def check_keys(client: redis.Redis, consumer: str) -> None:
     """Only documented keys exist, of their documented types; no reply stream at a bad name."""
     types = {key.decode(): client.type(key) for key in client.scan_iter(count=1000)}
     for key, kind in types.items():
-        if key in (KEYS.requests, KEYS.dead_letter, *LEGAL):
+        if key in (*KEYS.request_streams, KEYS.dead_letter, *LEGAL):
             assert kind == b"stream", (key, kind)
         elif key == NOT_A_STREAM:
             assert (kind, client.get(key)) == (b"string", b"precious")

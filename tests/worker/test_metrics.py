@@ -95,6 +95,11 @@ def test_running_worker_exports_metrics_health_stats_and_logs(
             assert metrics[(f"{name}_count", ())] == 4, name
             assert metrics[(f"{name}_sum", ())] > 0, name
         assert metrics[("headrace_requests_total", (("status", "ok"),))] == 4
+        # Queue wait by priority level: all four ran at the default level; none high or low.
+        wait = "headrace_priority_queue_wait_seconds"
+        assert metrics[(f"{wait}_count", (("priority", "default"),))] == 4
+        assert (f"{wait}_count", (("priority", "high"),)) not in metrics
+        assert ("headrace_preemptions_total", ()) in metrics
         assert metrics[("headrace_requests_total", (("status", "error"),))] == 1
         assert metrics[("headrace_generation_tokens_total", ())] == 4 * GREEDY["max_tokens"]
         prompt_tokens = sum(r.usage["prompt_tokens"] for r in ok)

@@ -146,7 +146,7 @@ def test_every_group_call_survives_a_lost_group(redis_url, client, call):
             "read": lambda: ingest.read(10, None),
             "reclaim": lambda: recovery.reclaim(10),
             "adopt": recovery.adopt,
-            "heartbeat": lambda: recovery.heartbeat(["1-0"], {}),
+            "heartbeat": lambda: recovery.heartbeat([(KEYS.requests, "1-0")], {}),
         }
         try:
             return await Retrier(ingest.ensure_group, base_s=0.001).call(call, calls[call])

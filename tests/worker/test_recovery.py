@@ -186,7 +186,9 @@ def test_a_refusal_written_twice_is_dead_lettered_and_counted_once(redis_url, cl
         error = RequestError("max_attempts_exceeded", "delivered too often")
         for attempt in (4, 5):
             fields = {"entry_id": entry_id, "attempts": attempt, "code": error.code}
-            publisher.refuse(entry_id, "poison", REPLY, error, attempt, fields, firsts.append)
+            publisher.refuse(
+                (KEYS.requests, entry_id), "poison", REPLY, error, attempt, fields, firsts.append
+            )
             await publisher.wait_idle()
         flusher.cancel()
         await aclient.aclose()

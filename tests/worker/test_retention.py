@@ -135,7 +135,7 @@ def test_reply_streams_get_a_ttl_unless_their_owner_made_them_persistent(engine,
 
 def test_a_delta_alone_gives_a_new_reply_stream_its_ttl(redis_url, client):
     stream = KEYS.reply("deltas")
-    state = JobState("1-1", job("d", "Hi", reply_to=stream, stream=True), 1)
+    state = JobState("1-1", job("d", "Hi", reply_to=stream, stream=True), 1, KEYS.requests)
 
     async def one_delta() -> None:
         aclient = aioredis.Redis.from_url(redis_url)

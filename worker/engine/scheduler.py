@@ -3,8 +3,14 @@
 There is no prefill phase and no decode phase (as in vLLM v1): every sequence
 has `num_computed_tokens` and `num_tokens`, and each step hands out tokens
 under one budget — running sequences first (a decode is one token, an
-unfinished prefill gets a chunk), then waiting ones in arrival order. When the
-KV pool runs dry the newest running sequence is preempted and later recomputed.
+unfinished prefill gets a chunk), then waiting ones. When the KV pool runs dry
+a running sequence is preempted and later recomputed.
+
+Priority: both queues are ordered by effective priority (highest first), then arrival
+(oldest first). Effective priority = the request's priority + one per
+`priority_aging_s` seconds since it arrived, so old work eventually outranks any newer
+work (no starvation). Waiting sequences are admitted in that order; the preemption victim
+is the last running one: lowest effective priority, newest among equals.
 
 Admission (`SchedulerConfig.admission`): "fcfs" admits a waiting sequence when its next chunk
 fits with a 1% watermark to spare; "predicted" admits it only when its prompt plus predicted
@@ -19,8 +25,11 @@ cached pages matching its tokens, counted as computed, so only the rest is prefi
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from worker.config import SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator
@@ -62,8 +71,11 @@ class Scheduler:
         config: SchedulerConfig,
         allocator: BlockAllocator,
         predictor: LengthPredictor | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self._clock = clock  # the arrival times' clock (tests pass a fake one)
         self.allocator = allocator
         # Consulted only under predicted admission; whoever sees requests finish feeds it.
         self.predictor = predictor if predictor is not None else LengthPredictor()
@@ -109,8 +121,10 @@ class Scheduler:
         finished: list[Sequence] = []
         for seq in self.running:
             self._cache_pages(seq)
+        now = self._clock()
 
-        # Running sequences first, oldest first; preempt from the newest end.
+        # Running sequences first, by rank; preempt from the end (lowest rank).
+        self.running = self._by_rank(self.running, now)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -133,13 +147,15 @@ class Scheduler:
             # NOTE: on `break` seq left `running` (finished or preempted), so index i
             # already points at the next sequence.
 
+        # Then waiting sequences by rank, while they fit (preempted ones included).
+        self.waiting = deque(self._by_rank(self.waiting, now))
         self._admit_waiting(budget, chunks, finished)
         return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(finished))
 
     def _admit_waiting(
         self, budget: int, chunks: list[ScheduledChunk], finished: list[Sequence]
     ) -> None:
-        """Admit waiting sequences in arrival order while the policy lets them in."""
+        """Admit waiting sequences in rank order while the policy lets them in."""
         reserved = self._reserved_blocks() if self._predicted else 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -191,6 +207,21 @@ class Scheduler:
     def _reserved_blocks(self) -> int:
         return sum(self._remaining_need(seq) for seq in self.running)
 
+    def _by_rank(self, seqs: Iterable[Sequence], now: float) -> list[Sequence]:
+        """`seqs` by effective priority (highest first), then arrival (oldest first).
+
+        NOTE: among equal base priorities aging never reorders (older means at least as
+        aged), so the common all-equal case is one sort by arrival time.
+        """
+        by_arrival = sorted(seqs, key=attrgetter("arrival_time"))
+        if len({seq.priority for seq in by_arrival}) <= 1:
+            return by_arrival
+        aging_s = self.config.priority_aging_s
+        # Stable sort: arrival order is kept among equal effective priorities.
+        return sorted(
+            by_arrival, key=lambda seq: -(seq.priority + int((now - seq.arrival_time) // aging_s))
+        )
+
     def _grow(self, seq: Sequence, num_new: int) -> bool:
         """Ensure `seq` has pages for its next `num_new` tokens; False if the pool is short."""
         need = self.allocator.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_ids)
@@ -234,14 +265,15 @@ class Scheduler:
         seq.num_cached_blocks = num_full
 
     def _preempt(self, seq: Sequence) -> None:
-        """Drop `seq`'s KV (recompute later, less what stays cached) and put it first in line."""
+        """Drop `seq`'s KV (recompute later, less what stays cached) and put it back in line
+        (at its rank: ahead of newer requests of its effective priority)."""
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.append(seq)
 
     def _release(self, seq: Sequence, cache: bool = True) -> None:
         if cache:

@@ -21,6 +21,9 @@ class Request:
 
     length_hint: the producer's guess of the output length (job field `length_hint`);
     predicted-length admission uses it instead of what it learnt from finished requests.
+    priority: higher is admitted first, then earlier `arrival_time` (a `time.monotonic()`
+    value; the worker backdates it to the job's enqueue time so that aging counts the wait
+    in Redis too).
     """
 
     request_id: str
@@ -28,6 +31,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
     length_hint: int | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class Sequence:
         self.arrival_time = request.arrival_time
         self.length_hint = request.length_hint
         self.predicted_num_tokens: int | None = None
+        self.priority = request.priority
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.status = SequenceStatus.WAITING

@@ -19,8 +19,8 @@ from ops.device import default_device
 from worker.config import EngineConfig
 from worker.engine import isolation
 from worker.engine.block_allocator import BlockAllocator
-from worker.engine.length_predictor import LengthPredictor
 from worker.engine.cuda_graphs import bucket_sizes
+from worker.engine.length_predictor import LengthPredictor
 from worker.engine.model_runner import ModelRunner
 from worker.engine.params import SamplingParams
 from worker.engine.sampler import Sampler, SamplerOutput

@@ -171,9 +171,7 @@ class ModelRunner:
             )
         else:
             meta = self._metadata(prefills, decodes, slots)
-            hidden = self.model(
-                self._long(input_ids), self._long(positions), self.kv_caches, meta
-            )
+            hidden = self.model(self._long(input_ids), self._long(positions), self.kv_caches, meta)
         if all_logits:
             return self.model.compute_logits(hidden), ordered
         logits = self.model.compute_logits(hidden[self._long(sample_rows)])

@@ -8,6 +8,8 @@ the same greedy tokens as `enforce_eager`.
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -16,6 +18,8 @@ from worker.engine.cuda_graphs import DecodeGraphs, bucket_sizes
 from worker.engine.engine import Engine
 from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
+from worker.generate_cli import add_engine_args, engine_config_from_args
+from worker.settings import WorkerConfig, add_arguments
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -112,3 +116,18 @@ def test_cuda_graphs_match_enforce_eager(kv: str, tiny_model_dir) -> None:
     eager = _engine(tiny_model_dir("llama"), kv, enforce_eager=True)
     assert eager.runner.decode_graphs is None
     assert tokens == [t for t, _ in _run(eager, "e")]
+
+
+def test_enforce_eager_flag_and_variable() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert not WorkerConfig.from_env({}).engine.enforce_eager
+    assert WorkerConfig.from_env({"HEADRACE_ENFORCE_EAGER": "1"}).engine.enforce_eager
+    args = parser.parse_args(["--enforce-eager"])
+    assert WorkerConfig.from_args(args, {}).engine.enforce_eager
+    args = parser.parse_args(["--no-enforce-eager"])
+    assert not WorkerConfig.from_args(args, {"HEADRACE_ENFORCE_EAGER": "1"}).engine.enforce_eager
+    generate = argparse.ArgumentParser()
+    add_engine_args(generate)
+    assert engine_config_from_args(generate.parse_args(["--enforce-eager"])).enforce_eager
+    assert not engine_config_from_args(generate.parse_args([])).enforce_eager

@@ -82,17 +82,17 @@ class DecodeGraphs:
         if capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         n, width = self.buckets[-1], -(-max_model_len // block_size)
-        # Persistent inputs, [n] and [n, width]: graphs read them at fixed addresses.
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(n, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(n, width, dtype=torch.long, device=device)
+        # Persistent inputs: graphs read them at fixed addresses. One [4, n] int64 buffer
+        # (token ids, positions, slots, context lengths) takes a step's rows in one copy;
+        # the graph itself casts the context lengths to attention's int32 `context_lens`.
+        self._rows = torch.zeros(4, n, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self._rows[:3]
+        self.block_tables = torch.zeros(n, width, dtype=torch.long, device=device)  # [n, width]
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(
             n, model.args.hidden_size, dtype=model.embed_tokens.weight.dtype, device=device
         )
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._pad(0)
         if capture:
             self.capture()
 
@@ -108,14 +108,15 @@ class DecodeGraphs:
         """The smallest bucket ≥ batch."""
         return next(b for b in self.buckets if b >= batch)
 
-    def _pad(self, start: int, end: int | None = None) -> None:
-        """Rows [start, end) of the inputs become padding (see the module docstring)."""
-        rows = slice(start, end)
-        self.input_ids[rows] = 0
-        self.positions[rows] = 0
-        self.slot_mapping[rows] = self.pad_block * self.block_size
-        self.block_tables[rows] = self.pad_block
-        self.context_lens[rows] = 1
+    def _pad_all(self) -> None:
+        """Every row of the inputs becomes padding (see the module docstring)."""
+        self._rows.copy_(self._padding(self._rows.shape[1]).to(self._rows.device))
+        self.block_tables.fill_(self.pad_block)
+
+    def _padding(self, rows: int) -> torch.Tensor:
+        """`rows` padded rows as [4, rows] int64: token 0 at position 0 in the spare page."""
+        pad = torch.tensor([0, 0, self.pad_block * self.block_size, 1])
+        return pad[:, None].expand(4, rows)
 
     def _metadata(self, bucket: int) -> AttentionMetadata:
         """The first `bucket` rows of the buffers as one decode group (views, no copies)."""
@@ -134,6 +135,7 @@ class DecodeGraphs:
     def _forward(self, bucket: int) -> None:
         """The eager forward of the first `bucket` rows into `hidden` (what a graph records)."""
         ids, pos = self.input_ids[:bucket], self.positions[:bucket]
+        self.context_lens[:bucket] = self._rows[3, :bucket]
         self.hidden[:bucket] = self.model(ids, pos, self.kv_caches, self._metadata(bucket))
 
     @torch.inference_mode()
@@ -143,7 +145,7 @@ class DecodeGraphs:
         NOTE: every row is padding while capturing, so the warm-up and the captured run
         write K/V only into the spare page.
         """
-        self._pad(0)
+        self._pad_all()
         pool = None
         for bucket in reversed(self.buckets):
             self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels
@@ -171,20 +173,16 @@ class DecodeGraphs:
         """
         batch = len(input_ids)
         bucket = self.bucket(batch)
+        rows = torch.tensor([input_ids, positions, slots, context_lens])
+        if bucket > batch:
+            rows = torch.cat((rows, self._padding(bucket - batch)), dim=1)
         width = max(len(t) for t in block_tables)
         tables = [t + [self.pad_block] * (width - len(t)) for t in block_tables]
-        # NOTE: the columns past a row's pages must hold a valid page id (they are masked);
-        # the spare page is one, and the rows beyond `batch` become padding again.
-        self.block_tables[:batch].fill_(self.pad_block)
-        self.block_tables[:batch, :width].copy_(torch.tensor(tables), non_blocking=True)
-        for buf, values in (
-            (self.input_ids, input_ids),
-            (self.positions, positions),
-            (self.slot_mapping, slots),
-            (self.context_lens, context_lens),
-        ):
-            buf[:batch].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
-        self._pad(batch, bucket)
+        tables += [[self.pad_block] * width] * (bucket - batch)
+        # NOTE: columns past `width` keep earlier steps' page ids: valid pages (every value
+        # ever written is one) beyond every row's context, so attention never reads them.
+        self._rows[:, :bucket].copy_(rows, non_blocking=True)
+        self.block_tables[:bucket, :width].copy_(torch.tensor(tables), non_blocking=True)
         graph = self._graphs.get(bucket)
         if graph is None:
             self._forward(bucket)

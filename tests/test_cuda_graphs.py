@@ -3,7 +3,7 @@
 On CPU the buffers are filled and padded exactly as for a CUDA graph, and the model runs
 eagerly on them (`capture=False`): greedy tokens must equal the ordinary eager path's, and
 logprobs agree to rounding, for batches that are not bucket sizes. On CUDA the engine's captured graphs must give
-the same greedy tokens as `enforce_eager`.
+the same greedy tokens as `enforce_eager` (the CPU tests run there too, uncaptured).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from worker.engine.cuda_graphs import DecodeGraphs, bucket_sizes
+from worker.engine.cuda_graphs import bucket_sizes
 from worker.engine.engine import Engine
 from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
@@ -60,9 +60,9 @@ def test_bucket_sizes_cover_every_batch() -> None:
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_padded_buffers_match_the_eager_path(kv: str, tiny_model_dir) -> None:
-    engine = _engine(tiny_model_dir("llama"), kv)
+    engine = _engine(tiny_model_dir("llama"), kv, enforce_eager=True)
     runner = engine.runner
-    assert runner.decode_graphs is None  # never on CPU
+    assert runner.decode_graphs is None
     eager = _run(engine, "eager")
     runner.enable_decode_graphs((1, 2, 4, 8), engine.max_model_len, capture=False)
     graphs = runner.decode_graphs
@@ -84,7 +84,7 @@ def test_padded_buffers_match_the_eager_path(kv: str, tiny_model_dir) -> None:
 
 
 def test_padded_rows_write_only_the_spare_page(tiny_model_dir) -> None:
-    engine = _engine(tiny_model_dir("llama"))
+    engine = _engine(tiny_model_dir("llama"), enforce_eager=True)
     runner = engine.runner
     runner.enable_decode_graphs((4,), engine.max_model_len, capture=False)
     _run(engine, "a")
@@ -100,9 +100,9 @@ def test_capture_needs_cuda(tiny_model_dir) -> None:
     engine = _engine(tiny_model_dir("llama"))
     if engine.device.type == "cuda":
         pytest.skip("runs where there is no CUDA device")
+    assert engine.runner.decode_graphs is None  # never on CPU, even without enforce_eager
     with pytest.raises(ValueError, match="CUDA"):
         engine.runner.enable_decode_graphs((1, 2), engine.max_model_len)
-    assert isinstance(engine.runner.decode_graphs, DecodeGraphs | type(None))
 
 
 @needs_cuda

@@ -13,6 +13,8 @@ import argparse
 import pytest
 import torch
 
+from producer.bulk_cli import local_worker_flags
+from producer.bulk_cli import register as register_bulk
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.cuda_graphs import bucket_sizes
 from worker.engine.engine import Engine
@@ -131,3 +133,8 @@ def test_enforce_eager_flag_and_variable() -> None:
     add_engine_args(generate)
     assert engine_config_from_args(generate.parse_args(["--enforce-eager"])).enforce_eager
     assert not engine_config_from_args(generate.parse_args([])).enforce_eager
+    bulk = argparse.ArgumentParser().add_subparsers()
+    register_bulk(bulk)
+    flags = local_worker_flags(bulk.choices["bulk"].parse_args(["i", "-o", "o", "--enforce-eager"]))
+    assert flags == ("--enforce-eager",)  # bulk's local worker gets it
+    assert WorkerConfig.from_args(parser.parse_args(flags), {}).engine.enforce_eager

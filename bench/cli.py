@@ -249,6 +249,7 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
         if value is not None
     ]
     worker_args.append("--prefix-caching" if args.prefix_caching else "--no-prefix-caching")
+    worker_args.append("--enforce-eager" if args.enforce_eager else "--no-enforce-eager")
     report = run_e2e(engine, worker_args, workload)
     if args.json:
         print(json.dumps(report.to_dict()), flush=True)

@@ -31,6 +31,7 @@ _LOCAL_WORKER_OPTIONS = tuple(
         "model", "dtype", "max_model_len", "kv_cache_memory", "num_kv_blocks", "block_size",
         "kv_cache_dtype", "quantization", "prefix_caching",
         "max_num_seqs", "max_num_batched_tokens", "admission", "seed", "num_threads",
+        "enforce_eager",
         "max_inflight",
     }
 )  # fmt: skip

@@ -99,8 +99,15 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """The whole engine: sub-configs, the sampler's seed, CPU threads.
+
+    enforce_eager: run every step eagerly; otherwise decode-only steps on CUDA replay CUDA
+    graphs captured at start-up (`worker.engine.cuda_graphs`; never on CPU).
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
     num_threads: int | None = None
+    enforce_eager: bool = False

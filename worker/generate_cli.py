@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+_TRUE = ("1", "true", "yes", "on")  # as `worker.settings` parses a switch's variable
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The flags that make an EngineConfig (shared with `headrace bench`)."""
     group = parser.add_argument_group("engine")
@@ -120,6 +123,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch threads (default: all)",
     )
+    group.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        # The same variable as `headrace worker`'s, so one setting covers every verb.
+        default=os.environ.get("HEADRACE_ENFORCE_EAGER", "").strip().lower() in _TRUE,
+        help="run every step eagerly (default off: CUDA-graph decode steps on CUDA; never on "
+        "CPU) [env HEADRACE_ENFORCE_EAGER]",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -144,6 +155,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ),
         seed=args.seed,
         num_threads=args.threads,
+        enforce_eager=args.enforce_eager,
     )
 
 

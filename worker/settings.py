@@ -197,6 +197,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("seed", int, "engine seed"),
     Option("num_threads", int, "torch CPU threads"),
+    Option(
+        "enforce_eager",
+        _parse_bool,
+        "run every step eagerly (default off: CUDA-graph decode steps on CUDA; never on CPU)",
+    ),
     Option("max_inflight", int, "jobs held (read, not yet acked); default 2 × max-num-seqs"),
     Option(
         "priority_aging",
@@ -322,5 +327,5 @@ def _engine_config(values: Mapping[str, Any]) -> EngineConfig:
                 priority_aging_s="priority_aging",
             )
         ),
-        **pick(seed="seed", num_threads="num_threads"),
+        **pick(seed="seed", num_threads="num_threads", enforce_eager="enforce_eager"),
     )

@@ -19,6 +19,7 @@ from ops.device import default_device
 from worker.config import EngineConfig
 from worker.engine import isolation
 from worker.engine.block_allocator import BlockAllocator
+from worker.engine.cuda_graphs import bucket_sizes
 from worker.engine.length_predictor import LengthPredictor
 from worker.engine.model_runner import ModelRunner
 from worker.engine.params import SamplingParams
@@ -86,6 +87,7 @@ class Engine:
         )
         self.vocab_size = model.args.vocab_size
         self.runner = ModelRunner(model, config.cache, dtype, self.device)
+        self._enable_decode_graphs(config)
         self.allocator = BlockAllocator(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -104,6 +106,16 @@ class Engine:
             self.max_model_len,
             self.runner.capacity_tokens,
         )
+
+    def _enable_decode_graphs(self, config: EngineConfig) -> None:
+        """Capture CUDA graphs of decode-only steps, on CUDA unless `enforce_eager`."""
+        if config.enforce_eager:
+            log.info("CUDA graphs: off (--enforce-eager)")
+        elif self.device.type != "cuda":
+            log.info("CUDA graphs: off on %s (every step runs eagerly)", self.device.type)
+        else:
+            buckets = bucket_sizes(config.scheduler.max_num_seqs)
+            self.runner.enable_decode_graphs(buckets, self.max_model_len)
 
     # -- step-level API -------------------------------------------------------
 

@@ -22,6 +22,7 @@ from ops.kv_cache import (
     token_minor_keys,
 )
 from worker.config import CacheConfig
+from worker.engine.cuda_graphs import DecodeGraphs
 from worker.engine.scheduler import ScheduledChunk
 from worker.models.attention import AttentionMetadata, DecodeGroup, LayerKVCache
 from worker.models.llama import LlamaForCausalLM
@@ -70,10 +71,13 @@ class ModelRunner:
         )
         if self.num_blocks < 1:
             raise ValueError(f"KV cache memory too small for one block ({per_block} bytes)")
+        # One spare page past the allocator's: padded rows of a CUDA-graph decode write there.
+        self.pad_block = self.num_blocks
         self.kv_caches = [
             self._allocate_layer(cache_config.dtype, dtype) for _ in range(model.args.num_layers)
         ]
         self.workspace = DecodeWorkspace()
+        self.decode_graphs: DecodeGraphs | None = None
         log.info(
             "KV cache (%s): %d blocks x %d tokens = %d tokens (%.1f MiB, %d KiB per block)",
             "int8" if cache_config.dtype == "int8" else str(dtype).removeprefix("torch."),
@@ -88,7 +92,7 @@ class ModelRunner:
         """Head-major K/V pools [num_blocks, block_size, KVH, D] (+ scale pools for int8);
         token-minor keys where the CPU kernels want them (`ops.kv_cache.token_minor_keys`)."""
         args = self.model.args
-        shape = (self.num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
+        shape = (self.num_blocks + 1, self.block_size, args.num_kv_heads, args.head_dim)
         pool_dtype = torch.int8 if kv_cache_dtype == "int8" else dtype
         key_layout = token_minor_keys(self.device, self.block_size)
         key = allocate_kv_cache(*shape, pool_dtype, self.device, token_minor=key_layout)
@@ -99,6 +103,25 @@ class ModelRunner:
             allocate_kv_scales(*shape[:3], SCALE_DTYPE, self.device) for _ in range(2)
         )
         return LayerKVCache(key, value, key_scale, value_scale)
+
+    def enable_decode_graphs(
+        self, buckets: Seq[int], max_model_len: int, capture: bool = True
+    ) -> None:
+        """Run decode-only steps of up to max(buckets) sequences from persistent buffers,
+        replaying CUDA graphs (`capture`, CUDA only) or calling the model on the padded
+        buffers (`capture=False`: the same path without graphs, for tests on CPU)."""
+        self.decode_graphs = None  # the old buffers go before the new ones are allocated
+        self.decode_graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            buckets,
+            max_model_len,
+            self.block_size,
+            self.pad_block,
+            self.workspace,
+            self._pads,
+            capture,
+        )
 
     @property
     def capacity_tokens(self) -> int:
@@ -137,8 +160,18 @@ class ModelRunner:
             )
             if chunk.samples:
                 sample_rows.append(len(input_ids) - 1)
-        meta = self._metadata(prefills, decodes, slots)
-        hidden = self.model(self._long(input_ids), self._long(positions), self.kv_caches, meta)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(len(prefills), len(decodes)):
+            hidden = graphs.run(
+                input_ids,
+                positions,
+                slots,
+                [c.seq.block_ids for c in decodes],
+                [c.seq.num_computed_tokens + 1 for c in decodes],
+            )
+        else:
+            meta = self._metadata(prefills, decodes, slots)
+            hidden = self.model(self._long(input_ids), self._long(positions), self.kv_caches, meta)
         if all_logits:
             return self.model.compute_logits(hidden), ordered
         logits = self.model.compute_logits(hidden[self._long(sample_rows)])

@@ -101,7 +101,7 @@ def test_padded_rows_write_only_the_spare_page(tiny_model_dir) -> None:
 def test_capture_needs_cuda(tiny_model_dir) -> None:
     engine = _engine(tiny_model_dir("llama"))
     if engine.device.type == "cuda":
-        pytest.skip("runs where there is no CUDA device")
+        pytest.skip("checks that capture is refused without CUDA; this host has a CUDA device")
     assert engine.runner.decode_graphs is None  # never on CPU, even without enforce_eager
     with pytest.raises(ValueError, match="CUDA"):
         engine.runner.enable_decode_graphs((1, 2), engine.max_model_len)

@@ -207,6 +207,16 @@ def _prio_seq(name: str, num_prompt: int, priority: int, arrival: float) -> Sequ
     return Sequence(Request(name, tokens, arrival_time=arrival, priority=priority))
 
 
+def _preempted_over(sched: Scheduler, steps: int) -> list[Sequence]:
+    """Run `steps` steps as the engine would; every sequence they preempted, in order."""
+    preempted: list[Sequence] = []
+    for _ in range(steps):
+        plan = sched.schedule()
+        preempted += plan.preempted
+        run_plan(plan)
+    return preempted
+
+
 def test_waiting_sequences_are_admitted_by_priority_then_arrival() -> None:
     clock = FakeClock()
     sched = Scheduler(
@@ -235,11 +245,7 @@ def test_preemption_victim_is_the_lowest_priority_then_newest_running_sequence()
     }
     for seq in seqs.values():
         sched.add(seq)
-    preempted: list[Sequence] = []
-    for _ in range(4):
-        plan = sched.schedule()
-        preempted += plan.preempted
-        run_plan(plan)
+    preempted = _preempted_over(sched, 4)
     assert preempted and preempted[0] is seqs["old_low"]
     assert seqs["new_hi"].num_preemptions == 0
 
@@ -254,11 +260,7 @@ def test_preemption_among_equal_priorities_takes_the_newest() -> None:
     old, new = _prio_seq("old", 7, 1, clock.now - 2), _prio_seq("new", 7, 1, clock.now - 1)
     sched.add(new)  # added first, but arrived later: rank follows arrival, not add order
     sched.add(old)
-    preempted: list[Sequence] = []
-    for _ in range(6):
-        plan = sched.schedule()
-        preempted += plan.preempted
-        run_plan(plan)
+    preempted = _preempted_over(sched, 6)
     assert preempted and all(s is new for s in preempted)
 
 

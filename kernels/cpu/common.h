@@ -96,6 +96,18 @@ inline void to_float(const T* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// `m` bf16 rows of `k` elements, `lda` bytes apart → float32 [m, k] (rows split across
+// threads): the GEMM drivers without bf16 instructions widen x once per call, not per tile.
+inline std::vector<float> widen_rows(const char* a, int64_t m, int64_t lda, int64_t k) {
+  std::vector<float> wide(m * k);
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      to_float(reinterpret_cast<const at::BFloat16*>(a + i * lda), &wide[i * k], k);
+    }
+  });
+  return wide;
+}
+
 // Round to T (nearest even); at::vec's vector conversion (a scalar c10 rounding per element
 // was the largest cost of the row kernels at prefill sizes).
 template <typename T>

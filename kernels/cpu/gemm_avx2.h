@@ -137,12 +137,7 @@ void avx2_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_
   int64_t ldx = lda;  // in elements of x's type
   if constexpr (!Int8) {
     ldx = kblocks * 32;
-    wide.resize(m * ldx);
-    at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        to_float(reinterpret_cast<const at::BFloat16*>(a + i * lda), &wide[i * ldx], ldx);
-      }
-    });
+    wide = widen_rows(a, m, lda, ldx);
     x = wide.data();
   }
   // Rows in chunks of equal size (<= kAvx2Rows): a short chunk has fewer independent chains.

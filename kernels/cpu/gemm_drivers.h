@@ -290,12 +290,7 @@ void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t
   std::vector<float> wide;
   if constexpr (!Int8) {
     const int64_t k = kblocks * kTileRows * 2;
-    wide.resize(m * k);
-    at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        to_float(reinterpret_cast<const at::BFloat16*>(a + i * lda), &wide[i * k], k);
-      }
-    });
+    wide = widen_rows(a, m, lda, k);
     a = reinterpret_cast<const char*>(wide.data());
     lda = k * sizeof(float);
   }

@@ -27,22 +27,36 @@ namespace headrace_cpu {
 namespace gemm {
 
 #ifdef HEADRACE_AVX2_GEMM
-// Rows per register block. Each row holds one accumulator per 8 columns of a 16-column tile
-// half (two when R <= 2: even and odd k apart, so that a one-row decode step is not bound by
-// the FMA latency of a single chain); with the widened weights and x, R = 4 fills 14 of the
-// 16 ymm registers.
-constexpr int64_t kAvx2Rows = 4;
+// Rows per register block: 6 rows x 2 accumulators (8 columns each) are 12 independent FMA
+// chains, which with the widened weights and the broadcast x fill the 16 ymm registers.
+// Each accumulator is its own named variable (HEADRACE_AVX2_ROWS below): GCC kept an array
+// of them (`__m256 c[R][2]`) in memory or rotated it through register moves, which left the
+// 4-row kernel at ~50% of the FMA peak (one Zen 3 core: 47-50 GFLOP/s of 101, against 71-97
+// for this one in the same runs).
+constexpr int64_t kAvx2Rows = 6;
+
+// X(i) for each row i of a register block (the `if constexpr (i < R)` inside X drops the
+// rows a smaller block does not have).
+#define HEADRACE_AVX2_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
+// The micro-kernels are not inlined into the driver: inlined, they shared the registers with
+// its loop state and GCC spilled accumulators to the stack again.
+#define HEADRACE_NOINLINE __attribute__((noinline))
 
 // R rows × one 16-column half of a column group, bf16: acc[i][0..16) += Σk x[i][k] w[k][col].
-// `b`: the half's first tile; consecutive k-steps are 2 * kTileBytes apart.
+// `b`: the half's first tile; consecutive k-steps are 2 * kTileBytes apart. Even k for every
+// row, then odd k; with R <= 2 (decode steps of one or two sequences) odd k go to their own
+// accumulators, so that the step is not bound by the FMA latency of too few chains.
 template <int R>
-inline void avx2_bf16_half(const float* x, int64_t ldx, const char* b, int64_t kblocks,
+HEADRACE_NOINLINE void avx2_bf16_half(const float* x, int64_t ldx, const char* b, int64_t kblocks,
                            const Prefetch& pf, float* acc) {
-  constexpr int kSplit = R <= 2 ? 2 : 1;
-  __m256 c[R][2][kSplit];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 2; ++j)
-      for (int s = 0; s < kSplit; ++s) c[i][j][s] = _mm256_setzero_ps();
+  static_assert(R >= 1 && R <= kAvx2Rows);
+  constexpr bool kSplit = R <= 2;
+#define HEADRACE_DECL(i)                                        \
+  [[maybe_unused]] __m256 c##i##a = _mm256_setzero_ps(), c##i##b = c##i##a, d##i##a = c##i##a, \
+                          d##i##b = c##i##a;
+  HEADRACE_AVX2_ROWS(HEADRACE_DECL)
+#undef HEADRACE_DECL
   const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u));
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     pf.step(kb);
@@ -52,35 +66,55 @@ inline void avx2_bf16_half(const float* x, int64_t ldx, const char* b, int64_t k
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bt + r * 64));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bt + r * 64 + 32));
       const __m256 even0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
-      const __m256 odd0 = _mm256_castsi256_ps(_mm256_and_si256(w0, high));
       const __m256 even1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+#define HEADRACE_EVEN(i)                                                \
+  if constexpr (i < R) {                                               \
+    const __m256 xv = _mm256_broadcast_ss(xk + i * ldx + 2 * r);      \
+    c##i##a = _mm256_fmadd_ps(xv, even0, c##i##a);                     \
+    c##i##b = _mm256_fmadd_ps(xv, even1, c##i##b);                     \
+  }
+      HEADRACE_AVX2_ROWS(HEADRACE_EVEN)
+#undef HEADRACE_EVEN
+      const __m256 odd0 = _mm256_castsi256_ps(_mm256_and_si256(w0, high));
       const __m256 odd1 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
-      for (int i = 0; i < R; ++i) {
-        const __m256 x0 = _mm256_broadcast_ss(xk + i * ldx + 2 * r);
-        const __m256 x1 = _mm256_broadcast_ss(xk + i * ldx + 2 * r + 1);
-        c[i][0][0] = _mm256_fmadd_ps(x0, even0, c[i][0][0]);
-        c[i][1][0] = _mm256_fmadd_ps(x0, even1, c[i][1][0]);
-        c[i][0][kSplit - 1] = _mm256_fmadd_ps(x1, odd0, c[i][0][kSplit - 1]);
-        c[i][1][kSplit - 1] = _mm256_fmadd_ps(x1, odd1, c[i][1][kSplit - 1]);
-      }
+#define HEADRACE_ODD(i)                                                 \
+  if constexpr (i < R) {                                               \
+    const __m256 xv = _mm256_broadcast_ss(xk + i * ldx + 2 * r + 1);  \
+    if constexpr (kSplit) {                                            \
+      d##i##a = _mm256_fmadd_ps(xv, odd0, d##i##a);                    \
+      d##i##b = _mm256_fmadd_ps(xv, odd1, d##i##b);                    \
+    } else {                                                           \
+      c##i##a = _mm256_fmadd_ps(xv, odd0, c##i##a);                    \
+      c##i##b = _mm256_fmadd_ps(xv, odd1, c##i##b);                    \
+    }                                                                  \
+  }
+      HEADRACE_AVX2_ROWS(HEADRACE_ODD)
+#undef HEADRACE_ODD
     }
   }
-  for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < 2; ++j) {
-      __m256 v = c[i][j][0];
-      if constexpr (kSplit == 2) v = _mm256_add_ps(v, c[i][j][1]);
-      _mm256_storeu_ps(acc + i * 32 + j * 8, v);
-    }
+#define HEADRACE_STORE(i)                                                          \
+  if constexpr (i < R) {                                                          \
+    if constexpr (kSplit) {                                                       \
+      c##i##a = _mm256_add_ps(c##i##a, d##i##a);                                  \
+      c##i##b = _mm256_add_ps(c##i##b, d##i##b);                                  \
+    }                                                                             \
+    _mm256_storeu_ps(acc + i * 32, c##i##a);                                      \
+    _mm256_storeu_ps(acc + i * 32 + 8, c##i##b);                                  \
   }
+  HEADRACE_AVX2_ROWS(HEADRACE_STORE)
+#undef HEADRACE_STORE
 }
 
 // R rows × one 16-column half, int8 weights and x (rows `ldx` bytes apart): int32 sums into
 // acc. Each packed tile row is 16 columns × 4 k (64 bytes).
 template <int R>
-inline void avx2_int8_half(const int8_t* x, int64_t ldx, const char* b, int64_t kblocks,
+HEADRACE_NOINLINE void avx2_int8_half(const int8_t* x, int64_t ldx, const char* b, int64_t kblocks,
                            const Prefetch& pf, int32_t* acc) {
-  __m256i c[R][2];
-  for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = _mm256_setzero_si256();
+  static_assert(R >= 1 && R <= kAvx2Rows);
+#define HEADRACE_DECL(i) \
+  [[maybe_unused]] __m256i c##i##a = _mm256_setzero_si256(), c##i##b = c##i##a;
+  HEADRACE_AVX2_ROWS(HEADRACE_DECL)
+#undef HEADRACE_DECL
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     pf.step(kb);
@@ -90,21 +124,27 @@ inline void avx2_int8_half(const int8_t* x, int64_t ldx, const char* b, int64_t 
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bt + r * 64));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bt + r * 64 + 32));
       const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);  // |w|
-      for (int i = 0; i < R; ++i) {
-        int32_t quad;
-        std::memcpy(&quad, xk + i * ldx + 4 * r, 4);
-        const __m256i xq = _mm256_set1_epi32(quad);
-        const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xq, w0));
-        const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xq, w1));
-        c[i][0] = _mm256_add_epi32(c[i][0], _mm256_madd_epi16(p0, ones));
-        c[i][1] = _mm256_add_epi32(c[i][1], _mm256_madd_epi16(p1, ones));
-      }
+#define HEADRACE_ROW(i)                                                        \
+  if constexpr (i < R) {                                                      \
+    int32_t quad;                                                             \
+    std::memcpy(&quad, xk + i * ldx + 4 * r, 4);                              \
+    const __m256i xq = _mm256_set1_epi32(quad);                               \
+    const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xq, w0));    \
+    const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xq, w1));    \
+    c##i##a = _mm256_add_epi32(c##i##a, _mm256_madd_epi16(p0, ones));         \
+    c##i##b = _mm256_add_epi32(c##i##b, _mm256_madd_epi16(p1, ones));         \
+  }
+      HEADRACE_AVX2_ROWS(HEADRACE_ROW)
+#undef HEADRACE_ROW
     }
   }
-  for (int i = 0; i < R; ++i) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i * 32), c[i][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i * 32 + 8), c[i][1]);
+#define HEADRACE_STORE(i)                                                         \
+  if constexpr (i < R) {                                                         \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i * 32), c##i##a);      \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + i * 32 + 8), c##i##b);  \
   }
+  HEADRACE_AVX2_ROWS(HEADRACE_STORE)
+#undef HEADRACE_STORE
 }
 
 // Both halves of one column group for `rows` (1..kAvx2Rows) rows.

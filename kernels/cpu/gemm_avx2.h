@@ -32,8 +32,12 @@ namespace gemm {
 // Each accumulator is its own named variable (HEADRACE_AVX2_ROWS below): GCC kept an array
 // of them (`__m256 c[R][2]`) in memory or rotated it through register moves, which left the
 // 4-row kernel at ~50% of the FMA peak (one Zen 3 core: 47-50 GFLOP/s of 101, against 71-97
-// for this one in the same runs).
-constexpr int64_t kAvx2Rows = 6;
+// for this one in the same runs). The int8 kernel holds 4 more vectors (the weights' absolute
+// values and the ones of vpmaddwd): 6 rows spilled 3 accumulators to the stack, which made a
+// 6-row block cost ~2x a 5-row one per row (perf, a batch-32 W8A8 decode), so it takes 5.
+constexpr int64_t kAvx2MaxRows = 6;
+template <bool Int8>
+constexpr int64_t kAvx2Rows = Int8 ? 5 : 6;
 
 // X(i) for each row i of a register block (the `if constexpr (i < R)` inside X drops the
 // rows a smaller block does not have).
@@ -50,7 +54,7 @@ constexpr int64_t kAvx2Rows = 6;
 template <int R>
 HEADRACE_NOINLINE void avx2_bf16_half(const float* x, int64_t ldx, const char* b, int64_t kblocks,
                            const Prefetch& pf, float* acc) {
-  static_assert(R >= 1 && R <= kAvx2Rows);
+  static_assert(R >= 1 && R <= kAvx2MaxRows);
   constexpr bool kSplit = R <= 2;
 #define HEADRACE_DECL(i)                                        \
   [[maybe_unused]] __m256 c##i##a = _mm256_setzero_ps(), c##i##b = c##i##a, d##i##a = c##i##a, \
@@ -110,7 +114,7 @@ HEADRACE_NOINLINE void avx2_bf16_half(const float* x, int64_t ldx, const char* b
 template <int R>
 HEADRACE_NOINLINE void avx2_int8_half(const int8_t* x, int64_t ldx, const char* b, int64_t kblocks,
                            const Prefetch& pf, int32_t* acc) {
-  static_assert(R >= 1 && R <= kAvx2Rows);
+  static_assert(R >= 1 && R <= kAvx2MaxRows);
 #define HEADRACE_DECL(i) \
   [[maybe_unused]] __m256i c##i##a = _mm256_setzero_si256(), c##i##b = c##i##a;
   HEADRACE_AVX2_ROWS(HEADRACE_DECL)
@@ -148,7 +152,7 @@ HEADRACE_NOINLINE void avx2_int8_half(const int8_t* x, int64_t ldx, const char* 
 }
 
 // Both halves of one column group for `rows` (1..kAvx2Rows) rows.
-template <bool Int8, int R = kAvx2Rows>
+template <bool Int8, int R = kAvx2Rows<Int8>>
 inline void avx2_rows(int64_t rows, const void* x, int64_t ldx, const char* b, int64_t kblocks,
                       const Prefetch& pf, float* acc) {
   if constexpr (R > 1) {
@@ -181,12 +185,13 @@ void avx2_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_
     x = wide.data();
   }
   // Rows in chunks of equal size (<= kAvx2Rows): a short chunk has fewer independent chains.
-  const int64_t chunks = (m + kAvx2Rows - 1) / kAvx2Rows;
+  constexpr int64_t kRows = kAvx2Rows<Int8>;
+  const int64_t chunks = (m + kRows - 1) / kRows;
   // The next group's lines spread evenly over this group's 2 * chunks * kblocks k-steps.
   const int64_t steps = 2 * chunks * kblocks;
   const int64_t pf_lines = (group_bytes / 64 + steps - 1) / steps;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[kAvx2Rows * 32];
+    alignas(64) float acc[kAvx2MaxRows * 32];
     for (int64_t g = begin; g < end; ++g) {
       const char* b = packed + g * group_bytes;
       const char* next = g + 1 < end ? b + group_bytes : b;

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from bench.workloads import BenchRequest, Workload
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
+from worker.params import SamplingParams
 
 if TYPE_CHECKING:
     from bench.admission import AdmissionComparison

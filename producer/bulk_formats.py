@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker.engine.params import (
+from worker.errors import RequestError
+from worker.params import (
     PARAM_NAMES,
     SamplingParams,
     check_length_hint,
     merge_line_params,
 )
-from worker.errors import RequestError
 from worker.protocol import STATUS_CANCELLED, STATUS_OK, Result
 
 SIMPLE = "simple"

@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from producer.replies import ClientClosedError, ReplyRouter
 from producer.submission import Submission, Submitter
 from worker.embedded import EmbeddedRedis, start_embedded_redis
-from worker.engine.params import SamplingParams, check_length_hint
 from worker.keys import Keys
+from worker.params import SamplingParams, check_length_hint
 from worker.protocol import Job, Result, decode_result, new_job_id
 from worker.redis_url import connect_async
 

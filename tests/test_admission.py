@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 from tests.prompts_data import PROMPTS
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
+from worker.params import SamplingParams
 
 
 def _engine(model_dir: Path, admission: str) -> Engine:
@@ -61,20 +61,25 @@ def test_predicted_admission_keeps_greedy_outputs_and_recomputes_less(tiny_model
 def test_the_admission_flag_and_env_reach_the_scheduler_on_every_verb(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from producer.bulk_cli import local_worker_flags
-    from producer.bulk_cli import register as register_bulk
-    from worker.generate_cli import add_engine_args, engine_config_from_args
-    from worker.settings import WorkerConfig, add_arguments
+    from worker.cli.bulk import local_worker_flags
+    from worker.cli.bulk import register as register_bulk
+    from worker.cli.options import (
+        add_arguments,
+        add_engine_args,
+        engine_config_from_args,
+        worker_config_from_args,
+        worker_config_from_env,
+    )
 
-    assert WorkerConfig.from_env({}).engine.scheduler.admission == "fcfs"
+    assert worker_config_from_env({}).engine.scheduler.admission == "fcfs"
     env = {"HEADRACE_ADMISSION": "predicted"}
-    assert WorkerConfig.from_env(env).engine.scheduler.admission == "predicted"
+    assert worker_config_from_env(env).engine.scheduler.admission == "predicted"
     with pytest.raises(ValueError, match="HEADRACE_ADMISSION"):
-        WorkerConfig.from_env({"HEADRACE_ADMISSION": "lifo"})
+        worker_config_from_env({"HEADRACE_ADMISSION": "lifo"})
     worker = argparse.ArgumentParser()
     add_arguments(worker)
     args = worker.parse_args(["--admission", "fcfs"])
-    assert WorkerConfig.from_args(args, env).engine.scheduler.admission == "fcfs"
+    assert worker_config_from_args(args, env).engine.scheduler.admission == "fcfs"
 
     generate = argparse.ArgumentParser()
     add_engine_args(generate)  # generate and bench
@@ -93,6 +98,6 @@ def test_the_admission_flag_and_env_reach_the_scheduler_on_every_verb(
     flags = local_worker_flags(
         bulk.choices["bulk"].parse_args(["i", "-o", "o", "--admission", "predicted"])
     )
-    assert WorkerConfig.from_args(worker.parse_args(flags), {}).engine.scheduler.admission == (
+    assert worker_config_from_args(worker.parse_args(flags), {}).engine.scheduler.admission == (
         "predicted"
     )

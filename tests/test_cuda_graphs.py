@@ -13,15 +13,20 @@ import argparse
 import pytest
 import torch
 
-from producer.bulk_cli import local_worker_flags
-from producer.bulk_cli import register as register_bulk
+from worker.cli.bulk import local_worker_flags
+from worker.cli.bulk import register as register_bulk
+from worker.cli.options import (
+    add_arguments,
+    add_engine_args,
+    engine_config_from_args,
+    worker_config_from_args,
+    worker_config_from_env,
+)
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.cuda_graphs import bucket_sizes
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
-from worker.generate_cli import add_engine_args, engine_config_from_args
-from worker.settings import WorkerConfig, add_arguments
+from worker.params import SamplingParams
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -123,12 +128,12 @@ def test_cuda_graphs_match_enforce_eager(kv: str, tiny_model_dir) -> None:
 def test_enforce_eager_flag_and_variable() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert not WorkerConfig.from_env({}).engine.enforce_eager
-    assert WorkerConfig.from_env({"HEADRACE_ENFORCE_EAGER": "1"}).engine.enforce_eager
+    assert not worker_config_from_env({}).engine.enforce_eager
+    assert worker_config_from_env({"HEADRACE_ENFORCE_EAGER": "1"}).engine.enforce_eager
     args = parser.parse_args(["--enforce-eager"])
-    assert WorkerConfig.from_args(args, {}).engine.enforce_eager
+    assert worker_config_from_args(args, {}).engine.enforce_eager
     args = parser.parse_args(["--no-enforce-eager"])
-    assert not WorkerConfig.from_args(args, {"HEADRACE_ENFORCE_EAGER": "1"}).engine.enforce_eager
+    assert not worker_config_from_args(args, {"HEADRACE_ENFORCE_EAGER": "1"}).engine.enforce_eager
     generate = argparse.ArgumentParser()
     add_engine_args(generate)
     assert engine_config_from_args(generate.parse_args(["--enforce-eager"])).enforce_eager
@@ -137,4 +142,4 @@ def test_enforce_eager_flag_and_variable() -> None:
     register_bulk(bulk)
     flags = local_worker_flags(bulk.choices["bulk"].parse_args(["i", "-o", "o", "--enforce-eager"]))
     assert flags == ("--enforce-eager",)  # bulk's local worker gets it
-    assert WorkerConfig.from_args(parser.parse_args(flags), {}).engine.enforce_eager
+    assert worker_config_from_args(parser.parse_args(flags), {}).engine.enforce_eager

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from worker.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, TextStream
-from worker.engine.params import SamplingParams
+from worker.params import SamplingParams
 
 MULTILINGUAL = (
     "Hello world, naïve café façade — déjà vu. 你好，世界！我们今天去公园散步吧。"

@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 from tests.prompts_data import PROMPTS
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
+from worker.params import SamplingParams
 
 MAX_NEW = 24
 

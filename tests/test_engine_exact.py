@@ -12,8 +12,8 @@ from tests.prompts_data import PROMPTS
 from tests.tiny_models import ARCHS
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
+from worker.params import SamplingParams
 
 
 def _hf_greedy(

@@ -13,8 +13,8 @@ from tests.prompts_data import PROMPTS
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine import isolation
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request, Sequence, TokenOutput
+from worker.params import SamplingParams
 
 MAX_NEW = 10
 FAIL_AT = 3  # the bad request raises once it has this many tokens: mid-batch, mid-decode

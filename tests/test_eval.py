@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from bench.cli import EVAL_CONFIGS
 from bench.eval import (
     CONFIGS,
     DEFAULT_TEXT,
@@ -26,6 +25,7 @@ from bench.eval import (
 )
 from bench.sensitivity import perturb_projections, restore_projections, weight_noise
 from worker.cli import main
+from worker.cli.eval import EVAL_CONFIGS
 from worker.config import EngineConfig, ModelConfig
 from worker.engine.engine import Engine
 

@@ -16,8 +16,8 @@ from tests.markers import needs_packed_gemm
 from tests.tiny_models import ARCHS
 from worker.config import CacheConfig, EngineConfig, ModelConfig
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
+from worker.params import SamplingParams
 
 pytestmark = needs_packed_gemm
 

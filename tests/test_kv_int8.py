@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from tests.prompts_data import PROMPTS
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
+from worker.params import SamplingParams
 
 TEXT = (
     "The river rose through the spring, and the mill that stood at its bend turned faster "

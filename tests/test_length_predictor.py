@@ -3,7 +3,7 @@
 import pytest
 
 from worker.engine.length_predictor import LengthPredictor, PredictorConfig
-from worker.engine.params import SamplingParams
+from worker.params import SamplingParams
 
 P256 = SamplingParams(max_tokens=256)
 

@@ -12,9 +12,9 @@ from tests.test_scheduler import run_plan
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator, block_key
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Request, Sequence
+from worker.params import SamplingParams
 
 # -- BlockAllocator ------------------------------------------------------------------
 
@@ -287,18 +287,23 @@ def test_int8_kv_pages_are_shared_with_the_same_tokens(tiny_model_dir) -> None:
 def test_on_by_default_and_a_flag_turns_it_off_on_every_verb() -> None:
     import argparse
 
-    from producer.bulk_cli import local_worker_flags
-    from producer.bulk_cli import register as register_bulk
-    from worker.generate_cli import add_engine_args, engine_config_from_args
-    from worker.settings import WorkerConfig, add_arguments
+    from worker.cli.bulk import local_worker_flags
+    from worker.cli.bulk import register as register_bulk
+    from worker.cli.options import (
+        add_arguments,
+        add_engine_args,
+        engine_config_from_args,
+        worker_config_from_args,
+        worker_config_from_env,
+    )
 
-    assert WorkerConfig.from_env({}).engine.cache.enable_prefix_caching
-    off = WorkerConfig.from_env({"HEADRACE_PREFIX_CACHING": "0"})
+    assert worker_config_from_env({}).engine.cache.enable_prefix_caching
+    off = worker_config_from_env({"HEADRACE_PREFIX_CACHING": "0"})
     assert not off.engine.cache.enable_prefix_caching
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--no-prefix-caching"])
-    assert not WorkerConfig.from_args(args, {}).engine.cache.enable_prefix_caching
+    assert not worker_config_from_args(args, {}).engine.cache.enable_prefix_caching
 
     generate = argparse.ArgumentParser()
     add_engine_args(generate)  # generate and bench
@@ -314,15 +319,15 @@ def test_on_by_default_and_a_flag_turns_it_off_on_every_verb() -> None:
     flags = local_worker_flags(args)
     assert "--no-prefix-caching" in flags
     # The local worker parses them back.
-    assert not WorkerConfig.from_args(
+    assert not worker_config_from_args(
         parser.parse_args(flags), {}
     ).engine.cache.enable_prefix_caching
 
 
 def test_metrics_and_stats_report_the_hit_ratio() -> None:
+    from worker.cli.stats import ConsumerStats, QueueStats, render
     from worker.engine.engine import EngineStats
-    from worker.metrics import Metrics
-    from worker.stats_cli import ConsumerStats, QueueStats, render
+    from worker.service.metrics import Metrics
 
     metrics = Metrics()
     base = dict(num_running=0, num_waiting=0, num_free_blocks=8, num_total_blocks=8)

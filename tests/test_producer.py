@@ -19,7 +19,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-import producer.cli
+import worker.cli.submit
 from producer import AsyncClient, Client, ClientClosedError, ResultTimeoutError
 from producer.submission import DONE, LOST, QUEUED, Submitter
 from worker.cli import main as cli_main
@@ -473,7 +473,7 @@ def test_cli_submit_timeout_cancels_and_needs_a_url(
     assert redis.Redis.from_url(redis_url).exists(KEYS.cancelled(job_id))
     assert f"error: no result for job {job_id!r} within 0.3 s" in capsys.readouterr().err
     # Without --timeout a default one applies (a job Redis lost must not hang the command).
-    monkeypatch.setattr(producer.cli, "DEFAULT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(worker.cli.submit, "DEFAULT_TIMEOUT_S", 0.2)
     started = time.monotonic()
     assert cli_main(["submit", "silent", "--stream", "--redis-url", redis_url]) == 1
     assert time.monotonic() - started < 5

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from worker.engine.params import SamplingParams
 from worker.engine.prompts import encode_prompt, request_from_dict
 from worker.errors import RequestError
+from worker.params import SamplingParams
 
 VOCAB = 49152
 MAX_LEN = 64

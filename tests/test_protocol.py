@@ -241,7 +241,7 @@ def test_list_params_are_bounded(params: dict[str, Any], limit: str) -> None:
 
 
 def test_stop_token_ids_are_checked_against_the_vocabulary() -> None:
-    from worker.engine.params import SamplingParams
+    from worker.params import SamplingParams
 
     params = SamplingParams(stop_token_ids=(5, 2**64 - 1))
     params.check_vocab(2**64)  # every id fits

@@ -15,11 +15,11 @@ from ops.quant_int4 import dequantize_int4, quantize_weight_int4, quantize_weigh
 from worker.cli import main
 from worker.config import CacheConfig, EngineConfig, ModelConfig
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
 from worker.models.gptq import gptq_quantize_int4
 from worker.models.quantized import W4A16Linear, W8A8Linear, quantizable_linears
 from worker.models.smoothquant import smoothing_factors
+from worker.params import SamplingParams
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Water boils at 100 degrees Celsius at sea "

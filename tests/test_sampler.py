@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from ops.sampling import invert_cdf
-from worker.engine.params import SamplingParams
 from worker.engine.sampler import Sampler, apply_penalties
 from worker.engine.sequence import Request, Sequence
+from worker.params import SamplingParams
 
 EOS = frozenset({0})
 

@@ -5,9 +5,9 @@ from dataclasses import replace
 from worker.config import SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator
 from worker.engine.length_predictor import LengthPredictor, PredictorConfig
-from worker.engine.params import SamplingParams
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Request, Sequence, SequenceStatus
+from worker.params import SamplingParams
 
 
 def _seq(name: str, num_prompt: int) -> Sequence:

@@ -11,12 +11,12 @@ import redis
 import redis.asyncio as aioredis
 
 from worker.cli import main as cli_main
+from worker.cli.stats import collect
 from worker.errors import RequestError
 from worker.keys import JOB_FIELD, Keys
-from worker.metrics import Metrics
 from worker.protocol import Job, encode_job
-from worker.recovery import Entry, Recovery
-from worker.stats_cli import collect
+from worker.service.metrics import Metrics
+from worker.service.recovery import Entry, Recovery
 
 KEYS = Keys()
 

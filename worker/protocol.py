@@ -1,4 +1,4 @@
-"""Wire protocol v1 (boundary of producer → Redis stream → worker.ingest and worker.publish → client).
+"""Wire protocol v1 (boundary of producer → Redis stream → worker.service.intake and worker.service.publish → client).
 
 A job is one stream entry with field `job` = msgpack map; a result is one entry
 with field `result` = msgpack map. Jobs are validated strictly here, once, so
@@ -16,8 +16,8 @@ from typing import Any
 
 import msgpack
 
-from worker.engine.params import SamplingParams, check_length_hint
 from worker.errors import RequestError
+from worker.params import SamplingParams, check_length_hint
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 256

@@ -8,10 +8,10 @@ import asyncio
 import pytest
 
 from worker.engine.engine import Engine
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Request
-from worker.engine_loop import EngineEvent, EngineLoop
 from worker.errors import RequestError
+from worker.params import SamplingParams
+from worker.service.engine_loop import EngineEvent, EngineLoop
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 FAIL_AT = 2

@@ -29,9 +29,9 @@ from tests.worker_harness import (
     wait_for,
     worker_config,
 )
-from worker.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from worker.engine.prompts import PROMPT_FIELDS
 from worker.keys import JOB_FIELD
+from worker.params import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from worker.protocol import MAX_ID_CHARS, MAX_REPLY_TO_CHARS, Result, decode_result
 
 NS = KEYS.namespace

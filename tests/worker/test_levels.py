@@ -6,10 +6,11 @@ import asyncio
 import time
 
 from tests.worker_harness import KEYS, job, push
-from worker.ingest import Ingest
 from worker.keys import PRIORITY_LEVELS
-from worker.levels import oldest_waiting_ages, read_order
 from worker.redis_url import connect_async
+from worker.service.intake import decode_entry
+from worker.service.levels import oldest_waiting_ages, read_order
+from worker.service.reader import StreamReader
 
 HIGH, DEFAULT, LOW = KEYS.request_streams
 LEVELS = list(zip(KEYS.request_streams, PRIORITY_LEVELS, strict=True))
@@ -29,17 +30,8 @@ def test_a_lower_level_rises_one_level_per_aging_period_of_its_oldest_entry() ->
     assert read_order(LEVELS, {LOW: 180.0, HIGH: 1.0}, 60) == [LOW, HIGH, DEFAULT]
 
 
-def _ingest(aclient, aging_s: float = 60.0) -> Ingest:
-    return Ingest(
-        aclient,
-        KEYS,
-        "c",
-        tokenizer=None,
-        max_model_len=8,
-        vocab_size=8,
-        max_payload_bytes=9999,
-        priority_aging_s=aging_s,
-    )
+def _reader(aclient, aging_s: float = 60.0) -> StreamReader:
+    return StreamReader(aclient, KEYS, "c", priority_aging_s=aging_s)
 
 
 def test_a_read_fills_from_higher_levels_first_and_lower_levels_get_the_rest(redis_url, client):
@@ -49,14 +41,13 @@ def test_a_read_fills_from_higher_levels_first_and_lower_levels_get_the_rest(red
 
     async def scenario() -> list[list[str]]:
         aclient = connect_async(redis_url)
-        ingest = _ingest(aclient)
+        reader = _reader(aclient)
         try:
-            await ingest.ensure_group()
-            first = await ingest.read(3, None)
-            rest = await ingest.read(10, 10)
-            return [[ingest.decode(e).id for e in batch] for batch in (first, rest)]
+            await reader.ensure_group()
+            first = await reader.read(3, None)
+            rest = await reader.read(10, 10)
+            return [[decode_entry(e, KEYS, 9999).id for e in batch] for batch in (first, rest)]
         finally:
-            ingest.close()
             await aclient.aclose()
 
     first, rest = asyncio.run(scenario())
@@ -73,13 +64,12 @@ def test_an_old_low_priority_backlog_is_read_before_fresh_high_priority_jobs(red
 
     async def scenario() -> tuple[dict[str, float], list[str]]:
         aclient = connect_async(redis_url)
-        ingest = _ingest(aclient, aging_s)
+        reader = _reader(aclient, aging_s)
         try:
-            await ingest.ensure_group()
+            await reader.ensure_group()
             ages = await oldest_waiting_ages(aclient, KEYS, time.time() * 1000)
-            return ages, [e.stream for e in await ingest.read(1, None)]
+            return ages, [e.stream for e in await reader.read(1, None)]
         finally:
-            ingest.close()
             await aclient.aclose()
 
     ages, streams = asyncio.run(scenario())

@@ -30,8 +30,8 @@ from tests.worker_harness import (
     worker_config,
 )
 from worker.cli import main as cli_main
-from worker.logs import JsonFormatter
-from worker.metrics import Health, Metrics, MetricsServer
+from worker.service.logs import JsonFormatter
+from worker.service.metrics import Health, Metrics, MetricsServer
 
 GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
@@ -71,7 +71,7 @@ def test_running_worker_exports_metrics_health_stats_and_logs(
         throughput_log_s=0.5,
         heartbeat_interval_s=0.5,
     )
-    caplog.set_level(logging.DEBUG, logger="worker.metrics")
+    caplog.set_level(logging.DEBUG, logger="worker.service.metrics")
     with InProcessWorker(config, engine) as worker:
         assert get(port, "/healthz")[0] == 200
         wait_for(lambda: get(port, "/readyz")[0] == 200, 10, "readiness")

@@ -27,12 +27,13 @@ from tests.worker_harness import (
     wait_for,
     worker_config,
 )
-from worker.ingest import Ingest
 from worker.protocol import decode_result
-from worker.publish import Publisher
-from worker.recovery import Recovery
 from worker.redis_url import connect_async
-from worker.resilience import Retrier
+from worker.service.intake import Intake
+from worker.service.publish import Publisher
+from worker.service.reader import StreamReader
+from worker.service.recovery import Recovery
+from worker.service.resilience import Retrier
 
 LONG = {"max_tokens": 300, "ignore_eos": True, "temperature": 0.0}
 SHORT = {"max_tokens": 4, "ignore_eos": True, "temperature": 0.0}
@@ -90,7 +91,7 @@ def run_burst(config, engine) -> InProcessWorker:
 def test_a_connection_lost_while_preparing_costs_no_delay_and_no_delivery(
     engine, redis_url, client, monkeypatch
 ):
-    fired = dropped_once(monkeypatch, Ingest, "screen")
+    fired = dropped_once(monkeypatch, StreamReader, "screen")
     push(client, [job(f"p{i}", f"Prompt {i}", **SHORT) for i in range(4)])
     # A batch given up would wait 60 s for a reclaim (and burst mode would end without it).
     config = worker_config(redis_url, engine.config, burst=True, claim_idle_ms=60_000)
@@ -103,7 +104,7 @@ def test_a_connection_lost_while_preparing_costs_no_delay_and_no_delivery(
 def test_entries_claimed_before_a_failed_read_are_kept(engine, redis_url, client, monkeypatch):
     client.xgroup_create(KEYS.requests, KEYS.group, id="0", mkstream=True)
     orphan(client, push(client, [job("orphan", "Again", **SHORT)]))
-    fired = dropped_once(monkeypatch, Ingest, "read")  # the XREADGROUP right after XAUTOCLAIM
+    fired = dropped_once(monkeypatch, StreamReader, "read")  # the XREADGROUP right after XAUTOCLAIM
     config = worker_config(redis_url, engine.config, burst=True, claim_idle_ms=30_000)
     worker = run_burst(config, engine)
     assert fired
@@ -115,7 +116,7 @@ def test_entries_claimed_before_a_failed_read_are_kept(engine, redis_url, client
 def test_entries_whose_read_reply_was_lost_are_adopted_not_redelivered(
     engine, redis_url, client, monkeypatch
 ):
-    fired = dropped_once(monkeypatch, Ingest, "read", after_call=True)
+    fired = dropped_once(monkeypatch, StreamReader, "read", after_call=True)
     push(client, [job(f"l{i}", f"Lost {i}", **SHORT) for i in range(3)])
     config = worker_config(redis_url, engine.config, burst=True, claim_idle_ms=60_000)
     worker = run_burst(config, engine)
@@ -136,22 +137,19 @@ def test_every_group_call_survives_a_lost_group(redis_url, client, call):
 
     async def scenario() -> object:
         aclient = connect_async(redis_url)
-        ingest = Ingest(
-            aclient, KEYS, "c", tokenizer=None, max_model_len=8, vocab_size=8, max_payload_bytes=99
-        )
+        reader = StreamReader(aclient, KEYS, "c")
         recovery = Recovery(
             aclient, KEYS, "c", claim_idle_ms=1, max_attempts=3, liveness_ttl_s=5, held=tuple
         )
         calls = {
-            "read": lambda: ingest.read(10, None),
+            "read": lambda: reader.read(10, None),
             "reclaim": lambda: recovery.reclaim(10),
             "adopt": recovery.adopt,
             "heartbeat": lambda: recovery.heartbeat([(KEYS.requests, "1-0")], {}),
         }
         try:
-            return await Retrier(ingest.ensure_group, base_s=0.001).call(call, calls[call])
+            return await Retrier(reader.ensure_group, base_s=0.001).call(call, calls[call])
         finally:
-            ingest.close()
             await aclient.aclose()
 
     [entry_id] = push(client, [job("after", "Added after the flush")])  # a stream, no group
@@ -285,18 +283,15 @@ def test_a_cancel_sent_while_unsubscribed_reaches_a_running_job(redis_url, clien
 
     async def scenario() -> list[str]:
         aclient = connect_async(redis_url)
-        ingest = Ingest(
-            aclient, KEYS, "c", tokenizer=None, max_model_len=8, vocab_size=8, max_payload_bytes=99
-        )
+        reader = StreamReader(aclient, KEYS, "c")
         subscribed, closing, cancelled = asyncio.Event(), asyncio.Event(), []
         held = ["running", "other"]
         task = asyncio.create_task(
-            ingest.listen_cancels(cancelled.append, subscribed, closing, held=lambda: held)
+            reader.listen_cancels(cancelled.append, subscribed, closing, held=lambda: held)
         )
         await asyncio.wait_for(subscribed.wait(), 5)
         closing.set()
         await task
-        ingest.close()
         await aclient.aclose()
         return cancelled
 
@@ -380,7 +375,7 @@ def fail_from(monkeypatch, cls, name: str, nth: int) -> None:
     [
         ("heartbeat", Recovery, "heartbeat", 2, None),  # the first one runs before ready
         ("publisher", Publisher, "_execute", 1, True),
-        ("read loop", Ingest, "decode", 1, True),
+        ("read loop", Intake, "decode", 1, True),
     ],
 )
 def test_a_task_that_dies_stops_the_worker_with_exit_1(

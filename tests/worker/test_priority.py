@@ -23,7 +23,7 @@ from tests.worker_harness import (
     worker_config,
 )
 from worker.cli import main as cli_main
-from worker.publish import entry_time_ms
+from worker.service.publish import entry_time_ms
 
 BACKLOG = 1000
 TINY = {"max_tokens": 2, "ignore_eos": True, "temperature": 0.0}
@@ -62,7 +62,10 @@ def test_a_high_priority_job_overtakes_a_thousand_queued_jobs(engine, redis_url,
     urgent_wait = got["urgent"][0].timings["ttft_ms"]
     assert urgent_wait * 10 < statistics.median(low_waits), (urgent_wait, low_waits[::100])
     # The metrics tell the levels apart.
-    registry, name = worker.service.metrics.registry, "headrace_priority_queue_wait_seconds_count"
+    registry, name = (
+        worker.service.metrics.registry,
+        "headrace_priority_queue_wait_seconds_count",
+    )
     assert registry.get_sample_value(name, {"priority": "high"}) == 1
     assert registry.get_sample_value(name, {"priority": "default"}) == BACKLOG
     assert worker.service.stats()["finished"] == BACKLOG + 1

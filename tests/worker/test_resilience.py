@@ -9,7 +9,7 @@ import random
 import pytest
 import redis.exceptions
 
-from worker.resilience import Backoff, Interrupted, Retrier, Supervisor
+from worker.service.resilience import Backoff, Interrupted, Retrier, Supervisor
 
 NOGROUP = redis.exceptions.ResponseError("NOGROUP No such key 'q' or consumer group 'g'")
 
@@ -43,7 +43,7 @@ def test_transient_errors_are_retried_until_the_call_succeeds(caplog):
     fn = flaky(*errors, OSError("unreachable"))
     seen: list[BaseException] = []
     retrier = Retrier(base_s=0.001, cap_s=0.002)
-    with caplog.at_level(logging.DEBUG, logger="worker.resilience"):
+    with caplog.at_level(logging.DEBUG, logger="worker.service.resilience"):
         assert asyncio.run(retrier.call("reading", fn, on_error=seen.append)) == "ok"
     assert len(fn.calls) == 4 and [type(e) for e in seen[:2]] == [type(e) for e in errors]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -120,7 +120,7 @@ def test_supervisor_reports_tasks_that_die_and_only_those(caplog):
         assert supervisor.tasks == []
         return deaths
 
-    with caplog.at_level(logging.ERROR, logger="worker.resilience"):
+    with caplog.at_level(logging.ERROR, logger="worker.service.resilience"):
         assert sorted(asyncio.run(scenario())) == ["crasher", "quitter"]
     crash_log = next(r for r in caplog.records if "crasher" in r.getMessage())
     assert crash_log.exc_info is not None and "boom" in str(crash_log.exc_info[1])

@@ -21,10 +21,10 @@ from tests.worker_harness import (
     wait_for,
     worker_config,
 )
+from worker.cli.stats import collect
 from worker.keys import JOB_FIELD
-from worker.publish import JobState
-from worker.recovery import DEAD_LETTER_JOB_BYTES
-from worker.stats_cli import collect
+from worker.service.jobs import JobState
+from worker.service.recovery import DEAD_LETTER_JOB_BYTES
 
 RUNS = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0.0, "stream": True}
 SHORT = {"max_tokens": 3, "temperature": 0.0}
@@ -37,7 +37,7 @@ def entry_ids(client: redis.Redis) -> list[str]:
 
 def running(worker: InProcessWorker, job_id: str) -> bool:
     state = worker.service.inflight.get(job_id)
-    return state is not None and state.running and bool(state.token_ids)
+    return state is not None and state.running and bool(state.output and state.output.token_ids)
 
 
 def cancel(client: redis.Redis, job_id: str) -> None:

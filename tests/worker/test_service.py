@@ -23,10 +23,11 @@ from tests.worker_harness import (
     wait_for,
     worker_config,
 )
+from worker.cli.options import add_arguments, worker_config_from_args, worker_config_from_env
 from worker.engine.engine import Engine
 from worker.engine.prompts import encode_prompt
 from worker.protocol import Job, decode_result
-from worker.settings import WorkerConfig, add_arguments
+from worker.service.settings import WorkerConfig
 
 GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 
@@ -225,19 +226,19 @@ def test_config_flags_override_env_and_env_overrides_defaults():
         "HEADRACE_BURST": "true",
         "HEADRACE_CLAIM_IDLE_MS": "9000",
     }
-    cfg = WorkerConfig.from_args(parser.parse_args(["--namespace", "flagns", "--no-burst"]), env)
+    cfg = worker_config_from_args(parser.parse_args(["--namespace", "flagns", "--no-burst"]), env)
     assert (cfg.redis_url, cfg.namespace, cfg.burst) == ("redis://env:1", "flagns", False)
     assert cfg.engine.scheduler.max_num_seqs == 4 and cfg.inflight_limit == 8
     assert cfg.claim_idle_ms == 9000 and cfg.heartbeat_s == 3.0
-    assert WorkerConfig.from_env({}).redis_url is None  # → embedded Redis
+    assert worker_config_from_env({}).redis_url is None  # → embedded Redis
     # The worker's KV cache is int8 unless asked otherwise (the engine's own default is auto).
-    assert WorkerConfig.from_env({}).engine.cache.dtype == "int8"
-    auto = WorkerConfig.from_env({"HEADRACE_KV_CACHE_DTYPE": "auto"})
+    assert worker_config_from_env({}).engine.cache.dtype == "int8"
+    auto = worker_config_from_env({"HEADRACE_KV_CACHE_DTYPE": "auto"})
     assert auto.engine.cache.dtype == "auto"
     quant = parser.parse_args(["--quantization", "w8a8", "--kv-cache-dtype", "auto"])
-    assert WorkerConfig.from_args(quant, {}).engine.model.quantization == "w8a8"
+    assert worker_config_from_args(quant, {}).engine.model.quantization == "w8a8"
     with pytest.raises(ValueError, match="HEADRACE_MAX_ATTEMPTS"):
-        WorkerConfig.from_env({"HEADRACE_MAX_ATTEMPTS": "many"})
+        worker_config_from_env({"HEADRACE_MAX_ATTEMPTS": "many"})
     with pytest.raises(ValueError, match="heartbeat"):
         WorkerConfig(claim_idle_ms=1000, heartbeat_interval_s=2.0)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ops.sampling import argmax, invert_cdf, sample_rows
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Sequence, TokenLogprobs
+from worker.params import SamplingParams
 
 # Below this a temperature is greedy (as in vLLM): dividing by it would overflow.
 _GREEDY_EPS = 1e-5

@@ -16,25 +16,14 @@ from pathlib import Path
 from producer.bulk_formats import FORMATS
 from producer.bulk_watch import WatchConfig
 from producer.client import REDIS_URL_ENV
-from worker.settings import OPTIONS, add_arguments
+from worker.cli.options import ENGINE_OPTIONS, OPTIONS, add_arguments, as_flags
 
 log = logging.getLogger(__name__)
 
 NAMESPACE_ENV = "HEADRACE_NAMESPACE"
 EXIT_INTERRUPTED = 130
 # `headrace worker` options that make sense for the local worker (the rest are defaults).
-_LOCAL_WORKER_OPTIONS = tuple(
-    opt
-    for opt in OPTIONS
-    if opt.dest
-    in {
-        "model", "dtype", "max_model_len", "kv_cache_memory", "num_kv_blocks", "block_size",
-        "kv_cache_dtype", "quantization", "prefix_caching",
-        "max_num_seqs", "max_num_batched_tokens", "admission", "seed", "num_threads",
-        "enforce_eager",
-        "max_inflight",
-    }
-)  # fmt: skip
+_LOCAL_WORKER_OPTIONS = (*ENGINE_OPTIONS, *(o for o in OPTIONS if o.dest == "max_inflight"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
     from producer.bulk import BulkConfig, BulkError, run_bulk
     from worker.embedded import EmbeddedRedisError
-    from worker.engine.params import SamplingParams
     from worker.errors import RequestError
-    from worker.service_cli import run_event_loop
+    from worker.params import SamplingParams
+    from worker.service.run import run_event_loop
 
     if not args.input.is_file():
         print(f"error: no input file {args.input}", file=sys.stderr)
@@ -120,13 +109,5 @@ def run(args: argparse.Namespace) -> int:
 
 def local_worker_flags(args: argparse.Namespace) -> tuple[str, ...]:
     """The given local-worker flags, as `headrace worker` arguments."""
-    flags: list[str] = []
-    for opt in _LOCAL_WORKER_OPTIONS:
-        value = getattr(args, opt.dest, None)
-        if value is None:
-            continue
-        if opt.is_switch:
-            flags.append(opt.flag if value else opt.no_flag)
-        else:
-            flags += [opt.flag, str(value)]
-    return tuple(flags)
+    given = {opt.dest: getattr(args, opt.dest, None) for opt in _LOCAL_WORKER_OPTIONS}
+    return as_flags(given, _LOCAL_WORKER_OPTIONS)

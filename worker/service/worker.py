@@ -5,7 +5,7 @@ backpressure; a heartbeat task keeps claims fresh; a pub/sub task cancels jobs;
 the publisher flushes results. Stop (SIGTERM/SIGINT, or burst mode running
 dry) stops reading, lets in-flight jobs finish within the drain timeout, and
 leaves the rest pending for other workers. Every Redis call rides out outages
-(worker/resilience.py); a background task that dies stops the worker with exit 1.
+(worker/service/resilience.py); a background task that dies stops the worker with exit 1.
 """
 
 from __future__ import annotations
@@ -17,24 +17,26 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 
-from worker.engine.detokenizer import TextStream
-from worker.engine.sequence import Request
-from worker.engine_loop import EngineEvent, EngineLoop
-from worker.errors import RequestError
-from worker.ingest import ALREADY_DONE, CANCELLED, Ingest
-from worker.keys import EntryRef
-from worker.metrics import Health, Metrics, MetricsServer, monitor
-from worker.protocol import STATUS_CANCELLED, JobDecodeError
-from worker.publish import JobState, Publisher, entry_time_ms, now_ms
-from worker.recovery import Entry, Recovery
+from worker.protocol import STATUS_CANCELLED
 from worker.redis_url import connect_async, redact_url
-from worker.resilience import TRANSIENT, Interrupted, Retrier, Supervisor
-from worker.settings import WorkerConfig
+from worker.service.engine_loop import EngineEvent, EngineLoop
+from worker.service.intake import Intake
+from worker.service.jobs import JobState, JobTable
+from worker.service.metrics import Health, Metrics, MetricsServer, monitor
+from worker.service.publish import Publisher
+from worker.service.reader import StreamReader
+from worker.service.recovery import Recovery
+from worker.service.resilience import TRANSIENT, Interrupted, Retrier, Supervisor
+from worker.service.settings import WorkerConfig
+from worker.service.tokenizing import PromptEncoder
+
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class WorkerService:
     def __init__(
         self,
         config: WorkerConfig,
-        engine: Any | None = None,
+        engine: Engine | None = None,
         engine_host: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         if config.redis_url is None:
@@ -63,13 +65,8 @@ class WorkerService:
         self.keys = config.keys
         self.engine = engine
         self._engine_host = engine_host
-        self.inflight: dict[str, JobState] = {}
-        self.peak_inflight = 0
-        self.num_dead_lettered = 0
-        self.num_failed = 0
-        # Entries refused (undecodable, or out of attempts) whose error result is not yet
-        # written: their claims are kept fresh and a reclaim of one is ignored.
-        self._refusing: set[EntryRef] = set()
+        self.jobs = JobTable(config.inflight_limit)
+        self.num_engine_failures = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
@@ -98,21 +95,30 @@ class WorkerService:
         self._changed.set()
 
     @property
-    def room(self) -> int:
-        return self.config.inflight_limit - len(self.inflight) - len(self._refusing)
+    def inflight(self) -> dict[str, JobState]:
+        """The jobs held now, by id (read-only: the job table owns it)."""
+        return self.jobs.inflight
+
+    @property
+    def num_dead_lettered(self) -> int:
+        return self.intake.num_dead_lettered
+
+    @property
+    def num_failed(self) -> int:
+        return self.intake.num_refused + self.num_engine_failures
 
     def stats(self) -> dict[str, Any]:
         return {
             "consumer": self.config.consumer,
-            "inflight": len(self.inflight),
-            "peak_inflight": self.peak_inflight,
+            "inflight": len(self.jobs),
+            "peak_inflight": self.jobs.peak,
             "max_inflight": self.config.inflight_limit,
-            "read": self.ingest.num_read,
+            "read": self.reader.num_read,
             "reclaimed": self.recovery.num_reclaimed,
             "adopted": self.recovery.num_adopted,
             "published": self.publisher.num_published,
             "duplicates": self.publisher.num_duplicates,
-            "dead_lettered": self.num_dead_lettered,
+            "dead_lettered": self.intake.num_dead_lettered,
             "steps": self.engine_loop.num_steps,
             "time": time.time(),
             **self.metrics.snapshot(),
@@ -165,7 +171,7 @@ class WorkerService:
         assert cfg.redis_url is not None
         try:
             await self._retry.call(
-                "creating the consumer group", self.ingest.ensure_group, stop=self._stopping
+                "creating the consumer group", self.reader.ensure_group, stop=self._stopping
             )
             await self._retry.call("reading own claims", self.recovery.inherit, stop=self._stopping)
         except Interrupted:
@@ -176,8 +182,8 @@ class WorkerService:
         self._spawn_loop("heartbeat", self._heartbeat_loop())
         self._spawn_loop(
             "cancel listener",
-            self.ingest.listen_cancels(
-                self._cancel, subscribed, self._closing, held=lambda: list(self.inflight)
+            self.reader.listen_cancels(
+                self._cancel, subscribed, self._closing, held=self.jobs.job_ids
             ),
         )
         self._spawn_loop(
@@ -186,7 +192,7 @@ class WorkerService:
                 self.metrics,
                 self.health,
                 self.redis.ping,
-                lambda: len(self.inflight),
+                lambda: len(self.jobs),
                 self._closing,
                 log_every_s=self.config.throughput_log_s,
             ),
@@ -205,15 +211,17 @@ class WorkerService:
 
     def _build_stages(self) -> None:
         cfg, engine = self.config, self.engine
-        self.ingest = Ingest(
+        assert engine is not None and self._loop is not None and self._closing is not None
+        self.reader = StreamReader(
             self.redis,
             self.keys,
             cfg.consumer,
-            tokenizer=engine.tokenizer,
-            max_model_len=engine.max_model_len,
-            vocab_size=getattr(engine, "vocab_size", len(engine.tokenizer)),
-            max_payload_bytes=cfg.max_payload_bytes,
             priority_aging_s=cfg.engine.scheduler.priority_aging_s,
+        )
+        self.encoder = PromptEncoder(
+            engine.tokenizer,
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
             threads=cfg.tokenizer_threads,
         )
         self.recovery = Recovery(
@@ -223,22 +231,37 @@ class WorkerService:
             claim_idle_ms=cfg.claim_idle_ms,
             max_attempts=cfg.max_attempts,
             liveness_ttl_s=max(1, math.ceil(cfg.claim_idle_ms / 1000)),
-            held=self._held_entries,
+            held=self.jobs.held_entries,
         )
-        self._retry = Retrier(self.ingest.ensure_group)
+        self._retry = Retrier(self.reader.ensure_group)
         self.publisher = Publisher(
             self.redis,
             self.keys,
-            engine.tokenizer,
             worker=cfg.consumer,
             result_ttl_s=cfg.result_ttl_s,
             reply_maxlen=cfg.reply_maxlen,
             on_acked=self._release,
             metrics=self.metrics,
         )
-        assert self._loop is not None
         self.engine_loop = EngineLoop(
             engine, self._loop, self._on_engine_event, self.metrics, host=self._engine_host
+        )
+        self.intake = Intake(
+            keys=self.keys,
+            max_payload_bytes=cfg.max_payload_bytes,
+            max_attempts=cfg.max_attempts,
+            jobs=self.jobs,
+            reader=self.reader,
+            recovery=self.recovery,
+            publisher=self.publisher,
+            encoder=self.encoder,
+            engine_loop=self.engine_loop,
+            metrics=self.metrics,
+            retry=self._retry,
+            supervisor=self.supervisor,
+            tokenizer=engine.tokenizer,
+            closing=self._closing,
+            on_change=self._notify,
         )
 
     def _install_signals(self) -> None:
@@ -248,7 +271,7 @@ class WorkerService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop_now, False)
 
-    def _spawn_loop(self, name: str, coro: Any) -> None:
+    def _spawn_loop(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         self.supervisor.spawn(name, coro, loop=True)
 
     def _task_died(self, name: str) -> None:
@@ -259,21 +282,17 @@ class WorkerService:
         if self._stopping is not None:
             self._stop_now(force=True)
 
-    def _held_entries(self) -> list[EntryRef]:
-        """Entries this worker answers for now: in flight, or being refused."""
-        return [s.ref for s in self.inflight.values()] + list(self._refusing)
-
     async def _drain(self) -> None:
         assert self._changed is not None
         deadline = time.monotonic() + self.config.drain_timeout_s
-        while (self.inflight or self._refusing) and not self._force:
+        while not self.jobs.empty and not self._force:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
-        await self._abandon([s for s in self.inflight.values() if not s.done])
+        await self._abandon([s for s in self.jobs if not s.done])
         if "publisher" in self.health.dead_tasks:
             return  # nobody writes what is queued: it stays pending for other workers
         with contextlib.suppress(asyncio.TimeoutError):
@@ -287,7 +306,7 @@ class WorkerService:
         for state in states:
             state.done = True
             self.engine_loop.abort(state.job.id)
-            self.inflight.pop(state.job.id, None)
+            self.jobs.release(state)
         with contextlib.suppress(*_EXIT_ERRORS):
             await self.recovery.release([s.ref for s in states])
 
@@ -299,7 +318,7 @@ class WorkerService:
         # watch _closing, so they end on their own right after.
         await self.supervisor.stop(_TASK_EXIT_S)
         await asyncio.to_thread(self.engine_loop.stop)
-        self.ingest.close()
+        self.encoder.close()
         with contextlib.suppress(*_EXIT_ERRORS):
             await self.recovery.leave()
         await self.redis.aclose()
@@ -307,13 +326,13 @@ class WorkerService:
             self.metrics_server.stop()
         log.info("worker %s stopped: %s", self.config.consumer, self.stats())
 
-    # -- ingest -------------------------------------------------------------------------
+    # -- reading -------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         assert self._stopping is not None and self._changed is not None
         next_reclaim = 0.0
         while not self._stopping.is_set():
-            if self.room <= 0:
+            if self.jobs.room <= 0:
                 self._changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), self.config.heartbeat_s)
@@ -331,7 +350,7 @@ class WorkerService:
 
     def _idle(self) -> bool:
         """Nothing held and nothing left to adopt (burst mode stops then)."""
-        return not (self.inflight or self._refusing or self.recovery.adoption_due)
+        return self.jobs.empty and not self.recovery.adoption_due
 
     async def _fetch(self, reclaim: bool) -> int:
         """One round: adopt our orphans, reclaim idle entries, read new ones; how many came.
@@ -340,18 +359,18 @@ class WorkerService:
         fails never loses them, and a retry reads nothing twice: a retry after a dropped
         connection costs no delivery.
         """
-        recovery, got = self.recovery, 0
+        recovery, admit, got = self.recovery, self.intake.admit, 0
         if recovery.adoption_due:
-            got += self._admit(await self._call("adopting entries", recovery.adopt))
+            got += admit(await self._call("adopting entries", recovery.adopt))
         if reclaim:
-            got += self._admit(
-                await self._call("reclaiming jobs", lambda: recovery.reclaim(self.room))
+            got += admit(
+                await self._call("reclaiming jobs", lambda: recovery.reclaim(self.jobs.room))
             )
-        if self.room > 0:
+        if self.jobs.room > 0:
             # Blocks only when nothing came: admitted entries are waiting for their start.
             block = None if got else self.config.read_block_ms
-            got += self._admit(
-                await self._call("reading jobs", lambda: self.ingest.read(self.room, block))
+            got += admit(
+                await self._call("reading jobs", lambda: self.reader.read(self.jobs.room, block))
             )
         return got
 
@@ -363,136 +382,6 @@ class WorkerService:
 
         return await self._retry.call(what, fn, stop=self._stopping, on_error=suspect)
 
-    def _admit(self, entries: list[Entry]) -> int:
-        """Register entries as in flight at once (so cancels find them), then prepare them.
-
-        Returns how many entries there were (known ones included: they are skipped).
-        """
-        states = []
-        for entry in entries:
-            if entry.ref in self._refusing:
-                continue  # our own refusal, reclaimed before its ack landed
-            if self.recovery.exhausted(entry):
-                self._dead_letter(entry)
-                continue
-            try:
-                job = self.ingest.decode(entry)
-            except JobDecodeError as err:
-                self._reject(entry, err)
-                continue
-            holder = self.inflight.get(job.id)
-            if holder is not None:
-                # Our own entry reclaimed, or a resubmitted id: the running copy answers for it.
-                if holder.ref != entry.ref:
-                    self.publisher.ack_duplicate(holder, entry.ref)
-                continue
-            state = JobState(entry.entry_id, job, entry.attempt, entry.stream)
-            self.inflight[job.id] = state
-            states.append(state)
-        self.peak_inflight = max(self.peak_inflight, len(self.inflight) + len(self._refusing))
-        if states:
-            self.supervisor.spawn("prepare", self._prepare(states), loop=False)
-        return len(entries)
-
-    async def _prepare(self, states: list[JobState]) -> None:
-        assert self._closing is not None
-        jobs = [s.job for s in states]
-        try:
-            # Retried in place: the entries stay claimed (heartbeat) and run once Redis is
-            # back, with no delay and no extra delivery.
-            verdicts = await self._retry.call(
-                "screening jobs", lambda: self.ingest.screen(jobs), stop=self._closing
-            )
-        except Interrupted:
-            return  # shutting down: left pending for other workers
-        runnable = []
-        for state, verdict in zip(states, verdicts, strict=True):
-            if verdict == ALREADY_DONE:
-                state.done = True
-                self.publisher.ack(state.ref, lambda s=state: self._release(s))
-            elif verdict == CANCELLED or state.cancel_requested:
-                self.publisher.final(state, STATUS_CANCELLED, "abort")
-            elif (error := self.ingest.expired(state.job)) is not None:
-                self.publisher.fail(state, error)
-            else:
-                runnable.append(state)
-        tokenized = await self.ingest.tokenize([s.job for s in runnable])
-        ready = []
-        for state, tok in zip(runnable, tokenized, strict=True):
-            if tok.error is not None:
-                self.publisher.fail(state, tok.error)
-            elif state.cancel_requested:
-                self.publisher.final(state, STATUS_CANCELLED, "abort")
-            else:
-                ready.append((state, tok.token_ids))
-        for state, token_ids in ready:  # the engine orders them by priority
-            self._start(state, token_ids)
-
-    def _start(self, state: JobState, token_ids: tuple[int, ...]) -> None:
-        params = state.job.sampling_params()  # validated by decode_job, cannot raise here
-        # Arrival backdated to the enqueue time: the engine's order and aging count the wait
-        # in Redis too, so a job read late is not ranked behind newer ones of its priority.
-        waited_s = max(0.0, now_ms() - entry_time_ms(state.entry_id)) / 1000
-        state.request = Request(
-            state.job.id,
-            token_ids,
-            params,
-            arrival_time=time.monotonic() - waited_s,
-            length_hint=state.job.length_hint,
-            priority=state.job.priority,
-        )
-        if state.job.stream or params.stop:
-            state.text = TextStream(self.engine.tokenizer, token_ids, params)
-        state.started_ms = now_ms()
-        self.metrics.add_prompt_tokens(len(token_ids))
-        self.engine_loop.add(state.request)
-
-    def _reject(self, entry: Entry, err: JobDecodeError) -> None:
-        # Nobody to answer: keep the entry in the dead-letter stream for operators.
-        job_id = err.job_id or entry.entry_id
-        self._refuse(entry, err.error, job_id, err.reply_to, dead_letter=err.reply_to is None)
-
-    def _dead_letter(self, entry: Entry) -> None:
-        limit = self.config.max_attempts
-        message = f"job was delivered {entry.attempt} times (max_attempts {limit})"
-        log.warning("dead-lettering entry %s: %s", entry.entry_id, message)
-        try:
-            job = self.ingest.decode(entry)
-            job_id, reply_to = job.id, job.reply_to
-        except JobDecodeError as err:
-            job_id, reply_to = err.job_id or entry.entry_id, err.reply_to
-        error = RequestError("max_attempts_exceeded", message)
-        self._refuse(entry, error, job_id, reply_to, dead_letter=True)
-
-    def _refuse(
-        self,
-        entry: Entry,
-        error: RequestError,
-        job_id: str,
-        reply_to: str | None,
-        *,
-        dead_letter: bool,
-    ) -> None:
-        fields = self.recovery.dead_letter_fields(entry, error) if dead_letter else None
-        self._refusing.add(entry.ref)
-        self.publisher.refuse(
-            entry.ref,
-            job_id,
-            reply_to,
-            error,
-            entry.attempt,
-            fields,
-            lambda first: self._refused(entry.ref, first, dead_letter),
-        )
-
-    def _refused(self, entry: EntryRef, first: bool, dead_letter: bool) -> None:
-        # Counted once written, and only by the write that published: under load an entry
-        # can be reclaimed again while its refusal is in flight and be refused twice.
-        self.num_failed += first
-        self.num_dead_lettered += first and dead_letter
-        self._refusing.discard(entry)
-        self._notify()
-
     # -- engine and publish ---------------------------------------------------------------
 
     def _on_engine_event(self, event: EngineEvent) -> None:
@@ -501,20 +390,19 @@ class WorkerService:
             self.exit_code = 1
             self._stop_now(force=True)
         for out in event.outputs:
-            state = self.inflight.get(out.request_id)
-            if state is None or state.done:
+            state = self.jobs.live(out.request_id)
+            if state is None:
                 continue
             if self.publisher.on_output(state, out):
                 self.engine_loop.abort(out.request_id, "stop")
         for request_id, error in event.failures:
-            state = self.inflight.get(request_id)
-            if state is not None and not state.done:
-                self.num_failed += 1
+            state = self.jobs.live(request_id)
+            if state is not None:
+                self.num_engine_failures += 1
                 self.publisher.fail(state, error)
 
     def _release(self, state: JobState) -> None:
-        if self.inflight.get(state.job.id) is state:
-            del self.inflight[state.job.id]
+        self.jobs.release(state)
         self._notify()
 
     def _notify(self) -> None:
@@ -530,7 +418,7 @@ class WorkerService:
             try:
                 await self._retry.call(
                     "heartbeat",
-                    lambda: recovery.heartbeat(self._held_entries(), self.stats()),
+                    lambda: recovery.heartbeat(self.jobs.held_entries(), self.stats()),
                     stop=self._closing,
                 )
             except Interrupted:
@@ -539,15 +427,15 @@ class WorkerService:
                 await asyncio.wait_for(self._closing.wait(), self.config.heartbeat_s)
 
     def _cancel(self, job_id: str) -> None:
-        state = self.inflight.get(job_id)
-        if state is None or state.done:
+        state = self.jobs.live(job_id)
+        if state is None:
             return
         state.cancel_requested = True
         if state.running:
             # Frees its KV blocks at the engine's next inbox drain; the result goes out now.
             self.engine_loop.abort(job_id, "abort")
             self.publisher.final(state, STATUS_CANCELLED, "abort")
-        # Not started yet: _prepare answers `cancelled` once tokenization returns.
+        # Not started yet: intake answers `cancelled` once tokenization returns.
 
 
 async def _first_of(*events: asyncio.Event) -> None:

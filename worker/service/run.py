@@ -1,51 +1,32 @@
-"""The `headrace worker` verb: serve jobs from a Redis stream (flags + HEADRACE_* env)."""
+"""Process stage: one worker process — embedded Redis if asked, the engine on the main thread,
+the asyncio service on a helper thread — until stopped (or, in burst mode, the queue runs dry).
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import logging
 import queue
 import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker.logs import use_log_format
-from worker.settings import WorkerConfig, add_arguments
+from worker.service.settings import WorkerConfig
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
+    from worker.service.worker import WorkerService
 
 _GIL_SWITCH_S = 0.0005
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "worker",
-        help="serve generation jobs from a Redis stream",
-        description=(
-            "Read jobs from {namespace}:requests, run them in one continuous batch, publish "
-            "results to each job's reply_to stream. Without --redis-url an embedded "
-            "redis-server is started and its URL printed. SIGTERM/SIGINT drains and exits 0."
-        ),
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    config = WorkerConfig.from_args(args)
-    use_log_format(config.log_format)
-    return run_worker(config)
-
-
-def run_worker(config: WorkerConfig, engine: Any | None = None) -> int:
+def run_worker(config: WorkerConfig, engine: Engine | None = None) -> int:
     """Run one worker until stopped (or, in burst mode, until the queue is empty)."""
     from worker.embedded import start_embedded_redis
-    from worker.service import WorkerService
+    from worker.service.worker import WorkerService
 
     with contextlib.ExitStack() as stack:
         if config.redis_url is None:
@@ -87,7 +68,7 @@ class MainThreadHost:
     def __call__(self, fn: Callable[[], None]) -> None:
         self._work.put(fn)
 
-    def run(self, service: Any) -> int:
+    def run(self, service: WorkerService) -> int:
         result: dict[str, int] = {}
 
         def serve_io() -> None:

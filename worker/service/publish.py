@@ -13,28 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.engine.detokenizer import TextStream
-from worker.engine.sequence import Request, TokenLogprobs, TokenOutput
+from worker.engine import TokenOutput, logprobs_to_dicts
 from worker.errors import RequestError
 from worker.keys import EntryRef, Keys
-from worker.metrics import Metrics
 from worker.protocol import (
     STATUS_CANCELLED,
     STATUS_OK,
     STATUS_PARTIAL,
-    Job,
     Result,
     encode_result,
     error_result,
 )
-from worker.resilience import Retrier
+from worker.service.jobs import JobState, entry_time_ms, now_ms
+from worker.service.metrics import Metrics
+from worker.service.resilience import Retrier
 
 log = logging.getLogger(__name__)
 
@@ -101,44 +99,6 @@ return 0
 DEAD_LETTER_MAXLEN = 100_000
 
 
-def now_ms() -> float:
-    return time.time() * 1000.0
-
-
-def entry_time_ms(entry_id: str) -> int:
-    """Unix ms at which Redis appended the entry (the first half of its id)."""
-    return int(entry_id.split("-", 1)[0])
-
-
-@dataclass(eq=False)
-class JobState:
-    """One job this worker holds, from XREADGROUP until its final result is acked."""
-
-    entry_id: str
-    job: Job
-    attempt: int
-    stream: str  # the request stream holding the entry (one per priority level)
-    request: Request | None = None  # set once it is handed to the engine
-    text: TextStream | None = None  # incremental text, for stream jobs and stop strings only
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    started_ms: float | None = None
-    first_token_ms: float | None = None
-    cancel_requested: bool = False
-    # Other entries of this job id, acked while it ran: deleted with its final result.
-    duplicates: list[EntryRef] = field(default_factory=list)
-    text_flushed: bool = False
-    done: bool = False  # final result queued: later engine outputs are ignored
-
-    @property
-    def ref(self) -> EntryRef:
-        return (self.stream, self.entry_id)
-
-    @property
-    def running(self) -> bool:
-        return self.started_ms is not None and not self.done
-
-
 class Publisher:
     """Turns engine outputs into results and writes them to Redis in pipelined batches.
 
@@ -150,7 +110,6 @@ class Publisher:
         self,
         client: aioredis.Redis,
         keys: Keys,
-        tokenizer: Any,
         *,
         worker: str,
         result_ttl_s: int,
@@ -160,7 +119,6 @@ class Publisher:
     ) -> None:
         self._redis = client
         self._keys = keys
-        self._tokenizer = tokenizer
         self._worker = worker
         self._ttl = result_ttl_s
         self._maxlen = reply_maxlen
@@ -179,24 +137,21 @@ class Publisher:
 
     def on_output(self, state: JobState, out: TokenOutput) -> bool:
         """Apply one TokenOutput; True when a stop string matched (caller aborts the request)."""
-        if state.done or state.request is None:
+        output = state.output
+        if state.done or output is None:
             return False
         if state.first_token_ms is None and out.new_token_ids:
             state.first_token_ms = now_ms()
             waited_ms = state.first_token_ms - entry_time_ms(state.entry_id)
             self._metrics.observe_priority_wait(state.job.priority, max(0.0, waited_ms) / 1000)
-        state.token_ids.extend(out.new_token_ids)
-        state.logprobs.extend(out.logprobs)
+        delta = output.add(out)
         self._metrics.add_generation_tokens(len(out.new_token_ids))
-        stopped = False
-        if state.text is not None:
-            delta = state.text.append(out.new_token_ids)
-            stopped, text = delta.stopped, delta.text
-            if out.finished and not stopped:
-                text += flush_text(state)
-            if state.job.stream and (text or out.new_token_ids):
-                self.partial(state, text, out.new_token_ids)
-        if stopped:
+        text = delta.text
+        if out.finished and not delta.stopped:
+            text += output.flush()
+        if state.job.stream and (text or out.new_token_ids):
+            self.partial(state, text, out.new_token_ids)
+        if delta.stopped:
             self.final(state, STATUS_OK, "stop")
             return True
         if out.finished:
@@ -222,33 +177,26 @@ class Publisher:
 
     def final(self, state: JobState, status: str, finish_reason: str | None) -> None:
         """Queue the final ok/cancelled result of a job that ran (or started running)."""
+        output = state.output
+        token_ids = output.token_ids if output is not None else []
+        logprobs = output.logprobs if output is not None else []
         usage = {
             "prompt_tokens": len(state.request.prompt_token_ids) if state.request else 0,
-            "completion_tokens": len(state.token_ids),
+            "completion_tokens": len(token_ids),
         }
         result = Result(
             id=state.job.id,
             status=status,
-            text=self._final_text(state),
-            token_ids=tuple(state.token_ids),
+            text=output.text if output is not None else "",
+            token_ids=tuple(token_ids),
             finish_reason=finish_reason,
             usage=usage,
             timings=self._timings(state),
             worker=self._worker,
             attempt=state.attempt,
-            logprobs=_logprobs_wire(state.logprobs) if state.logprobs else None,
+            logprobs=logprobs_to_dicts(logprobs) if logprobs else None,
         )
         self._finish(state, result)
-
-    def _final_text(self, state: JobState) -> str:
-        if state.text is not None:
-            flush_text(state)
-            return state.text.text
-        if not state.token_ids or state.request is None:
-            return ""
-        # No deltas and no stop strings: one decode at the end equals the incremental text.
-        skip = state.request.params.skip_special_tokens
-        return self._tokenizer.decode(state.token_ids, skip_special_tokens=skip)
 
     def fail(self, state: JobState, error: RequestError) -> None:
         """Queue the final error result of a job (invalid, expired, engine failure...)."""
@@ -403,18 +351,3 @@ class _Op:
     apply: Callable[[Any], None]
     on_done: Callable[[bool], None] | None
     final: bool = False
-
-
-def flush_text(state: JobState) -> str:
-    """Release text the detokenizer held back (once); the sequence has ended."""
-    if state.text is None or state.text_flushed:
-        return ""
-    state.text_flushed = True
-    return state.text.finish()
-
-
-def _logprobs_wire(logprobs: list[TokenLogprobs]) -> list[dict[str, Any]]:
-    return [
-        {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
-        for lp in logprobs
-    ]

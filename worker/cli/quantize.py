@@ -157,6 +157,7 @@ def quantize_to_dir(
     from safetensors.torch import save_file
 
     from worker.config import CacheConfig, EngineConfig
+    from worker.engine.calibrate import feed_text
     from worker.engine.engine import Engine
     from worker.models.calibration import builtin_calibration_text
     from worker.models.loader import quantize_calibrated
@@ -176,7 +177,7 @@ def quantize_to_dir(
             calib or "the built-in text",
         )
     before = weight_bytes(model)
-    quantize_calibrated(model, spec, ids)
+    quantize_calibrated(model, spec, ids, feed_text)
     log.info(
         "%s: weights %.1f MiB -> %.1f MiB", spec.scheme, before / 2**20, weight_bytes(model) / 2**20
     )

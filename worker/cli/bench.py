@@ -7,12 +7,17 @@ import gc
 import itertools
 import json
 import logging
-import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from worker.cli.options import (
+    ENGINE_OPTIONS,
+    add_engine_args,
+    apply_defaults,
+    as_flags,
+    engine_config_from_args,
+)
 from worker.config import DEFAULT_MODEL, DTYPES
-from worker.generate_cli import add_engine_args, engine_config_from_args
 
 if TYPE_CHECKING:
     from bench.throughput import RunResult
@@ -124,74 +129,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lin.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     lin.add_argument("--json", action="store_true", help="one JSON object per line")
     lin.set_defaults(func=run_linear)
-    _register_eval(subparsers)
-
-
-# `bench.eval.CONFIGS`, named here so that `headrace --help` imports no torch.
-EVAL_CONFIGS = ("int8-kv", "w8a8", "w8a8+int8-kv", "w4a16", "w4a16-g32")
-
-
-def _register_eval(subparsers: argparse._SubParsersAction) -> None:
-    ev = subparsers.add_parser(
-        "eval",
-        help="accuracy cost of quantization: top-1 agreement and perplexity vs the unquantized model",
-        description="Teacher-forced top-1 agreement and perplexity of each quantized "
-        "configuration against the unquantized model on a text (default: public-domain "
-        "English and Chinese, bench/data/eval_en_zh.txt).",
-    )
-    ev.add_argument("--text", default=None, help="UTF-8 text file; paragraphs split by blank lines")
-    ev.add_argument("--json", action="store_true", help="one JSON object per line per config")
-    ev.add_argument(
-        "--configs",
-        nargs="+",
-        choices=(*EVAL_CONFIGS, "reference"),
-        default=list(EVAL_CONFIGS),
-        metavar="CONFIG",
-        help=f"subset of {', '.join(EVAL_CONFIGS)} (default: all); 'reference' rescores the unquantized model (the noise floor)",
-    )
-    ev.add_argument("--model", default=DEFAULT_MODEL, help="directory, hub id, .gguf or smollm2")
-    ev.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="float32",
-        help="of the reference and every configuration alike; float32 (default) keeps bf16 "
-        "rounding out of the difference, so it measures the quantization alone",
-    )
-    ev.add_argument(
-        "--chunk-size",
-        type=int,
-        default=64,
-        help="prefill chunk: tokens after the first chunk read the (int8: quantized) KV cache",
-    )
-    ev.add_argument(
-        "--max-segment-tokens",
-        type=int,
-        default=512,
-        help="same-language paragraphs are packed into segments scored from a fresh cache",
-    )
-    ev.add_argument(
-        "--weight-noise",
-        type=float,
-        nargs="+",
-        default=[],
-        metavar="LEVEL",
-        help="also score the unquantized model with Gaussian noise of LEVEL x each projection "
-        "row's std added to its weights (e.g. 0.01 0.025 0.1): the model's sensitivity",
-    )
-    ev.add_argument("--num-threads", "--threads", dest="threads", type=int, default=None)
-    ev.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    ev.set_defaults(func=run_eval)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from bench import eval as quant_eval
-
-    if args.text is None:
-        args.text = str(quant_eval.DEFAULT_TEXT)
-    if any(level <= 0 for level in args.weight_noise):
-        print("headrace eval: --weight-noise levels must be > 0", file=sys.stderr)
-        return 2
-    return quant_eval.run(args)
 
 
 def run_linear(args: argparse.Namespace) -> int:
@@ -225,31 +162,12 @@ def run_e2e_bench(args: argparse.Namespace) -> int:
     from bench.workloads import mixed_workload, sampleable_token_ids
     from worker.engine.engine import Engine
 
+    apply_defaults(args)  # passed on to the worker as they are
     engine = Engine(engine_config_from_args(args))
     vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)
     workload = mixed_workload(vocab, num_requests=args.num_requests, seed=args.seed)
     engine.warm_up()
-    worker_args = [
-        f"--{name.replace('_', '-')}={value}"
-        for name, value in (
-            ("model", args.model),
-            ("dtype", args.dtype),
-            ("max_model_len", args.max_model_len),
-            ("kv_cache_memory", args.kv_cache_memory),
-            ("num_kv_blocks", args.num_kv_blocks),
-            ("kv_cache_dtype", args.kv_cache_dtype),
-            ("quantization", args.quantization),
-            ("block_size", args.block_size),
-            ("max_num_seqs", args.max_num_seqs),
-            ("max_num_batched_tokens", args.max_num_batched_tokens),
-            ("admission", args.admission),
-            ("seed", args.seed),
-            ("num_threads", args.threads),
-        )
-        if value is not None
-    ]
-    worker_args.append("--prefix-caching" if args.prefix_caching else "--no-prefix-caching")
-    worker_args.append("--enforce-eager" if args.enforce_eager else "--no-enforce-eager")
+    worker_args = list(as_flags(vars(args), ENGINE_OPTIONS))
     report = run_e2e(engine, worker_args, workload)
     if args.json:
         print(json.dumps(report.to_dict()), flush=True)
@@ -276,9 +194,10 @@ def run_throughput(args: argparse.Namespace) -> int:
     from worker.models.source import resolve_model
 
     # Both engines get the same threads: set here, and passed to the engine's config.
-    num_threads = args.threads or torch.get_num_threads()
+    apply_defaults(args)  # reported as they are
+    num_threads = args.num_threads or torch.get_num_threads()
     torch.set_num_threads(num_threads)
-    args.threads = num_threads
+    args.num_threads = num_threads
     config = engine_config_from_args(args)
     engine = Engine(config)
     vocab = sampleable_token_ids(engine.tokenizer, engine.vocab_size)

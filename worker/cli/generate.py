@@ -11,26 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from worker.config import (
-    ADMISSION_POLICIES,
-    DEFAULT_MODEL,
-    DTYPES,
-    KV_CACHE_DTYPES,
-    QUANTIZATIONS,
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    SchedulerConfig,
-)
-from worker.engine.params import SamplingParams
+from worker.cli.options import add_engine_args, engine_config_from_args
 from worker.engine.sequence import Completion, Request, TokenLogprobs
 from worker.errors import RequestError
+from worker.params import SamplingParams
 
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
@@ -58,105 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sampling.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     sampling.add_argument("--top-p", type=float, default=None)
     parser.set_defaults(func=run)
-
-
-_TRUE = ("1", "true", "yes", "on")  # as `worker.settings` parses a switch's variable
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that make an EngineConfig (shared with `headrace bench`)."""
-    group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=DEFAULT_MODEL, help="directory, hub id, .gguf or smollm2")
-    group.add_argument("--dtype", choices=DTYPES, default=ModelConfig.dtype)
-    group.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
-    group.add_argument(
-        "--kv-cache-memory", type=float, default=CacheConfig.memory_gib, help="KV cache GiB"
-    )
-    group.add_argument(
-        "--kv-cache-dtype",
-        choices=KV_CACHE_DTYPES,
-        default=CacheConfig.dtype,
-        help="auto: the model dtype; int8: int8 codes + a scale per (token, kv head)",
-    )
-    group.add_argument(
-        "--quantization",
-        choices=QUANTIZATIONS,
-        default=ModelConfig.quantization,
-        help="weight quantization applied at load",
-    )
-    group.add_argument(
-        "--num-kv-blocks",
-        type=int,
-        default=None,
-        help="KV cache size in blocks (overrides --kv-cache-memory)",
-    )
-    group.add_argument("--block-size", type=int, default=CacheConfig.block_size)
-    group.add_argument(
-        "--prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=CacheConfig.enable_prefix_caching,
-        help="reuse the KV pages of prompt prefixes computed before (default: on)",
-    )
-    group.add_argument(
-        "--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens
-    )
-    group.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
-    group.add_argument(
-        "--admission",
-        choices=ADMISSION_POLICIES,
-        # The same variable as `headrace worker`'s, so one setting covers every verb.
-        default=os.environ.get("HEADRACE_ADMISSION") or SchedulerConfig.admission,
-        help="fcfs: admit while the next chunk fits; predicted: admit when prompt + predicted "
-        "output fit beside the running sequences' predicted need [env HEADRACE_ADMISSION]",
-    )
-    group.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="engine seed: requests without a `seed` param sample from a generator seeded by it",
-    )
-    group.add_argument(
-        "--num-threads",
-        "--threads",
-        dest="threads",
-        type=int,
-        default=None,
-        help="torch threads (default: all)",
-    )
-    group.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        # The same variable as `headrace worker`'s, so one setting covers every verb.
-        default=os.environ.get("HEADRACE_ENFORCE_EAGER", "").strip().lower() in _TRUE,
-        help="run every step eagerly (default off: CUDA-graph decode steps on CUDA; never on "
-        "CPU) [env HEADRACE_ENFORCE_EAGER]",
-    )
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=ModelConfig(
-            source=args.model,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            quantization=args.quantization,
-        ),
-        cache=CacheConfig(
-            block_size=args.block_size,
-            memory_gib=args.kv_cache_memory,
-            num_blocks=args.num_kv_blocks,
-            dtype=args.kv_cache_dtype,
-            enable_prefix_caching=args.prefix_caching,
-        ),
-        scheduler=SchedulerConfig(
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_num_seqs=args.max_num_seqs,
-            admission=args.admission,
-        ),
-        seed=args.seed,
-        num_threads=args.threads,
-        enforce_eager=args.enforce_eager,
-    )
 
 
 def sampling_defaults_from_args(args: argparse.Namespace) -> SamplingParams:

@@ -20,7 +20,7 @@ from typing import Any
 
 from worker.engine.sequence import Request, TokenOutput
 from worker.errors import RequestError
-from worker.metrics import Metrics
+from worker.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

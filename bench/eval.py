@@ -10,6 +10,8 @@ The default text, `bench/data/eval_en_zh.txt`, is public domain, reproduced from
 of Independence (1776), Lincoln's Gettysburg Address (1863), chapter 1 of Jane Austen's
 *Pride and Prejudice* (1813). Chinese: the openings of Lu Xun's 《故乡》 (1921) and Zhu
 Ziqing's 《背影》 (1925), and Tao Yuanming's 《桃花源记》 (5th century) whole.
+
+NOTE: ~330 lines: scoring, comparison and the report of one measurement.
 """
 
 from __future__ import annotations

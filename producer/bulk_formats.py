@@ -6,6 +6,8 @@ top level) and the OpenAI Batch API one (`{"custom_id", "method": "POST", "url":
 "/v1/chat/completions" | "/v1/completions", "body": {...}}`). Output mirrors the input:
 simple lines like `headrace generate` writes, OpenAI lines as the Batch API's output
 file (`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`).
+
+NOTE: ~360 lines: both input formats and their output mirrors, side by side on purpose.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ bad input becomes a `JobDecodeError` carrying a stable code plus whatever
 id/reply_to could be salvaged, and the worker can still answer. Results are
 decoded leniently (unknown fields ignored) so old clients survive new workers.
 See docs/protocol.md.
+
+NOTE: ~340 lines: the whole wire format (both directions, strict and lenient) in one file,
+the one place a client author needs to read.
 """
 
 from __future__ import annotations

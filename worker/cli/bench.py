@@ -1,4 +1,10 @@
-"""The `headrace bench` verb: `throughput` (our engine vs transformers) and `e2e` (through Redis vs the engine alone); and `headrace eval` (the accuracy cost of quantization)."""
+"""The `headrace bench` verb: the throughput, e2e and linear benchmarks.
+
+`throughput`: our engine vs transformers; `e2e`: through Redis vs the engine alone;
+`linear`: the projections' GEMMs.
+
+NOTE: ~350 lines: each sub-benchmark's flags and its few lines of glue, side by side.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ for its local worker. A value comes from the flag, else from the option's enviro
 variable, else from the option's default (one per flag, below: the engine's own config
 default where there is one). The only default that differs per verb is in
 `WORKER_DEFAULTS`, with the reason beside it.
+
+NOTE: ~330 lines: the table itself is the point, and it should read as one table.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ XLEN of the dead-letter stream, and the per-worker stats hash that each worker
 refreshes every heartbeat (recent tok/s and req/s, engine occupancy, prefix cache
 hit ratio) together
 with its liveness key, so stats of a crashed worker are shown but not summed.
+
+NOTE: ~310 lines: the reads and the report they feed are one verb.
 """
 
 from __future__ import annotations

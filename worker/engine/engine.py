@@ -2,6 +2,9 @@
 
 The step API (`add_request`, `abort_request`, `step`) is what the worker's
 engine thread drives; `generate` drives it to completion in-process.
+
+NOTE: ~370 lines: the step loop and its failure isolation share the engine's state;
+the batch driver (batch.py), the fold (output.py) and isolation.py are already apart.
 """
 
 from __future__ import annotations

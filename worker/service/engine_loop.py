@@ -16,11 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from worker.engine.sequence import Request, TokenOutput
 from worker.errors import RequestError
 from worker.service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class EngineLoop:
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         loop: asyncio.AbstractEventLoop,
         on_event: Callable[[EngineEvent], None],
         metrics: Metrics | None = None,

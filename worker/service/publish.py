@@ -7,6 +7,9 @@ published by one Lua script (SET NX result key, XADD reply_to, XACK, XDEL), so a
 job run twice after a crash still yields exactly one final result, the entry is
 acked only once its result is written, and deleted from the requests stream only
 once acked. Reply streams get a TTL (see `_XADD_REPLY_LUA`).
+
+NOTE: ~350 lines, most of them the Lua scripts with their KEYS/ARGV contracts beside
+them: what publishes a final result exactly once reads best next to what queues it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""Worker service: wires ingest → engine thread → publish on one asyncio (uvloop) event loop.
+"""Service stage: one worker's lifecycle — the stages wired (stages.py), the loops run, the stop.
 
-Loop shape (after arq): one reader task claims → reaps → reads with
+Loop shape (after arq): the read loop (read_loop.py) claims → reaps → reads with
 backpressure; a heartbeat task keeps claims fresh; a pub/sub task cancels jobs;
-the publisher flushes results. Stop (SIGTERM/SIGINT, or burst mode running
+the publisher flushes results; engine events are routed to the publisher here. Stop (SIGTERM/SIGINT, or burst mode running
 dry) stops reading, lets in-flight jobs finish within the drain timeout, and
 leaves the rest pending for other workers. Every Redis call rides out outages
 (worker/service/resilience.py); a background task that dies stops the worker with exit 1.
+
+NOTE: ~350 lines: open → run → drain → shutdown is one sequence whose order matters
+(what may still be written when, what is left pending), so it stays in one place.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import signal
 import threading
 import time
@@ -24,16 +26,14 @@ import redis.exceptions
 
 from worker.protocol import STATUS_CANCELLED
 from worker.redis_url import connect_async, redact_url
-from worker.service.engine_loop import EngineEvent, EngineLoop
-from worker.service.intake import Intake
+from worker.service.engine_loop import EngineEvent
 from worker.service.jobs import JobState, JobTable
 from worker.service.metrics import Health, Metrics, MetricsServer, monitor
-from worker.service.publish import Publisher
-from worker.service.reader import StreamReader
+from worker.service.read_loop import ReadLoop
 from worker.service.recovery import Recovery
-from worker.service.resilience import TRANSIENT, Interrupted, Retrier, Supervisor
+from worker.service.resilience import TRANSIENT, Interrupted, Supervisor
 from worker.service.settings import WorkerConfig
-from worker.service.tokenizing import PromptEncoder
+from worker.service.stages import Stages, build_stages
 
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
@@ -78,6 +78,7 @@ class WorkerService:
         self.metrics = Metrics()
         self.health = Health()
         self.metrics_server: MetricsServer | None = None
+        self.stages: Stages  # built by run(), once the engine and Redis are there
 
     # -- public control -------------------------------------------------------------
 
@@ -95,17 +96,21 @@ class WorkerService:
         self._changed.set()
 
     @property
+    def recovery(self) -> Recovery:
+        return self.stages.recovery
+
+    @property
     def inflight(self) -> dict[str, JobState]:
         """The jobs held now, by id (read-only: the job table owns it)."""
         return self.jobs.inflight
 
     @property
     def num_dead_lettered(self) -> int:
-        return self.intake.num_dead_lettered
+        return self.stages.intake.num_dead_lettered
 
     @property
     def num_failed(self) -> int:
-        return self.intake.num_refused + self.num_engine_failures
+        return self.stages.intake.num_refused + self.num_engine_failures
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -113,13 +118,13 @@ class WorkerService:
             "inflight": len(self.jobs),
             "peak_inflight": self.jobs.peak,
             "max_inflight": self.config.inflight_limit,
-            "read": self.reader.num_read,
-            "reclaimed": self.recovery.num_reclaimed,
-            "adopted": self.recovery.num_adopted,
-            "published": self.publisher.num_published,
-            "duplicates": self.publisher.num_duplicates,
-            "dead_lettered": self.intake.num_dead_lettered,
-            "steps": self.engine_loop.num_steps,
+            "read": self.stages.reader.num_read,
+            "reclaimed": self.stages.recovery.num_reclaimed,
+            "adopted": self.stages.recovery.num_adopted,
+            "published": self.stages.publisher.num_published,
+            "duplicates": self.stages.publisher.num_duplicates,
+            "dead_lettered": self.stages.intake.num_dead_lettered,
+            "steps": self.stages.engine_loop.num_steps,
             "time": time.time(),
             **self.metrics.snapshot(),
         }
@@ -142,7 +147,7 @@ class WorkerService:
         self._install_signals()
         cfg = self.config
         assert cfg.redis_url is not None
-        # retries=0: every failure reaches self._retry, which knows when to look for
+        # retries=0: every failure reaches the stages' retrier, which knows when to look for
         # entries delivered by a call whose reply was lost (Recovery.adopt).
         self.redis = connect_async(
             cfg.redis_url,
@@ -151,10 +156,29 @@ class WorkerService:
             retries=0,
             client_name=f"headrace-worker:{cfg.consumer}",
         )
-        self._build_stages()
+        assert self.engine is not None
+        self.stages = build_stages(
+            cfg,
+            self.engine,
+            self.redis,
+            self._loop,
+            jobs=self.jobs,
+            metrics=self.metrics,
+            supervisor=self.supervisor,
+            closing=self._closing,
+            on_engine_event=self._on_engine_event,
+            on_acked=self._release,
+            on_change=self._notify,
+            engine_host=self._engine_host,
+        )
         try:
             if await self._open():
-                await self._read_loop()
+                s = self.stages
+                read_loop = ReadLoop(
+                    cfg, self.jobs, s.reader, s.recovery, s.intake, s.retry,
+                    self._stopping, self._changed,
+                )  # fmt: skip
+                await read_loop.run()
                 await self._drain()
         except Exception:
             # The read loop is a background task like the others: loud, and exit non-zero.
@@ -170,19 +194,21 @@ class WorkerService:
         assert self._stopping is not None and self._closing is not None
         assert cfg.redis_url is not None
         try:
-            await self._retry.call(
-                "creating the consumer group", self.reader.ensure_group, stop=self._stopping
+            await self.stages.retry.call(
+                "creating the consumer group", self.stages.reader.ensure_group, stop=self._stopping
             )
-            await self._retry.call("reading own claims", self.recovery.inherit, stop=self._stopping)
+            await self.stages.retry.call(
+                "reading own claims", self.stages.recovery.inherit, stop=self._stopping
+            )
         except Interrupted:
             return False  # stopped before Redis was ever reachable
-        self.engine_loop.start()
+        self.stages.engine_loop.start()
         subscribed = asyncio.Event()
-        self._spawn_loop("publisher", self.publisher.run())
+        self._spawn_loop("publisher", self.stages.publisher.run())
         self._spawn_loop("heartbeat", self._heartbeat_loop())
         self._spawn_loop(
             "cancel listener",
-            self.reader.listen_cancels(
+            self.stages.reader.listen_cancels(
                 self._cancel, subscribed, self._closing, held=self.jobs.job_ids
             ),
         )
@@ -208,61 +234,6 @@ class WorkerService:
             redact_url(cfg.redis_url),
         )
         return True
-
-    def _build_stages(self) -> None:
-        cfg, engine = self.config, self.engine
-        assert engine is not None and self._loop is not None and self._closing is not None
-        self.reader = StreamReader(
-            self.redis,
-            self.keys,
-            cfg.consumer,
-            priority_aging_s=cfg.engine.scheduler.priority_aging_s,
-        )
-        self.encoder = PromptEncoder(
-            engine.tokenizer,
-            max_model_len=engine.max_model_len,
-            vocab_size=engine.vocab_size,
-            threads=cfg.tokenizer_threads,
-        )
-        self.recovery = Recovery(
-            self.redis,
-            self.keys,
-            cfg.consumer,
-            claim_idle_ms=cfg.claim_idle_ms,
-            max_attempts=cfg.max_attempts,
-            liveness_ttl_s=max(1, math.ceil(cfg.claim_idle_ms / 1000)),
-            held=self.jobs.held_entries,
-        )
-        self._retry = Retrier(self.reader.ensure_group)
-        self.publisher = Publisher(
-            self.redis,
-            self.keys,
-            worker=cfg.consumer,
-            result_ttl_s=cfg.result_ttl_s,
-            reply_maxlen=cfg.reply_maxlen,
-            on_acked=self._release,
-            metrics=self.metrics,
-        )
-        self.engine_loop = EngineLoop(
-            engine, self._loop, self._on_engine_event, self.metrics, host=self._engine_host
-        )
-        self.intake = Intake(
-            keys=self.keys,
-            max_payload_bytes=cfg.max_payload_bytes,
-            max_attempts=cfg.max_attempts,
-            jobs=self.jobs,
-            reader=self.reader,
-            recovery=self.recovery,
-            publisher=self.publisher,
-            encoder=self.encoder,
-            engine_loop=self.engine_loop,
-            metrics=self.metrics,
-            retry=self._retry,
-            supervisor=self.supervisor,
-            tokenizer=engine.tokenizer,
-            closing=self._closing,
-            on_change=self._notify,
-        )
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -296,7 +267,7 @@ class WorkerService:
         if "publisher" in self.health.dead_tasks:
             return  # nobody writes what is queued: it stays pending for other workers
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.publisher.wait_idle(), 5.0)
+            await asyncio.wait_for(self.stages.publisher.wait_idle(), 5.0)
 
     async def _abandon(self, states: list[JobState]) -> None:
         """Leave unfinished jobs pending (not acked) and idle, for other workers to reclaim now."""
@@ -305,10 +276,10 @@ class WorkerService:
         log.warning("drain timeout: leaving %d jobs pending for other workers", len(states))
         for state in states:
             state.done = True
-            self.engine_loop.abort(state.job.id)
+            self.stages.engine_loop.abort(state.job.id)
             self.jobs.release(state)
         with contextlib.suppress(*_EXIT_ERRORS):
-            await self.recovery.release([s.ref for s in states])
+            await self.stages.recovery.release([s.ref for s in states])
 
     async def _shutdown(self) -> None:
         assert self._closing is not None
@@ -317,70 +288,14 @@ class WorkerService:
         # Bounded: redis-py can swallow a cancel that lands mid-command; the loops also
         # watch _closing, so they end on their own right after.
         await self.supervisor.stop(_TASK_EXIT_S)
-        await asyncio.to_thread(self.engine_loop.stop)
-        self.encoder.close()
+        await asyncio.to_thread(self.stages.engine_loop.stop)
+        self.stages.encoder.close()
         with contextlib.suppress(*_EXIT_ERRORS):
-            await self.recovery.leave()
+            await self.stages.recovery.leave()
         await self.redis.aclose()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         log.info("worker %s stopped: %s", self.config.consumer, self.stats())
-
-    # -- reading -------------------------------------------------------------------------
-
-    async def _read_loop(self) -> None:
-        assert self._stopping is not None and self._changed is not None
-        next_reclaim = 0.0
-        while not self._stopping.is_set():
-            if self.jobs.room <= 0:
-                self._changed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self.config.heartbeat_s)
-                continue
-            reclaim = self.config.burst or time.monotonic() >= next_reclaim
-            try:
-                got = await self._fetch(reclaim)
-            except Interrupted:
-                break
-            if reclaim:
-                next_reclaim = time.monotonic() + self.config.heartbeat_s
-            if not got and self.config.burst and self._idle():
-                log.info("burst: queue empty, stopping")
-                self._stopping.set()
-
-    def _idle(self) -> bool:
-        """Nothing held and nothing left to adopt (burst mode stops then)."""
-        return self.jobs.empty and not self.recovery.adoption_due
-
-    async def _fetch(self, reclaim: bool) -> int:
-        """One round: adopt our orphans, reclaim idle entries, read new ones; how many came.
-
-        NOTE: each step's entries are admitted as soon as they arrive, so a later step that
-        fails never loses them, and a retry reads nothing twice: a retry after a dropped
-        connection costs no delivery.
-        """
-        recovery, admit, got = self.recovery, self.intake.admit, 0
-        if recovery.adoption_due:
-            got += admit(await self._call("adopting entries", recovery.adopt))
-        if reclaim:
-            got += admit(
-                await self._call("reclaiming jobs", lambda: recovery.reclaim(self.jobs.room))
-            )
-        if self.jobs.room > 0:
-            # Blocks only when nothing came: admitted entries are waiting for their start.
-            block = None if got else self.config.read_block_ms
-            got += admit(
-                await self._call("reading jobs", lambda: self.reader.read(self.jobs.room, block))
-            )
-        return got
-
-    async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        # A failed read or claim may have delivered entries whose reply was lost: look
-        # for them under our own name before the next read.
-        def suspect(_exc: BaseException) -> None:
-            self.recovery.adoption_due = True
-
-        return await self._retry.call(what, fn, stop=self._stopping, on_error=suspect)
 
     # -- engine and publish ---------------------------------------------------------------
 
@@ -393,13 +308,13 @@ class WorkerService:
             state = self.jobs.live(out.request_id)
             if state is None:
                 continue
-            if self.publisher.on_output(state, out):
-                self.engine_loop.abort(out.request_id, "stop")
+            if self.stages.publisher.on_output(state, out):
+                self.stages.engine_loop.abort(out.request_id, "stop")
         for request_id, error in event.failures:
             state = self.jobs.live(request_id)
             if state is not None:
                 self.num_engine_failures += 1
-                self.publisher.fail(state, error)
+                self.stages.publisher.fail(state, error)
 
     def _release(self, state: JobState) -> None:
         self.jobs.release(state)
@@ -413,10 +328,10 @@ class WorkerService:
 
     async def _heartbeat_loop(self) -> None:
         assert self._closing is not None
-        recovery = self.recovery
+        recovery = self.stages.recovery
         while not self._closing.is_set():
             try:
-                await self._retry.call(
+                await self.stages.retry.call(
                     "heartbeat",
                     lambda: recovery.heartbeat(self.jobs.held_entries(), self.stats()),
                     stop=self._closing,
@@ -433,8 +348,8 @@ class WorkerService:
         state.cancel_requested = True
         if state.running:
             # Frees its KV blocks at the engine's next inbox drain; the result goes out now.
-            self.engine_loop.abort(job_id, "abort")
-            self.publisher.final(state, STATUS_CANCELLED, "abort")
+            self.stages.engine_loop.abort(job_id, "abort")
+            self.stages.publisher.final(state, STATUS_CANCELLED, "abort")
         # Not started yet: intake answers `cancelled` once tokenization returns.
 
 

@@ -17,6 +17,7 @@ import sys
 import urllib.error
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.worker_harness import (
@@ -186,6 +187,7 @@ def test_json_formatter_keeps_extras_and_tracebacks():
     assert "ValueError: boom" in out["exc_info"]
 
 
+@pytest.mark.slow
 def test_worker_cli_logs_json_and_serves_metrics_from_env(model_dir, redis_url, client, tmp_path):
     push(client, [job("e1", "Hello", **GREEDY)])
     port = free_port()

@@ -38,6 +38,12 @@ GREEDY = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Engine:
+    """One engine per module (built once), for the in-process workers and the reference."""
+    return Engine(engine_config(model_dir))
+
+
+@pytest.fixture(scope="module")
 def model_dir(tiny_model_dir) -> Path:
     return tiny_model_dir("llama")
 
@@ -74,15 +80,20 @@ def by_key(lines: list[dict[str, Any]], field: str) -> dict[str, dict[str, Any]]
     return {line[field]: line for line in lines}
 
 
-def engine_tokens(model_dir: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
+def engine_tokens(engine: Engine, prompt_ids: list[list[int]]) -> list[list[int]]:
     """Greedy token ids of the same engine run in-process (what the worker must return)."""
-    engine = Engine(engine_config(model_dir))
     items = [{"prompt_token_ids": ids, "params": GREEDY} for ids in prompt_ids]
     return [list(c.token_ids) for c in engine.generate(items)]
 
 
+@pytest.mark.slow
 def test_simple_round_trip_with_error_lines(
-    tmp_path: Path, model_dir: Path, tokenizer, local_env: None, capsys: pytest.CaptureFixture
+    tmp_path: Path,
+    model_dir: Path,
+    tokenizer,
+    local_env: None,
+    capsys: pytest.CaptureFixture,
+    engine: Engine,
 ) -> None:
     chat = [{"role": "user", "content": "Hi there"}]
     inp = write_lines(
@@ -124,7 +135,7 @@ def test_simple_round_trip_with_error_lines(
     ok = {line.get("custom_id", line.get("id")): line for line in lines if "error" not in line}
     chat_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
     prompts = {"plain": tokenizer.encode("Hello world"), "7": list(chat_ids), "tok": [1, 2, 3]}
-    want = dict(zip(prompts, engine_tokens(model_dir, list(prompts.values())), strict=True))
+    want = dict(zip(prompts, engine_tokens(engine, list(prompts.values())), strict=True))
     for key, line in ok.items():
         assert line["text"] == tokenizer.decode(line["token_ids"], skip_special_tokens=True)
         assert line["usage"]["completion_tokens"] == len(line["token_ids"])
@@ -143,6 +154,7 @@ def openai_line(custom_id: Any, url: str, **body: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
 
 
+@pytest.mark.slow
 def test_openai_round_trip_schema_and_error_lines(
     tmp_path: Path, model_dir: Path, tokenizer, local_env: None
 ) -> None:
@@ -222,6 +234,7 @@ def test_openai_round_trip_schema_and_error_lines(
     assert lines["chat"]["response"]["body"]["choices"][0]["logprobs"] is None
 
 
+@pytest.mark.slow
 def test_resume_after_kill_midway(tmp_path: Path, model_dir: Path, local_env: None) -> None:
     ids = [f"q{i:03d}" for i in range(60)]
     params = {"max_tokens": 24, "ignore_eos": True, "temperature": 0.0}
@@ -281,6 +294,7 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     raise AssertionError(f"local worker {pid} still running after its bulk process was killed")
 
 
+@pytest.mark.slow
 def test_local_worker_failure_ends_the_run(tmp_path: Path, local_env: None) -> None:
     """A worker that cannot start fails the run with its log, instead of waiting forever."""
     inp = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
@@ -296,18 +310,17 @@ def test_local_worker_failure_ends_the_run(tmp_path: Path, local_env: None) -> N
 
 
 def test_external_redis_and_worker(
-    tmp_path: Path, model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, engine: Engine
 ) -> None:
     """With --redis-url the run uses the workers already serving the namespace."""
     monkeypatch.delenv("HEADRACE_REDIS_URL", raising=False)
     prompt_ids = [[1, 2, 3, 4], [10, 11], [7] * 40]
-    want = engine_tokens(model_dir, prompt_ids)
+    want = engine_tokens(engine, prompt_ids)
     inp = write_lines(
         tmp_path / "in.jsonl",
         [{"id": f"r{i}", "prompt_token_ids": ids} for i, ids in enumerate(prompt_ids)],
     )
     out = tmp_path / "out.jsonl"
-    engine = Engine(engine_config(model_dir))
     with InProcessWorker(worker_config(redis_url, engine.config), engine) as worker:
         args = ["bulk", str(inp), "-o", str(out), "--redis-url", redis_url, "--window", "2"]
         args += ["--lost-after", "5"]
@@ -356,11 +369,10 @@ def assert_every_line_once(config: BulkConfig, ids: list[str], summary) -> None:
 
 
 def test_flushall_midway_every_line_answered_once(
-    tmp_path: Path, model_dir: Path, redis_url: str
+    tmp_path: Path, model_dir: Path, redis_url: str, engine: Engine
 ) -> None:
     """FLUSHALL while jobs wait in the stream: the bulk notices them missing and resubmits."""
     ids, config = lossy_run(tmp_path, redis_url, 32)
-    engine = Engine(engine_config(model_dir))
     # max_inflight 2: most of the window waits in the stream, where the flush drops it.
     cfg = worker_config(redis_url, engine.config, max_inflight=2)
     with InProcessWorker(cfg, engine):
@@ -376,13 +388,12 @@ def test_flushall_midway_every_line_answered_once(
 
 
 def test_redis_restart_without_persistence_midway_every_line_answered_once(
-    tmp_path: Path, model_dir: Path
+    tmp_path: Path, model_dir: Path, engine: Engine
 ) -> None:
     """A restart (new run_id, connections dropped, data gone): lost jobs resubmitted at once."""
     server = start_embedded_redis()
     port = server.port
     ids, config = lossy_run(tmp_path, server.url, 32)
-    engine = Engine(engine_config(model_dir))
     cfg = worker_config(server.url, engine.config, max_inflight=2)
     restarted: list[EmbeddedRedis] = []
     try:

@@ -13,7 +13,7 @@ from worker.config import CacheConfig, EngineConfig, ModelConfig
 from worker.engine.engine import Engine
 from worker.engine.prompts import request_from_dict
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write_lines(path: Path, lines: list[object]) -> Path:

@@ -18,7 +18,7 @@ import yaml
 
 from worker.cli.options import OPTIONS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GPU_FILE = REPO / "docker-compose.yml"
 CPU_FILE = REPO / "docker-compose.cpu.yml"
 # Variables the image itself reads besides the worker's own options.

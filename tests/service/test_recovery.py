@@ -65,6 +65,7 @@ def start_child(redis_url, model_dir, tmp_path, client, name, *flags):
     return proc
 
 
+@pytest.mark.slow
 def test_kill9_mid_generation_every_job_completes_once_on_the_other_worker(
     model_dir, engine, redis_url, client, tmp_path
 ):
@@ -95,6 +96,7 @@ def test_kill9_mid_generation_every_job_completes_once_on_the_other_worker(
     assert pending_count(client) == 0
 
 
+@pytest.mark.slow
 def test_frozen_worker_finishing_late_never_publishes_a_second_final(
     model_dir, engine, redis_url, client, tmp_path
 ):
@@ -122,6 +124,7 @@ def test_frozen_worker_finishing_late_never_publishes_a_second_final(
     assert pending_count(client) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_drains_inflight_and_leaves_the_rest_for_others(
     model_dir, engine, redis_url, client, tmp_path
 ):
@@ -221,6 +224,7 @@ def test_live_worker_keeps_its_claims_fresh(engine, redis_url, client):
         assert worker.stop() == 0
 
 
+@pytest.mark.slow
 def test_embedded_redis_by_default_and_ctrl_c_drains(model_dir, tmp_path):
     log_path = tmp_path / "embedded.log"
     worker = spawn_worker(None, model_dir, log_path, "--consumer", "solo", new_session=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_scheduler import run_plan
+from tests.engine.test_scheduler import run_plan
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator, block_key
 from worker.engine.engine import Engine

@@ -80,7 +80,7 @@ def test_clients_connect_with_keepalive_on_the_socket(redis_url: str) -> None:
 
 def test_every_redis_client_is_built_by_the_shared_helper() -> None:
     """Options added to connect()/connect_async() reach the worker, producer, bulk and stats."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     built_here = {"worker/redis_url.py", "worker/embedded.py"}  # embedded: a 0.5 s start probe
     offenders = [
         str(path.relative_to(root))

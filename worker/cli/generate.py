@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from worker.cli.options import add_engine_args, engine_config_from_args
-from worker.engine.sequence import Completion, Request, TokenLogprobs
+from worker.engine import Completion, Request, logprobs_to_dicts
 from worker.errors import RequestError
 from worker.params import SamplingParams
 
@@ -132,16 +132,8 @@ def completion_to_dict(completion: Completion) -> dict:
         },
     }
     if completion.logprobs is not None:
-        out["logprobs"] = [_logprobs_to_dict(lp) for lp in completion.logprobs]
+        out["logprobs"] = logprobs_to_dicts(completion.logprobs)
     return out
-
-
-def _logprobs_to_dict(lp: TokenLogprobs) -> dict:
-    return {
-        "token_id": lp.token_id,
-        "logprob": lp.logprob,
-        "top": [[token_id, logprob] for token_id, logprob in lp.top],
-    }
 
 
 def _parse_object(line: str) -> dict:

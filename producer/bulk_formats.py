@@ -6,6 +6,8 @@ top level) and the OpenAI Batch API one (`{"custom_id", "method": "POST", "url":
 "/v1/chat/completions" | "/v1/completions", "body": {...}}`). Output mirrors the input:
 simple lines like `headrace generate` writes, OpenAI lines as the Batch API's output
 file (`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`).
+
+NOTE: ~360 lines: both input formats and their output mirrors, side by side on purpose.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker.engine.params import (
+from worker.errors import RequestError
+from worker.params import (
     PARAM_NAMES,
     SamplingParams,
     check_length_hint,
     merge_line_params,
 )
-from worker.errors import RequestError
 from worker.protocol import STATUS_CANCELLED, STATUS_OK, Result
 
 SIMPLE = "simple"

@@ -3,6 +3,8 @@
 Each client owns one reply stream `{ns}:reply:{client_id}` and a single reader
 task that demultiplexes its results to waiting futures and per-id delta queues,
 so clients sharing a Redis never take each other's results.
+
+NOTE: ~380 lines: one class whose reader task and waiters share state.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import redis.asyncio as aioredis
 from producer.replies import ClientClosedError, ReplyRouter
 from producer.submission import Submission, Submitter
 from worker.embedded import EmbeddedRedis, start_embedded_redis
-from worker.engine.params import SamplingParams, check_length_hint
 from worker.keys import Keys
+from worker.params import SamplingParams, check_length_hint
 from worker.protocol import Job, Result, decode_result, new_job_id
 from worker.redis_url import connect_async
 

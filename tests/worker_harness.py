@@ -22,10 +22,10 @@ import redis
 from worker.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from worker.keys import JOB_FIELD, RESULT_FIELD, Keys
 from worker.protocol import Job, Result, decode_result, encode_job
-from worker.publish import Publisher
-from worker.service import WorkerService
-from worker.service_cli import run_event_loop
-from worker.settings import WorkerConfig
+from worker.service.publish import Publisher
+from worker.service.run import run_event_loop
+from worker.service.settings import WorkerConfig
+from worker.service.worker import WorkerService
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEYS = Keys()
@@ -99,7 +99,6 @@ def standalone_publisher(aclient: Any, result_ttl_s: int) -> Publisher:
     return Publisher(
         aclient,
         KEYS,
-        None,
         worker="w",
         result_ttl_s=result_ttl_s,
         reply_maxlen=100,

@@ -1,4 +1,4 @@
-"""Wire protocol v1 (boundary of producer → Redis stream → worker.ingest and worker.publish → client).
+"""Wire protocol v1 (boundary of producer → Redis stream → worker.service.intake and worker.service.publish → client).
 
 A job is one stream entry with field `job` = msgpack map; a result is one entry
 with field `result` = msgpack map. Jobs are validated strictly here, once, so
@@ -6,6 +6,9 @@ bad input becomes a `JobDecodeError` carrying a stable code plus whatever
 id/reply_to could be salvaged, and the worker can still answer. Results are
 decoded leniently (unknown fields ignored) so old clients survive new workers.
 See docs/protocol.md.
+
+NOTE: ~340 lines: the whole wire format (both directions, strict and lenient) in one file,
+the one place a client author needs to read.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from typing import Any
 
 import msgpack
 
-from worker.engine.params import SamplingParams, check_length_hint
 from worker.errors import RequestError
+from worker.params import SamplingParams, check_length_hint
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 256

@@ -99,7 +99,7 @@ def connect_async(
 
     retries: how often redis-py itself resends a command after a connection error; the
         worker passes 0, so that every failure reaches its own retry loop, which knows
-        when a lost reply may have delivered entries (worker/resilience.py).
+        when a lost reply may have delivered entries (worker/service/resilience.py).
     client_name: shown by CLIENT LIST (spaces and control characters become `_`).
     """
     return aioredis.Redis.from_url(

@@ -24,6 +24,7 @@ KERNELS = (
 )
 
 
+@pytest.mark.slow
 def test_all_kernels_compile_for_sm90() -> None:
     # A subprocess: kernels are decorated for the interpreter in this one.
     root = Path(__file__).resolve().parents[2]

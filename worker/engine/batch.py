@@ -1,35 +1,44 @@
 """Offline batch driver: run a list of requests through the engine's step loop to completion.
 
-Used by `Engine.generate` and `headrace generate`; detokenization and stop
-strings happen here, as the worker's publish stage does them for Redis jobs.
+Used by `Engine.generate` and `headrace generate`; the fold of each request's outputs
+(text, stop strings, logprobs) is `worker.engine.output`'s, shared with the worker's
+publish stage.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-from worker.engine.detokenizer import TextStream
+from worker.engine.output import OutputAccumulator
 from worker.engine.prompts import request_from_dict
-from worker.engine.sequence import Completion, Request, TokenLogprobs, TokenOutput, Usage
+from worker.engine.sequence import Completion, Request, TokenOutput, Usage
 from worker.errors import RequestError
 
-if TYPE_CHECKING:
-    from worker.engine.engine import Engine
+
+class StepEngine(Protocol):
+    """What the batch driver needs of an engine (`Engine` is one): a protocol, so this
+    module does not import the engine module that calls it."""
+
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+
+    def add_request(self, request: Request) -> None: ...
+
+    def abort_request(self, request_id: str, reason: str = ...) -> None: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def step(self) -> Iterable[TokenOutput]: ...
 
 
-@dataclass
-class _Pending:
-    request: Request
-    text: TextStream
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-
-
-def run_to_completion(engine: Engine, items: list[dict[str, Any] | Request]) -> list[Completion]:
+def run_to_completion(
+    engine: StepEngine, items: list[dict[str, Any] | Request]
+) -> list[Completion]:
     results: dict[int, Completion] = {}
-    pending: dict[str, tuple[int, _Pending]] = {}
+    pending: dict[str, tuple[int, OutputAccumulator]] = {}
     for index, item in enumerate(items):
         try:
             request = item if isinstance(item, Request) else _to_request(engine, item)
@@ -39,50 +48,33 @@ def run_to_completion(engine: Engine, items: list[dict[str, Any] | Request]) -> 
         except RequestError as exc:
             results[index] = _error_completion(_item_id(item), exc)
             continue
-        text = TextStream(engine.tokenizer, request.prompt_token_ids, request.params)
-        pending[request.request_id] = (index, _Pending(request, text))
+        pending[request.request_id] = (index, OutputAccumulator(request, engine.tokenizer))
 
     while engine.has_unfinished_requests():
         for out in engine.step():
             entry = pending.get(out.request_id)
             if entry is None:
                 continue
-            index, state = entry
+            index, output = entry
             if out.error is not None:
                 results[index] = _error_completion(out.request_id, out.error)
                 del pending[out.request_id]
-            elif _apply(engine, state, out):
-                results[index] = _completion(state, out.finish_reason)
+            elif _apply(engine, output, out):
+                results[index] = output.completion(out.finish_reason)
                 del pending[out.request_id]
     return [results[i] for i in range(len(items))]
 
 
-def _apply(engine: Engine, state: _Pending, out: TokenOutput) -> bool:
-    """Fold one step's output into `state`; True when the request is done."""
-    state.token_ids.extend(out.new_token_ids)
-    state.logprobs.extend(out.logprobs)
-    if out.new_token_ids and state.text.append(out.new_token_ids).stopped and not out.finished:
-        engine.abort_request(state.request.request_id, reason="stop")
+def _apply(engine: StepEngine, output: OutputAccumulator, out: TokenOutput) -> bool:
+    """Fold one step's output; True when the request is done."""
+    delta = output.add(out)
+    if out.new_token_ids and delta.stopped and not out.finished:
+        engine.abort_request(output.request.request_id, reason="stop")
         return False  # the abort's output arrives on the next step
     return out.finished
 
 
-def _completion(state: _Pending, finish_reason: str | None) -> Completion:
-    state.text.finish()
-    if state.text.stopped:
-        finish_reason = "stop"  # a stop string matched in the same step the engine finished
-    params = state.request.params
-    return Completion(
-        request_id=state.request.request_id,
-        text=state.text.text,
-        token_ids=tuple(state.token_ids),
-        finish_reason=finish_reason or "stop",
-        usage=Usage(len(state.request.prompt_token_ids), len(state.token_ids)),
-        logprobs=tuple(state.logprobs) if params.logprobs is not None else None,
-    )
-
-
-def _to_request(engine: Engine, item: Any) -> Request:
+def _to_request(engine: StepEngine, item: Any) -> Request:
     return request_from_dict(
         item,
         engine.tokenizer,

@@ -2,6 +2,9 @@
 
 The step API (`add_request`, `abort_request`, `step`) is what the worker's
 engine thread drives; `generate` drives it to completion in-process.
+
+NOTE: ~370 lines: the step loop and its failure isolation share the engine's state;
+the batch driver (batch.py), the fold (output.py) and isolation.py are already apart.
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ from transformers import AutoTokenizer, GenerationConfig
 from ops.device import default_device
 from worker.config import EngineConfig
 from worker.engine import isolation
+from worker.engine.batch import run_to_completion
 from worker.engine.block_allocator import BlockAllocator
+from worker.engine.calibrate import feed_text
 from worker.engine.cuda_graphs import bucket_sizes
 from worker.engine.length_predictor import LengthPredictor
 from worker.engine.model_runner import ModelRunner
-from worker.engine.params import SamplingParams
 from worker.engine.sampler import Sampler, SamplerOutput
 from worker.engine.scheduler import ScheduledChunk, Scheduler
 from worker.engine.sequence import Request, Sequence, TokenOutput
 from worker.errors import RequestError
 from worker.models.loader import load_hf_config, load_model
 from worker.models.source import resolve_model
+from worker.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,12 @@ class Engine:
         self.device = default_device()
         dtype = _DTYPES[config.model.dtype]
         model = load_model(
-            model_dir, dtype, self.device, self.max_model_len, config.model.quantization
+            model_dir,
+            dtype,
+            self.device,
+            self.max_model_len,
+            config.model.quantization,
+            feed=feed_text,
         )
         self.vocab_size = model.args.vocab_size
         self.runner = ModelRunner(model, config.cache, dtype, self.device)
@@ -333,8 +343,6 @@ class Engine:
         `prompt_token_ids`, optional params); a bad item, or one the engine fails on,
         gets a Completion with `error` set and `finish_reason="error"`, the rest still run.
         """
-        from worker.engine.batch import run_to_completion
-
         return run_to_completion(self, list(items))
 
 

@@ -20,7 +20,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from worker.engine.params import SamplingParams
+from worker.params import SamplingParams
 
 # (max_tokens bucket, prompt-length bucket or None for the coarse key, explicit stop set)
 _Key = tuple[int, int | None, bool]

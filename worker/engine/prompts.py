@@ -14,14 +14,14 @@ from typing import Any
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from worker.engine.params import (
+from worker.engine.sequence import Request
+from worker.errors import RequestError
+from worker.params import (
     PARAM_NAMES,
     SamplingParams,
     check_length_hint,
     merge_line_params,
 )
-from worker.engine.sequence import Request
-from worker.errors import RequestError
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")

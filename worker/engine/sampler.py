@@ -10,6 +10,8 @@ among their top-K candidates (`torch.topk`) and only fall back to a full sort
 when the kept set is larger than the candidates: a full sort of a 49k vocab costs
 ~3 ms a row on CPU, top-64 is ~40x cheaper. A row's result never depends on how
 many candidates were fetched or on the other rows of the batch.
+
+NOTE: ~310 lines: the filters share the sorted-candidates trick and are tested as one.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from ops.sampling import argmax, invert_cdf, sample_rows
-from worker.engine.params import SamplingParams
 from worker.engine.sequence import Sequence, TokenLogprobs
+from worker.params import SamplingParams
 
 # Below this a temperature is greedy (as in vLLM): dividing by it would overflow.
 _GREEDY_EPS = 1e-5

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 from worker.engine.block_allocator import BlockKey, block_key
-from worker.engine.params import SamplingParams
 from worker.errors import RequestError
+from worker.params import SamplingParams
 
 
 @dataclass(frozen=True)

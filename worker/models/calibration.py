@@ -1,9 +1,10 @@
-"""Calibration runs: a text fed through a float model so that forward hooks (SmoothQuant's
+"""Calibration statistics: a text fed through a float model so that forward hooks (SmoothQuant's
 activation abs-max, GPTQ's input Hessians) see every projection's inputs; and the built-in
 calibration text that load-time quantization uses.
 
-The text runs through the same paged-attention path as served requests (a `ModelRunner`
-with a KV cache of one window), in windows of `window` tokens, each a fresh sequence.
+How the text is fed is passed in (`Feed`): the engine's `worker.engine.calibrate.feed_text`
+runs it through the same paged-attention path as served requests. This package never
+imports the engine.
 """
 
 from __future__ import annotations
@@ -19,43 +20,16 @@ from worker.models.quantized import quantizable_linears
 
 # (the statistic so far or None, a projection's input x [T, K] float32) → the new statistic.
 StatUpdate = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
+# Runs token ids through the model (forward passes only, results dropped).
+Feed = Callable[[LlamaForCausalLM, list[int]], None]
 
 # Original English + Chinese prose (~1.8k SmolLM2 tokens), written for calibration; it
 # shares no text with the evaluation text in bench/data.
 BUILTIN_CALIB_TEXT = Path(__file__).with_name("calib_en_zh.txt")
-DEFAULT_WINDOW = 512
-_BLOCK_SIZE = 16
 
 
 def builtin_calibration_text() -> str:
     return BUILTIN_CALIB_TEXT.read_text(encoding="utf-8")
-
-
-@torch.inference_mode()
-def feed_text(model: LlamaForCausalLM, token_ids: list[int], window: int = DEFAULT_WINDOW) -> None:
-    """Run `token_ids` through `model` (forward passes only; results dropped), in windows.
-
-    The KV cache and its dtype follow the model's embedding table (device and dtype).
-    """
-    # Imported here: the engine imports the loader, which calibrates through this module.
-    from worker.config import CacheConfig
-    from worker.engine.model_runner import ModelRunner
-    from worker.engine.params import SamplingParams
-    from worker.engine.scheduler import ScheduledChunk
-    from worker.engine.sequence import Request, Sequence
-
-    if not token_ids:
-        raise ValueError("the calibration text is empty")
-    window = max(1, min(window, model.rope.cos.shape[0]))
-    table = model.embed_tokens.weight
-    num_blocks = -(-window // _BLOCK_SIZE)
-    cache = CacheConfig(block_size=_BLOCK_SIZE, num_blocks=num_blocks)
-    runner = ModelRunner(model, cache, table.dtype, table.device)
-    for start in range(0, len(token_ids), window):
-        ids = tuple(token_ids[start : start + window])
-        seq = Sequence(Request("__calibration__", ids, SamplingParams(max_tokens=1)))
-        seq.block_ids = list(range(-(-len(ids) // _BLOCK_SIZE)))
-        runner.execute([ScheduledChunk(seq, len(ids))])
 
 
 def channel_absmax(seen: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -74,9 +48,9 @@ def collect_input_stats(
     model: LlamaForCausalLM,
     token_ids: list[int],
     updates: Mapping[str, StatUpdate],
-    window: int = DEFAULT_WINDOW,
+    feed: Feed,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Feed the text once, with a forward pre-hook on every projection: for each statistic
+    """Feed the text once (by `feed`), with a forward pre-hook on every projection: for each statistic
     `stat` of `updates`, `stats[stat][name]` becomes `update(stats[stat].get(name), x)` for
     each input x [T, K] (float32) the projection `name` (a `quantizable_linears` name) sees.
     """
@@ -93,7 +67,7 @@ def collect_input_stats(
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantizable_linears(model)]
     try:
-        feed_text(model, token_ids, window)
+        feed(model, token_ids)
     finally:
         for handle in handles:
             handle.remove()

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ops.linear import gemm_weight_dtype
 from ops.rotation import MAX_BLOCK
 from worker.models.calibration import (
+    Feed,
     builtin_calibration_text,
     channel_absmax,
     collect_input_stats,
@@ -56,6 +57,7 @@ def load_model(
     device: torch.device,
     max_positions: int,
     quantization: str = "none",
+    feed: Feed | None = None,
 ) -> LlamaForCausalLM:
     """Build the model from `model_dir`'s config.json and load its *.safetensors weights.
 
@@ -63,6 +65,8 @@ def load_model(
     quantize`); "w8a8"/"w4a16"/"w4a16-g32" quantize a float checkpoint's projections:
     as `load_time_spec` says (w8a8 calibrated on the built-in calibration text: seconds on
     a GPU, up to a minute on a small CPU).
+    feed: runs the calibration text through the model (`worker.engine.calibrate.feed_text`);
+        needed by load-time quantization only.
 
     Raises:
         ValueError: asking for a scheme other than a quantized checkpoint's own.
@@ -96,7 +100,7 @@ def load_model(
         spec = load_time_spec(quantization)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         calib_ids = tokenizer(builtin_calibration_text(), add_special_tokens=False).input_ids
-        quantize_calibrated(model, spec, calib_ids[:LOAD_CALIB_TOKENS])
+        quantize_calibrated(model, spec, calib_ids[:LOAD_CALIB_TOKENS], feed)
         log.info(
             "quantized %d projections to %s (built-in calibration text) in %.1f s: weights "
             "%.1f MiB -> %.1f MiB (embeddings and lm_head kept in %s)",
@@ -145,17 +149,19 @@ def load_time_spec(scheme: str, group_size: int | None = None) -> QuantizationSp
 
 
 def quantize_calibrated(
-    model: LlamaForCausalLM, spec: QuantizationSpec, calib_ids: list[int]
+    model: LlamaForCausalLM, spec: QuantizationSpec, calib_ids: list[int], feed: Feed | None
 ) -> None:
-    """Quantize the float `model` in place as `spec` says, calibrating on `calib_ids` when
-    it asks for SmoothQuant (activation abs-max) or GPTQ (input Hessians): one pass over
-    the text collects both."""
+    """Quantize the float `model` in place as `spec` says, calibrating on `calib_ids` (run
+    through the model by `feed`) when it asks for SmoothQuant (activation abs-max) or GPTQ
+    (input Hessians): one pass over the text collects both."""
     updates = {}
     if spec.smoothquant_alpha is not None:
         updates["absmax"] = channel_absmax
     if spec.gptq:
         updates["hessian"] = input_xtx
-    stats = collect_input_stats(model, calib_ids, updates) if updates else {}
+    if updates and feed is None:
+        raise ValueError(f"{spec.describe()} calibrates: pass a feed (worker.engine.calibrate)")
+    stats = collect_input_stats(model, calib_ids, updates, feed) if updates and feed else {}
     smooth = None
     if spec.smoothquant_alpha is not None:
         smooth = model_smoothing_factors(model, stats["absmax"], spec.smoothquant_alpha)

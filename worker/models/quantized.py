@@ -4,6 +4,8 @@ Only the four fused projections of each decoder layer are quantized (they hold ~
 SmolLM2's weights); the math lives in `ops.quant`, which picks the CPU or CUDA path.
 Equivalence transforms of a projection's input (SmoothQuant's per-channel `smooth`, W8A8's
 block Hadamard `rotation`) are folded into the stored weight and applied to `x` at run time.
+
+NOTE: ~320 lines: the modules, the swap and the stored tensors change together.
 """
 
 from __future__ import annotations

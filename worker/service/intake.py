@@ -162,7 +162,7 @@ class Intake:
         runnable = []
         for state, verdict in zip(states, verdicts, strict=True):
             if verdict == ALREADY_DONE:
-                state.done = True
+                state.mark_done()
                 self._publisher.ack(state.ref, lambda s=state: self._release(s))
             elif verdict == CANCELLED or state.cancel_requested:
                 self._publisher.final(state, STATUS_CANCELLED, "abort")
@@ -187,7 +187,7 @@ class Intake:
         # Arrival backdated to the enqueue time: the engine's order and aging count the wait
         # in Redis too, so a job read late is not ranked behind newer ones of its priority.
         waited_s = max(0.0, now_ms() - entry_time_ms(state.entry_id)) / 1000
-        state.request = Request(
+        request = Request(
             state.job.id,
             token_ids,
             params,
@@ -197,10 +197,9 @@ class Intake:
         )
         # Incremental text only where deltas or stop strings need it: else one decode at the end.
         incremental = state.job.stream or bool(params.stop)
-        state.output = OutputAccumulator(state.request, self._tokenizer, incremental=incremental)
-        state.started_ms = now_ms()
+        state.start(request, OutputAccumulator(request, self._tokenizer, incremental=incremental))
         self._metrics.add_prompt_tokens(len(token_ids))
-        self._engine_loop.add(state.request)
+        self._engine_loop.add(request)
 
     def _release(self, state: JobState) -> None:
         self._jobs.release(state)

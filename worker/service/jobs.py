@@ -30,8 +30,10 @@ def entry_time_ms(entry_id: str) -> int:
 class JobState:
     """One job this worker holds, from XREADGROUP until its final result is acked.
 
-    Intake sets `request`, `output` and `started_ms` when the job starts; the publisher
-    folds engine outputs into `output` and sets `done` once the final result is queued.
+    Its fields change only through the transitions below, so that what a job can go
+    through is read here, in one place: intake `start`s it, the publisher notes its first
+    token and folds engine outputs into `output` (the accumulator owns its own contents),
+    and whoever queues its final result (or leaves it to other workers) `mark_done`s it.
     """
 
     entry_id: str
@@ -54,6 +56,26 @@ class JobState:
     @property
     def running(self) -> bool:
         return self.started_ms is not None and not self.done
+
+    def start(self, request: Request, output: OutputAccumulator) -> None:
+        """Handed to the engine as `request`; its outputs fold into `output`."""
+        self.request = request
+        self.output = output
+        self.started_ms = now_ms()
+
+    def note_first_token(self) -> float | None:
+        """Record the first generated token's time (unix ms); returned the first time only."""
+        if self.first_token_ms is not None:
+            return None
+        self.first_token_ms = now_ms()
+        return self.first_token_ms
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+
+    def mark_done(self) -> None:
+        """Final result queued (or the job left to other workers): later outputs are ignored."""
+        self.done = True
 
 
 class JobTable:

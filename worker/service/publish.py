@@ -143,9 +143,8 @@ class Publisher:
         output = state.output
         if state.done or output is None:
             return False
-        if state.first_token_ms is None and out.new_token_ids:
-            state.first_token_ms = now_ms()
-            waited_ms = state.first_token_ms - entry_time_ms(state.entry_id)
+        if out.new_token_ids and (first_ms := state.note_first_token()) is not None:
+            waited_ms = first_ms - entry_time_ms(state.entry_id)
             self._metrics.observe_priority_wait(state.job.priority, max(0.0, waited_ms) / 1000)
         delta = output.add(out)
         self._metrics.add_generation_tokens(len(out.new_token_ids))
@@ -234,7 +233,7 @@ class Publisher:
         self._queue_final(entry, job_id, reply_to, encode_result(result), on_done, dead_letter)
 
     def _finish(self, state: JobState, result: Result) -> None:
-        state.done = True
+        state.mark_done()
         self._metrics.observe_result(result)
         self._queue_final(
             state.ref,

@@ -275,7 +275,7 @@ class WorkerService:
             return
         log.warning("drain timeout: leaving %d jobs pending for other workers", len(states))
         for state in states:
-            state.done = True
+            state.mark_done()
             self.stages.engine_loop.abort(state.job.id)
             self.jobs.release(state)
         with contextlib.suppress(*_EXIT_ERRORS):
@@ -345,7 +345,7 @@ class WorkerService:
         state = self.jobs.live(job_id)
         if state is None:
             return
-        state.cancel_requested = True
+        state.request_cancel()
         if state.running:
             # Frees its KV blocks at the engine's next inbox drain; the result goes out now.
             self.stages.engine_loop.abort(job_id, "abort")

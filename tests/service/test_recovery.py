@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -173,6 +174,53 @@ def test_poison_job_goes_to_dead_letter_after_max_attempts_while_others_finish(
     assert dead[b"entry_id"].decode() == poison_id and dead[b"attempts"] == b"4"
     assert dead[b"code"] == b"max_attempts_exceeded" and dead[b"job"]
     assert worker.service.num_dead_lettered == 1 and pending_count(client) == 0
+
+
+def test_what_dead_consumers_held_on_every_priority_level_is_reclaimed_or_dead_lettered(
+    engine, redis_url, client
+):
+    """The high and low streams keep the default level's guarantees: a dead worker's entry
+    runs again once (attempt 2), one out of attempts is dead-lettered once, naming its
+    stream, and nothing stays pending on any level."""
+    poison_ids = {}
+    for priority in (5, 0, -5):  # the high, default and low levels
+        stream = KEYS.request_stream(priority)
+        with contextlib.suppress(redis.ResponseError):  # the default level's group exists
+            client.xgroup_create(stream, KEYS.group, id="0", mkstream=True)
+        _, poison_id = push(
+            client,
+            [
+                job(f"held{priority}", "Again", max_tokens=4, priority=priority),
+                job(f"poison{priority}", "Boom", priority=priority),
+            ],
+            stream,
+        )
+        client.xreadgroup(KEYS.group, "dead-1", {stream: ">"}, count=2)
+        client.xclaim(stream, KEYS.group, "dead-2", 0, [poison_id])
+        client.xclaim(stream, KEYS.group, "dead-3", 0, [poison_id])
+        poison_ids[poison_id] = stream
+    time.sleep(0.25)  # all idle past claim_idle_ms
+
+    config = worker_config(redis_url, engine.config, burst=True, claim_idle_ms=200, max_attempts=3)
+    with InProcessWorker(config, engine) as worker:
+        assert worker.join() == 0
+    got = finals(client)
+    for priority in (5, 0, -5):
+        [held] = got[f"held{priority}"]
+        assert (held.status, held.attempt) == ("ok", 2)
+        [poison] = got[f"poison{priority}"]
+        assert (poison.status, poison.error_code, poison.attempt) == (
+            "error",
+            "max_attempts_exceeded",
+            4,
+        )
+    dead = {
+        f[b"entry_id"].decode(): f[b"stream"].decode() for _, f in client.xrange(KEYS.dead_letter)
+    }
+    assert dead == poison_ids
+    assert worker.service.num_dead_lettered == 3
+    for stream in KEYS.request_streams:
+        assert int(client.xpending(stream, KEYS.group)["pending"]) == 0
 
 
 def test_a_refusal_written_twice_is_dead_lettered_and_counted_once(redis_url, client):

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class BulkConfig:
     window: jobs submitted and not yet answered, at most.
     input_format: "auto" (decided from the first JSON object of the file), "simple", "openai".
     defaults: sampling params that each line's own params override.
+    priority: the priority of lines that give none (OpenAI Batch lines have no such field):
+        e.g. -1 keeps a bulk run behind the interactive jobs of the same workers.
     watch: when jobs count as lost by Redis (and are resubmitted), how long Redis may be down.
     """
 
@@ -68,6 +70,7 @@ class BulkConfig:
     window: int = 256
     input_format: str = AUTO
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = 0
     worker_flags: tuple[str, ...] = ()
     progress: bool = True
     watch: WatchConfig = field(default_factory=WatchConfig)
@@ -186,6 +189,8 @@ class _Run:
                 assert item.error is not None
                 self._emit(error_line(self.fmt, item, item.error), None)
                 continue
+            if self.config.priority and "priority" not in item.job:
+                item = replace(item, job={**item.job, "priority": self.config.priority})
             if self._slots.locked() and batch:
                 await self._submit(batch)  # send what we hold before waiting for a slot
                 batch = []

@@ -33,6 +33,7 @@ from tests.worker_harness import (
 from worker.cli import main
 from worker.embedded import EmbeddedRedis, start_embedded_redis
 from worker.engine.engine import Engine
+from worker.keys import Keys
 
 GREEDY = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
 
@@ -328,6 +329,30 @@ def test_external_redis_and_worker(
         assert worker.service.stats()["published"] == len(prompt_ids)
     lines = by_key(read_output(out), "id")
     assert [lines[f"r{i}"]["token_ids"] for i in range(len(prompt_ids))] == want
+
+
+def test_priority_flag_routes_lines_without_one_to_their_level(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, engine: Engine
+) -> None:
+    """`--priority -1`: OpenAI lines (which have no priority field) go to the low stream."""
+    monkeypatch.delenv("HEADRACE_REDIS_URL", raising=False)
+    body = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": TEXT_URL, "body": body} for i in range(3)
+    ]
+    inp = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    keys = Keys("headrace")
+    with InProcessWorker(worker_config(redis_url, engine.config), engine):
+        args = ["bulk", str(inp), "-o", str(out), "--redis-url", redis_url, "--priority", "-1"]
+        assert main([*args, "--no-progress"]) == 0
+    assert sorted(line["custom_id"] for line in read_output(out)) == ["c0", "c1", "c2"]
+    client = redis.Redis.from_url(redis_url)
+    added = {
+        s: client.xinfo_stream(s)["entries-added"] for s in keys.request_streams if client.exists(s)
+    }
+    assert added.get(keys.request_stream(-1)) == 3
+    assert added.get(keys.requests, 0) == 0 and added.get(keys.request_stream(1), 0) == 0
 
 
 # -- Redis losing its data mid-run ------------------------------------------------------------

@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="priority of the lines that give none (OpenAI lines cannot): < 0 queues them "
+        "behind other jobs, > 0 ahead (docs/protocol.md, Priority)",
+    )
+    parser.add_argument(
         "--lost-after",
         type=float,
         default=WatchConfig.lost_after_s,
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             window=args.window,
             input_format=args.format,
             defaults=defaults,
+            priority=args.priority,
             worker_flags=local_worker_flags(args),
             progress=not args.no_progress,
             watch=WatchConfig(lost_after_s=args.lost_after),

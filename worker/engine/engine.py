@@ -112,7 +112,10 @@ class Engine:
         # What exists now (the model, torch's and transformers' module state) lives as long
         # as the process: moved out of the collector's generations, it is not traversed again
         # by every full collection the step loop's allocations trigger (~3-5% of a decode
-        # step's time in a profile before this; vLLM freezes after start-up too).
+        # step's time in a profile before this; vLLM freezes after start-up too). Unfrozen
+        # first: a process that builds engines one after another (tests, bench comparisons)
+        # gets the reference cycles of the ones it dropped collected here, not kept for good.
+        gc.unfreeze()
         gc.collect()
         gc.freeze()
         log.info(

@@ -37,7 +37,7 @@ from producer.submission import Submission
 from worker.errors import RequestError
 from worker.keys import Keys
 from worker.protocol import STATUS_OK, Result
-from worker.redis_url import connect_async, redact_url
+from worker.redis_url import connect_async, keys_for, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class _Run:
         self._client = client
         self._watch_task = asyncio.create_task(self._watch(client))
         if self._local is None:
-            await _warn_without_workers(url, Keys(self.config.namespace))
+            await _warn_without_workers(url, keys_for(url, self.config.namespace))
         return client
 
     async def _watch(self, client: AsyncClient) -> None:
@@ -335,9 +335,10 @@ async def _warn_without_workers(url: str, keys: Keys) -> None:
         async for _ in client.scan_iter(match=keys.worker("*"), count=1000):
             return
         log.warning(
-            "no live worker on %s yet: jobs wait in %s until one starts",
+            "no live worker on %s yet: jobs wait in %s%s until one starts",
             redact_url(url),
             keys.requests,
+            f" and {keys.shards - 1} more shards" if keys.shards > 1 else "",
         )
     finally:
         await client.aclose()

@@ -1,7 +1,8 @@
 """AsyncClient (producer side of protocol v1): submit jobs to the request stream, read results.
 
-Each client owns one reply stream `{ns}:reply:{client_id}` and a single reader
-task that demultiplexes its results to waiting futures and per-id delta queues,
+Each client owns one reply stream `{ns}:reply:{client_id}` (one per shard when the
+namespace is sharded: a job's results come back in its own shard) and a reader that
+demultiplexes its results to waiting futures and per-id delta queues,
 so clients sharing a Redis never take each other's results.
 
 NOTE: ~380 lines: one class whose reader task and waiters share state.
@@ -25,10 +26,10 @@ import redis.asyncio as aioredis
 from producer.replies import ClientClosedError, ReplyRouter
 from producer.submission import Submission, Submitter
 from worker.embedded import EmbeddedRedis, start_embedded_redis
-from worker.keys import Keys
+from worker.layout import agree_layout
 from worker.params import SamplingParams, check_length_hint
 from worker.protocol import Job, Result, decode_result, new_job_id
-from worker.redis_url import connect_async
+from worker.redis_url import connect_async, keys_for
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,10 @@ class AsyncClient:
         block_ms: int = 1000,
         claim_ttl_s: int = 86_400,
     ) -> None:
-        self.keys = Keys(namespace)
-        self.client_id = client_id or uuid.uuid4().hex
-        self.reply_stream = self.keys.reply(self.client_id)
         self.redis_url = redis_url or os.environ.get(REDIS_URL_ENV) or None
+        self.keys = keys_for(self.redis_url, namespace)
+        self.client_id = client_id or uuid.uuid4().hex
+        self.reply_stream = self.keys.reply(self.client_id)  # shard 0's (the only one unsharded)
         self._reply_ttl_s = reply_ttl_s
         self._cancel_ttl_s = cancel_ttl_s
         self._max_buffered = max_buffered
@@ -115,10 +116,11 @@ class AsyncClient:
         # The reply reader blocks up to block_ms per XREAD: the socket timeout allows for it.
         self._redis = connect_async(self.redis_url, block_ms=self._block_ms)
         await self._redis.ping()
+        await agree_layout(self._redis, self.keys)  # LayoutMismatchError: workers read elsewhere
         self._submitter = Submitter(self._redis, self.keys, claim_ttl_s=self._claim_ttl_s)
         self._router = ReplyRouter(
             self._redis,
-            self.reply_stream,
+            self.keys.replies(self.client_id),
             ttl_s=self._reply_ttl_s,
             max_buffered=self._max_buffered,
             block_ms=self._block_ms,
@@ -218,9 +220,10 @@ class AsyncClient:
         params = dict(item.get("params") or {})
         SamplingParams.from_dict(params)  # fail here, not as an error result later
         messages, token_ids = item.get("messages"), item.get("prompt_token_ids")
+        job_id = item.get("id") or new_job_id()
         return Job(
-            id=item.get("id") or new_job_id(),
-            reply_to=self.reply_stream,
+            id=job_id,
+            reply_to=self.keys.reply(self.client_id, self.keys.shard_of(job_id)),
             prompt=item.get("prompt"),
             messages=tuple(dict(m) for m in messages) if messages is not None else None,
             prompt_token_ids=tuple(token_ids) if token_ids is not None else None,
@@ -335,10 +338,11 @@ class AsyncClient:
 
     async def cancel(self, job_id: str) -> None:
         """Cancel a job: running → aborted (KV freed at once); queued → cancelled on pickup."""
-        async with self._require().pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.cancelled(job_id), 1, ex=self._cancel_ttl_s)
-            pipe.publish(self.keys.cancel_channel, job_id)
-            await pipe.execute()
+        client = self._require()
+        # Marker first: a worker that picks the job up after the message still sees it.
+        # Two commands, not a pipeline: a cluster pipeline cannot carry PUBLISH.
+        await client.set(self.keys.cancelled(job_id), 1, ex=self._cancel_ttl_s)
+        await client.publish(self.keys.cancel_channel, job_id)
 
     async def _drain_stream(self, job_id: str, timeout: float | None) -> Result:
         async def last() -> Result:

@@ -1,8 +1,10 @@
-"""ReplyRouter: the one reader of a client's reply stream, demultiplexing results by job id.
+"""ReplyRouter: the one reader of a client's reply streams, demultiplexing results by job id.
 
 Final results go to waiting futures, else into a bounded buffer; `partial`
 deltas go to per-id queues registered for stream jobs. Consumed entries are
-trimmed so the stream stays small; its TTL is refreshed while the router runs.
+trimmed so the streams stay small; their TTL is refreshed while the router runs.
+A client has one reply stream per shard (worker/keys.py), each read by a task of its own
+(one XREAD cannot span cluster slots).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -31,23 +34,23 @@ class ClientClosedError(RuntimeError):
 
 
 class ReplyRouter:
-    """Reads `stream` with XREAD BLOCK in one task; hands results to whoever waits."""
+    """Reads each of `streams` with XREAD BLOCK in a task; hands results to whoever waits."""
 
     def __init__(
         self,
         redis: aioredis.Redis,
-        stream: str,
+        streams: Sequence[str],
         *,
         ttl_s: int,
         max_buffered: int,
         block_ms: int,
     ) -> None:
         self._redis = redis
-        self._stream = stream
+        self._streams = tuple(streams)
         self._ttl_s = ttl_s
         self._max_buffered = max_buffered
         self._block_ms = block_ms
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._outstanding: set[str] = set()
         self._finals: OrderedDict[str, Result] = OrderedDict()
@@ -55,7 +58,10 @@ class ReplyRouter:
         self._queues: dict[str, asyncio.Queue[Result | None]] = {}
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._read_loop(), name=f"reader-{self._stream}")
+        self._tasks = [
+            asyncio.create_task(self._read_loop(stream), name=f"reader-{stream}")
+            for stream in self._streams
+        ]
 
     async def stop(self) -> None:
         """Stop reading, set the stream's TTL, fail every waiter with ClientClosedError."""
@@ -64,11 +70,12 @@ class ReplyRouter:
             # The marker wakes the blocking XREAD, which then sees `_stopping`: a task
             # cancel alone is unreliable (redis-py can swallow one racing a reply).
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._stream, {"bye": "1"})
-                pipe.expire(self._stream, self._ttl_s)
+                for stream in self._streams:
+                    pipe.xadd(stream, {"bye": "1"})
+                    pipe.expire(stream, self._ttl_s)
                 await pipe.execute()
-        if self._task is not None:
-            _done, pending = await asyncio.wait([self._task], timeout=self._block_ms / 1000 + 1)
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=self._block_ms / 1000 + 1)
             for task in pending:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -132,24 +139,24 @@ class ReplyRouter:
 
     # -- reading ------------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, stream: str) -> None:
         last_id = b"0-0"
         refresh_at = 0.0
         backoff = 0.1
         while not self._stopping:
             try:
                 if time.monotonic() >= refresh_at:
-                    await self._touch()
+                    await self._touch(stream)
                     refresh_at = time.monotonic() + self._ttl_s / 4
                 response = await self._redis.xread(
-                    {self._stream: last_id}, count=_READ_COUNT, block=self._block_ms
+                    {stream: last_id}, count=_READ_COUNT, block=self._block_ms
                 )
                 for _name, entries in response or ():
                     for entry_id, entry in entries:
                         last_id = entry_id
                         self._dispatch_entry(entry_id, entry)
                 if response:
-                    await self._redis.xtrim(self._stream, minid=last_id)
+                    await self._redis.xtrim(stream, minid=last_id)
                 backoff = 0.1
             except Exception as exc:
                 # The stream may be gone with Redis's data: give it its TTL again once back.
@@ -162,12 +169,12 @@ class ReplyRouter:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _touch(self) -> None:
+    async def _touch(self, stream: str) -> None:
         # EXPIRE needs the key: create the stream with a marker entry once (XTRIM
         # empties it later, but an empty stream stays a key).
-        if not await self._redis.expire(self._stream, self._ttl_s):
-            await self._redis.xadd(self._stream, {"hello": "1"})
-            await self._redis.expire(self._stream, self._ttl_s)
+        if not await self._redis.expire(stream, self._ttl_s):
+            await self._redis.xadd(stream, {"hello": "1"})
+            await self._redis.expire(stream, self._ttl_s)
 
     def _dispatch_entry(self, entry_id: bytes, entry: dict[bytes, bytes]) -> None:
         payload = entry.get(RESULT_FIELD.encode())

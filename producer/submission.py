@@ -2,7 +2,7 @@
 
 A job id is an idempotency key. The first submission of an id claims
 `{ns}:submitted:{id}` and appends the job to the request stream of its priority level
-(`Keys.request_stream`) in one script; a
+in its id's shard (`Keys.job_stream`) in one script; a
 later submission finds the claim (or the id's final result) and appends nothing, so
 the id never runs twice and its caller gets the first submission's result.
 `locate` tells where submitted jobs are, so that a producer can notice the ones
@@ -20,7 +20,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from worker.keys import JOB_FIELD, Keys
+from worker.layout import queue_script
 from worker.protocol import Job, encode_job
+from worker.redis_url import is_cluster
 
 # Where a submitted job is (see `locate`).
 DONE = "done"  # its final result is stored
@@ -86,23 +88,23 @@ class Submitter:
         keys = self._keys
         tokens = tokens or [uuid.uuid4().hex for _ in jobs]
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.scripts.add(self._script)  # what Script.__call__ does: loaded if Redis lacks it
             for job, token in zip(jobs, tokens, strict=True):
-                pipe.evalsha(
-                    self._script.sha,
-                    3,
-                    *(
+                # Loaded by the pipeline if Redis lacks it (what Script.__call__ does).
+                queue_script(
+                    pipe,
+                    self._script,
+                    (
                         keys.submitted(job.id),
                         keys.result(job.id),
-                        keys.request_stream(job.priority),
+                        keys.job_stream(job.id, job.priority),
                     ),
-                    *(token, self._claim_ttl_s, encode_job(job), int(resubmit), job.reply_to),
+                    (token, self._claim_ttl_s, encode_job(job), int(resubmit), job.reply_to),
                 )
             entry_ids = await pipe.execute()
         return [
             Submission(job.id, None, reused=True)
             if entry_id is None
-            else Submission(job.id, _text(entry_id), stream=keys.request_stream(job.priority))
+            else Submission(job.id, _text(entry_id), stream=keys.job_stream(job.id, job.priority))
             for job, entry_id in zip(jobs, entry_ids, strict=True)
         ]
 
@@ -112,17 +114,22 @@ class Submitter:
         A job is LOST when it has no final result, no entry in the request stream and
         no pending entry in the workers' group. Reused submissions are not located.
         """
-        queued = [s for s in submissions if s.entry_id is not None]
+        by_shard: dict[int, list[Submission]] = {}
+        for sub in submissions:
+            if sub.entry_id is not None:
+                by_shard.setdefault(self._keys.shard_of(sub.id), []).append(sub)
         places: dict[str, str] = {}
-        for start in range(0, len(queued), _LOCATE_CHUNK):
-            places.update(await self._locate(queued[start : start + _LOCATE_CHUNK]))
+        # One transaction per shard (one cluster slot: a transaction cannot span two).
+        for queued in by_shard.values():
+            for start in range(0, len(queued), _LOCATE_CHUNK):
+                places.update(await self._locate(queued[start : start + _LOCATE_CHUNK]))
         return places
 
     async def _locate(self, queued: Sequence[Submission]) -> dict[str, str]:
         keys = self._keys
         async with self._redis.pipeline(transaction=True) as pipe:
             for sub in queued:
-                stream = sub.stream or keys.requests
+                stream = sub.stream or keys.job_stream(sub.id, 0)
                 pipe.exists(keys.result(sub.id))
                 pipe.xrange(stream, sub.entry_id, sub.entry_id, count=1)
                 pipe.xpending_range(stream, keys.group, sub.entry_id, sub.entry_id, 1)
@@ -140,6 +147,9 @@ class Submitter:
 
     async def server_run_id(self) -> str:
         """The Redis server's run_id: it changes when the server restarts or fails over."""
+        if is_cluster(self._redis):  # every primary's: any of them restarting counts
+            infos = await self._redis.info("server", target_nodes=self._redis.PRIMARIES)
+            return ",".join(sorted(str(info["run_id"]) for info in infos.values()))
         info = await self._redis.info("server")
         return str(info["run_id"])
 

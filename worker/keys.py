@@ -2,10 +2,18 @@
 
 Producers and workers build names only through `Keys`, so a namespace change
 (several deployments sharing one Redis) can never miss a key.
+
+Shards (docs/protocol.md, "Shards"): with `shards` > 1, or `tagged` (Redis Cluster), the
+per-job keys live in shards. Shard i's keys start with the hash tag `{ns:i}` (one
+cluster slot), so every key one job's scripts touch (its request streams, result,
+submission claim, cancel marker, dead-letter stream, the reply streams read for that
+shard) is in one slot. A job goes to shard `crc32(utf8(id)) % shards`. One untagged
+shard (the default) keeps the original names: `{ns}:requests`, `{ns}:result:{id}`...
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 # Stream entry field names: one msgpack map per entry.
@@ -31,44 +39,172 @@ def priority_level(priority: int) -> int:
 
 @dataclass(frozen=True)
 class Keys:
-    """Key names under one namespace (default "headrace")."""
+    """Key names under one namespace (default "headrace").
+
+    shards: request-stream shards (1: one, under the original names unless `tagged`).
+    tagged: shard keys carry the hash tag `{ns:i}` (forced on by shards > 1; a Redis Cluster
+        needs it even with one shard, so that a job's keys share a slot).
+    """
 
     namespace: str = "headrace"
+    shards: int = 1
+    tagged: bool = False
 
     def __post_init__(self) -> None:
-        # A ':' or space would make names ambiguous or break `{ns}:*` scans.
-        if not self.namespace or any(c in self.namespace for c in ": \t\r\n"):
+        # A ':' or space would make names ambiguous or break `{ns}:*` scans; braces would
+        # change the hash tag.
+        if not self.namespace or any(c in self.namespace for c in ": \t\r\n{}"):
             raise ValueError(
-                f"namespace must be non-empty without ':' or spaces: {self.namespace!r}"
+                f"namespace must be non-empty without ':', braces or spaces: {self.namespace!r}"
             )
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        if self.shards > 1 and not self.tagged:
+            object.__setattr__(self, "tagged", True)
+
+    # -- shards -----------------------------------------------------------------------
+
+    def prefix(self, shard: int = 0) -> str:
+        """What shard `shard`'s key names start with: `{ns:i}` when tagged, else `ns`."""
+        return f"{{{self.namespace}:{shard}}}" if self.tagged else self.namespace
+
+    def shard_of(self, job_id: str) -> int:
+        """The shard of a job id: crc32 (IEEE, zlib's) of its UTF-8 bytes mod shards."""
+        if self.shards == 1:
+            return 0
+        return zlib.crc32(job_id.encode("utf-8", "surrogatepass")) % self.shards
+
+    def shard_of_key(self, name: str) -> int | None:
+        """The shard whose hash tag `name` carries (0 for every name when untagged);
+        None: not a shard key of this namespace."""
+        if not self.tagged:
+            return 0
+        opener = f"{{{self.namespace}:"
+        end = name.find("}")
+        if not name.startswith(opener) or end < 0:
+            return None
+        digits = name[len(opener) : end]
+        if not digits.isdigit() or int(digits) >= self.shards or str(int(digits)) != digits:
+            return None
+        return int(digits)
+
+    @property
+    def all_shards(self) -> range:
+        return range(self.shards)
+
+    @property
+    def layout(self) -> str:
+        """String key: the shard count producers and workers of this namespace agree on
+        (written by the first, checked by every later one; see `layout_value`)."""
+        return f"{self.namespace}:shards"
+
+    @property
+    def layout_value(self) -> str:
+        """What `layout` holds for this key layout: the shard count, `t` added when tagged."""
+        return f"{self.shards}t" if self.tagged else str(self.shards)
+
+    # -- request streams -----------------------------------------------------------------
 
     @property
     def requests(self) -> str:
-        """Stream of jobs (field `job`), read by the worker consumer group; workers delete
-        an entry once its final result is written and acked (the group must be the only one)."""
-        return f"{self.namespace}:requests"
+        """Stream of jobs (field `job`) of shard 0, read by the worker consumer group; workers
+        delete an entry once its final result is written and acked (the group must be the
+        only one)."""
+        return self.request_stream(0)
 
-    def request_stream(self, priority: int) -> str:
-        """The stream a job of `priority` goes to: `requests` for 0, `requests:high` above,
-        `requests:low` below (the same contract as `requests`, one consumer group each)."""
+    def request_stream(self, priority: int, shard: int = 0) -> str:
+        """The stream a job of `priority` goes to in `shard`: `requests` for 0,
+        `requests:high` above, `requests:low` below (the same contract as `requests`, one
+        consumer group each)."""
+        base = f"{self.prefix(shard)}:requests"
         level = priority_level(priority)
-        return self.requests if level == 0 else f"{self.requests}:{LEVEL_NAMES[level]}"
+        return base if level == 0 else f"{base}:{LEVEL_NAMES[level]}"
+
+    def job_stream(self, job_id: str, priority: int) -> str:
+        """The request stream a job goes to: its priority's, in its id's shard."""
+        return self.request_stream(priority, self.shard_of(job_id))
+
+    def shard_streams(self, shard: int) -> tuple[str, ...]:
+        """The request streams of one shard, highest level first."""
+        return tuple(self.request_stream(level, shard) for level in PRIORITY_LEVELS)
 
     @property
     def request_streams(self) -> tuple[str, ...]:
-        """Every request stream, highest level first (the order workers read them in)."""
-        return tuple(self.request_stream(level) for level in PRIORITY_LEVELS)
+        """Every request stream: shard by shard, highest level first within each."""
+        return tuple(name for shard in self.all_shards for name in self.shard_streams(shard))
+
+    @property
+    def stream_levels(self) -> tuple[tuple[str, int, int], ...]:
+        """(stream, level, shard) of every request stream, in `request_streams` order."""
+        return tuple(
+            (self.request_stream(level, shard), level, shard)
+            for shard in self.all_shards
+            for level in PRIORITY_LEVELS
+        )
 
     @property
     def group(self) -> str:
         """Consumer group of the workers on each request stream (the same name on each)."""
         return CONSUMER_GROUP
 
+    # -- per-job keys (in the job's shard) -------------------------------------------------
+
     @property
     def dead_letter(self) -> str:
         """Stream of jobs that failed `max_attempts` deliveries or could not be answered (fields
-        `job`: the payload's first bytes, `job_size`, `job_truncated`, `code`...)."""
-        return f"{self.namespace}:dead"
+        `job`: the payload's first bytes, `job_size`, `job_truncated`, `code`...), shard 0."""
+        return self.dead_letter_of(0)
+
+    def dead_letter_of(self, shard: int) -> str:
+        """The dead-letter stream of one shard (a job is dead-lettered in its own)."""
+        return f"{self.prefix(shard)}:dead"
+
+    @property
+    def dead_letters(self) -> tuple[str, ...]:
+        return tuple(self.dead_letter_of(shard) for shard in self.all_shards)
+
+    def result(self, job_id: str, shard: int | None = None) -> str:
+        """String: the final result msgpack (SET NX EX ttl) — also the exactly-once marker.
+        shard: None → the id's own (a worker answering a misrouted entry passes its shard)."""
+        return f"{self._job_prefix(job_id, shard)}:result:{job_id}"
+
+    def submitted(self, job_id: str) -> str:
+        """String with TTL: the claim of a job id by its first submission (value informational),
+        so that a second submission of the id queues nothing (ids are idempotency keys)."""
+        return f"{self._job_prefix(job_id)}:submitted:{job_id}"
+
+    def cancelled(self, job_id: str) -> str:
+        """String with TTL: set by `cancel`, so a job not started yet is cancelled on pickup."""
+        return f"{self._job_prefix(job_id)}:cancelled:{job_id}"
+
+    def _job_prefix(self, job_id: str, shard: int | None = None) -> str:
+        return self.prefix(self.shard_of(job_id) if shard is None else shard)
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def reply(self, client_id: str, shard: int = 0) -> str:
+        """Stream of results (field `result`) for one client's jobs of one shard; expires after
+        the client closes (workers give it a TTL of `result_ttl` when their write created it,
+        refreshed by each)."""
+        return f"{self.prefix(shard)}:reply:{client_id}"
+
+    def replies(self, client_id: str) -> tuple[str, ...]:
+        """A client's reply streams, one per shard (the client reads each)."""
+        return tuple(self.reply(client_id, shard) for shard in self.all_shards)
+
+    def may_reply_to(self, name: str, job_id: str | None = None) -> bool:
+        """Whether a job may name `name` as its reply_to: any key outside this namespace, and
+        inside it only reply streams (never the queues, results, cancel markers or worker
+        keys, which results written there would corrupt). Tagged: only a reply stream of
+        the job's own shard (`job_id`'s; None: any shard), the one slot its script may touch."""
+        if self.tagged:
+            shard = self.shard_of_key(name)
+            own = job_id is None or shard == self.shard_of(job_id)
+            return own and shard is not None and name.startswith(f"{self.prefix(shard)}:reply:")
+        own = name == self.namespace or name.startswith(f"{self.namespace}:")
+        return not own or name.startswith(f"{self.namespace}:reply:")
+
+    # -- namespace-wide keys (any node) ---------------------------------------------------------
 
     @property
     def cancel_channel(self) -> str:
@@ -79,31 +215,6 @@ class Keys:
     def workers(self) -> str:
         """Hash consumer name → msgpack heartbeat/stats of live workers."""
         return f"{self.namespace}:workers"
-
-    def result(self, job_id: str) -> str:
-        """String: the final result msgpack (SET NX EX ttl) — also the exactly-once marker."""
-        return f"{self.namespace}:result:{job_id}"
-
-    def submitted(self, job_id: str) -> str:
-        """String with TTL: the claim of a job id by its first submission (value informational),
-        so that a second submission of the id queues nothing (ids are idempotency keys)."""
-        return f"{self.namespace}:submitted:{job_id}"
-
-    def cancelled(self, job_id: str) -> str:
-        """String with TTL: set by `cancel`, so a job not started yet is cancelled on pickup."""
-        return f"{self.namespace}:cancelled:{job_id}"
-
-    def may_reply_to(self, name: str) -> bool:
-        """Whether a job may name `name` as its reply_to: any key outside this namespace, and
-        inside it only reply streams (never the queues, results, cancel markers or worker
-        keys, which results written there would corrupt)."""
-        own = name == self.namespace or name.startswith(f"{self.namespace}:")
-        return not own or name.startswith(f"{self.namespace}:reply:")
-
-    def reply(self, client_id: str) -> str:
-        """Stream of results (field `result`) for one client; expires after the client closes
-        (workers give it a TTL of `result_ttl` when their write created it, refreshed by each)."""
-        return f"{self.namespace}:reply:{client_id}"
 
     def worker(self, consumer: str) -> str:
         """String with TTL: liveness marker of one worker consumer (refreshed by heartbeat)."""

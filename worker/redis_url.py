@@ -1,6 +1,9 @@
-"""Redis connections (every stage, producer included): one set of client options, URLs as logs show them.
+"""Redis connections (every stage, producer included): URLs → clients with one set of options.
 
-Every headrace Redis client is built here, so each one notices a dead server or a
+A URL names the deployment (see `parse_url`): `redis://` / `rediss://` / `unix://` one
+node, `redis+cluster://h1:p1,h2:p2` a Redis Cluster, `redis+sentinel://s1:26379,s2:26379/
+mastername` a Sentinel-managed primary; the `shards` query parameter picks the number of
+request-stream shards (worker/keys.py). Every headrace Redis client is built here, so each one notices a dead server or a
 silently dropped connection within seconds: replies time out, idle sockets are probed
 (TCP keepalive), unacknowledged writes give up (TCP_USER_TIMEOUT), pooled connections
 idle for a while are pinged before use, and (except in the worker, which retries on its
@@ -13,14 +16,21 @@ from __future__ import annotations
 import math
 import re
 import socket
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
+import redis.asyncio.sentinel as aiosentinel
+import redis.cluster
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
+
+from worker.keys import Keys
 
 _MASK = "***"
 
@@ -35,6 +45,105 @@ _RETRY_CAP_S = 0.5
 _KEEPALIVE_INTERVAL_S = 1
 _KEEPALIVE_PROBES = 3
 _CLIENT_NAME_BAD = re.compile(r"[^!-~]")  # CLIENT SETNAME takes printable ASCII, no spaces
+
+SINGLE, CLUSTER, SENTINEL = "single", "cluster", "sentinel"
+_SCHEMES = {"redis+cluster": CLUSTER, "redis+sentinel": SENTINEL}
+# Shards of a cluster deployment whose URL names none: enough to spread over a few primaries.
+DEFAULT_CLUSTER_SHARDS = 8
+MAX_SHARDS = 1024
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """What a headrace Redis URL names.
+
+    kind: SINGLE (`url` is what redis-py gets, without headrace's own parameters),
+        CLUSTER (`nodes`: startup nodes) or SENTINEL (`nodes`: the sentinels,
+        `service`: the primary's name as the sentinels know it).
+    shards: request-stream shards (`?shards=N`): 1 by default on one node or Sentinel
+        (today's key names), DEFAULT_CLUSTER_SHARDS on a cluster.
+    """
+
+    kind: str
+    url: str = ""
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+    shards: int = 1
+
+    @property
+    def tagged(self) -> bool:
+        """Whether key names carry a hash tag: always on a cluster, else when sharded."""
+        return self.kind == CLUSTER or self.shards > 1
+
+    def keys(self, namespace: str) -> Keys:
+        """The key layout of `namespace` on this deployment."""
+        return Keys(namespace, shards=self.shards, tagged=self.tagged)
+
+
+def parse_url(url: str) -> RedisTarget:
+    """Parse a headrace Redis URL (see the module docstring). Raises ValueError."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    own = {k: v for k, v in query if k in ("shards", "db", "sentinel_password")}
+    kind = _SCHEMES.get(parts.scheme.lower(), SINGLE)
+    default = DEFAULT_CLUSTER_SHARDS if kind == CLUSTER else 1
+    shards = _int(own.get("shards", str(default)), "shards")
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be in [1, {MAX_SHARDS}], got {shards}")
+    if kind == SINGLE:
+        plain = url
+        if "shards" in own:  # redis-py must not see it; other URLs pass through as given
+            rest = [(k, v) for k, v in query if k != "shards"]
+            plain = urlunsplit(parts._replace(query=urlencode(rest)))
+        return RedisTarget(SINGLE, url=plain, shards=shards)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes = tuple(_node(h, 26379 if kind == SENTINEL else 6379) for h in hosts.split(","))
+    path = [p for p in parts.path.split("/") if p]
+    service, db = "", _int(own.get("db", "0"), "db")
+    if kind == SENTINEL:
+        if not path:
+            raise ValueError("a redis+sentinel:// URL names the primary: .../mastername")
+        service = unquote(path[0])
+        db = _int(path[1], "db") if len(path) > 1 else db
+    elif path or db:
+        raise ValueError("a Redis Cluster has only database 0: no path or db in the URL")
+    return RedisTarget(
+        kind,
+        nodes=nodes,
+        service=service,
+        db=db,
+        username=unquote(username) or None,
+        password=unquote(password) if userinfo and ":" in userinfo else None,
+        sentinel_password=own.get("sentinel_password"),
+        shards=shards,
+    )
+
+
+def keys_for(url: str | None, namespace: str) -> Keys:
+    """The key layout a deployment uses (None: an embedded single node)."""
+    return Keys(namespace) if url is None else parse_url(url).keys(namespace)
+
+
+def _node(text: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host, port = port, str(default_port)
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"bad host:port {text!r} in a Redis URL")
+    return host, _int(port, "port")
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{what} must be an integer, got {text!r}") from None
 
 
 def connection_options(timeout_s: float = DEFAULT_TIMEOUT_S, block_ms: int = 0) -> dict[str, Any]:
@@ -80,10 +189,23 @@ def _backoff() -> EqualJitterBackoff:
     return EqualJitterBackoff(cap=_RETRY_CAP_S, base=_RETRY_BASE_S)
 
 
-def connect(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, block_ms: int = 0) -> redis.Redis:
-    """A sync client for `url` with the shared options (see `connection_options`)."""
-    return redis.Redis.from_url(
-        url, retry=Retry(_backoff(), _RETRIES), **connection_options(timeout_s, block_ms)
+def connect(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, block_ms: int = 0) -> Any:
+    """A sync client for `url` with the shared options (see `connection_options`):
+    redis.Redis, redis.cluster.RedisCluster, or a Sentinel-managed primary's redis.Redis."""
+    target = parse_url(url)
+    options = {"retry": Retry(_backoff(), _RETRIES), **connection_options(timeout_s, block_ms)}
+    if target.kind == SINGLE:
+        return redis.Redis.from_url(target.url, **options)
+    if target.kind == CLUSTER:
+        nodes = [redis.cluster.ClusterNode(h, p) for h, p in target.nodes]
+        return redis.cluster.RedisCluster(
+            startup_nodes=nodes, username=target.username, password=target.password, **options
+        )
+    sentinel = redis.sentinel.Sentinel(
+        list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, timeout_s), **options
+    )
+    return sentinel.master_for(
+        target.service, db=target.db, username=target.username, password=target.password
     )
 
 
@@ -94,20 +216,48 @@ def connect_async(
     block_ms: int = 0,
     retries: int = _RETRIES,
     client_name: str | None = None,
-) -> aioredis.Redis:
-    """An asyncio client for `url` with the shared options (see `connection_options`).
+) -> Any:
+    """An asyncio client for `url` with the shared options (see `connection_options`):
+    redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster, or a Sentinel-managed
+    primary's redis.asyncio.Redis (which finds the new primary after a failover).
 
     retries: how often redis-py itself resends a command after a connection error; the
         worker passes 0, so that every failure reaches its own retry loop, which knows
         when a lost reply may have delivered entries (worker/service/resilience.py).
     client_name: shown by CLIENT LIST (spaces and control characters become `_`).
     """
-    return aioredis.Redis.from_url(
-        url,
-        retry=AsyncRetry(_backoff(), retries),
-        client_name=None if client_name is None else _CLIENT_NAME_BAD.sub("_", client_name),
+    target = parse_url(url)
+    options = {
+        "retry": AsyncRetry(_backoff(), retries),
+        "client_name": None if client_name is None else _CLIENT_NAME_BAD.sub("_", client_name),
         **connection_options(timeout_s, block_ms),
+    }
+    if target.kind == SINGLE:
+        return aioredis.Redis.from_url(target.url, **options)
+    if target.kind == CLUSTER:
+        nodes = [aiocluster.ClusterNode(h, p) for h, p in target.nodes]
+        return aiocluster.RedisCluster(
+            startup_nodes=nodes, username=target.username, password=target.password, **options
+        )
+    sentinel = aiosentinel.Sentinel(
+        list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, timeout_s), **options
     )
+    return sentinel.master_for(
+        target.service, db=target.db, username=target.username, password=target.password
+    )
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether `client` talks to a Redis Cluster (sync or asyncio)."""
+    return isinstance(client, (aiocluster.RedisCluster, redis.cluster.RedisCluster))
+
+
+def _sentinel_kwargs(target: RedisTarget, timeout_s: float) -> dict[str, Any]:
+    """Options of the connections to the sentinels themselves (quick to give up on one)."""
+    kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if target.sentinel_password:
+        kwargs["password"] = target.sentinel_password
+    return kwargs
 
 
 def redact_url(url: str) -> str:
@@ -126,8 +276,9 @@ def redact_url(url: str) -> str:
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
+            secret = ("password", "sentinel_password")
             query = urlencode(
-                [(k, _MASK if k.lower() == "password" else v) for k, v in pairs], safe="*"
+                [(k, _MASK if k.lower() in secret else v) for k, v in pairs], safe="*,"
             )
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:

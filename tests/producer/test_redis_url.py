@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 
 from worker.redis_url import (
+    CLUSTER,
+    DEFAULT_CLUSTER_SHARDS,
     DEFAULT_TIMEOUT_S,
+    SENTINEL,
+    SINGLE,
     connect,
     connect_async,
     connection_options,
+    parse_url,
     redact_url,
 )
 
@@ -90,3 +95,74 @@ def test_every_redis_client_is_built_by_the_shared_helper() -> None:
         and re.search(r"\bRedis\(|\.from_url\(", path.read_text())
     ]
     assert offenders == []
+
+
+# -- deployments named by URL (worker/redis_url.py: parse_url) ---------------------------------
+
+
+def test_single_node_urls_pass_through_unchanged() -> None:
+    for url in (
+        "redis://127.0.0.1:6379/0",
+        "rediss://u:p@h:6380/2?ssl_cert_reqs=none",
+        "unix:///s",
+    ):
+        target = parse_url(url)
+        assert target.kind == SINGLE and target.url == url and target.shards == 1
+        assert not target.tagged and target.keys("hr").requests == "hr:requests"
+
+
+def test_shards_on_a_single_node_are_stripped_before_redis_py_sees_them() -> None:
+    target = parse_url("redis://h:1/0?shards=4&db=0")
+    assert target.kind == SINGLE and target.shards == 4 and target.tagged
+    assert target.url == "redis://h:1/0?db=0"
+    assert target.keys("hr").requests == "{hr:0}:requests"
+
+
+def test_cluster_urls_name_their_startup_nodes() -> None:
+    target = parse_url("redis+cluster://u:s3cret@10.0.0.1:7000,10.0.0.2,[::1]:7002?shards=6")
+    assert target.kind == CLUSTER and target.shards == 6 and target.tagged
+    assert target.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002))
+    assert (target.username, target.password) == ("u", "s3cret")
+    default = parse_url("redis+cluster://h:7000")
+    assert default.shards == DEFAULT_CLUSTER_SHARDS and default.password is None
+    assert parse_url("redis+cluster://h:7000/?shards=1").keys("hr").requests == "{hr:0}:requests"
+
+
+def test_sentinel_urls_name_the_sentinels_and_the_primary() -> None:
+    target = parse_url("redis+sentinel://:pw@s1:26379,s2/mymaster/2?sentinel_password=sp")
+    assert target.kind == SENTINEL and target.service == "mymaster" and target.db == 2
+    assert target.nodes == (("s1", 26379), ("s2", 26379))
+    assert target.password == "pw" and target.sentinel_password == "sp" and target.shards == 1
+    assert parse_url("redis+sentinel://s1/m?db=3").db == 3
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://s1:26379",  # no primary name
+        "redis+cluster://h:7000/1",  # a cluster has db 0 only
+        "redis+cluster://h:notaport",
+        "redis://h?shards=0",
+        "redis://h?shards=many",
+    ],
+)
+def test_bad_deployment_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        parse_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "redis+cluster://u:s3cret@h1:7000,h2:7001?shards=3",
+            "redis+cluster://u:***@h1:7000,h2:7001?shards=3",
+        ),
+        (
+            "redis+sentinel://:pw@s1:26379,s2:26379/mymaster?sentinel_password=sp",
+            "redis+sentinel://:***@s1:26379,s2:26379/mymaster?sentinel_password=***",
+        ),
+    ],
+)
+def test_cluster_and_sentinel_passwords_are_masked(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

@@ -515,6 +515,7 @@ OWN_WRITES = (
     (re.escape(KEYS.result("")) + ".*", {"set", "expire"}),
     (re.escape(KEYS.workers), {"hset", "hdel", "del"}),
     (re.escape(KEYS.worker("")) + ".*", {"set", "expire", "del"}),
+    (re.escape(KEYS.layout), {"set"}),  # the shard count, written once (worker/layout.py)
 )
 
 
@@ -550,6 +551,8 @@ def check_keys(client: redis.Redis, consumer: str) -> None:
             assert kind == b"hash"
         elif key == KEYS.worker(consumer):
             assert kind == b"string"
+        elif key == KEYS.layout:
+            assert (kind, client.get(key)) == (b"string", KEYS.layout_value.encode())
         else:
             raise AssertionError(f"unexpected key {key!r} ({kind!r})")
 

@@ -24,7 +24,7 @@ import msgpack
 import redis
 
 from worker.keys import Keys
-from worker.redis_url import connect, redact_url
+from worker.redis_url import connect, keys_for, redact_url
 
 REDIS_URL_ENV = "HEADRACE_REDIS_URL"
 NAMESPACE_ENV = "HEADRACE_NAMESPACE"
@@ -55,6 +55,7 @@ class LevelStats:
     lag: int | None
     pending: int
     oldest_waiting_s: float | None
+    grouped: bool = True  # the workers' group exists on it
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class QueueStats:
 
     stream, length, lag, pending, oldest_*: of the default priority level's stream;
     levels: the same for the other levels' streams that exist (consumers count all levels).
+    shards: request-stream shards; with several, the default-level figures are their sums
+        (oldest: the oldest of any shard), and `levels` has each shard's other levels.
     lag: entries not yet delivered to any worker (None before the group exists).
     oldest_waiting_s / oldest_pending_s: age of the oldest undelivered / unacked entry.
     prefix_cache_hit_ratio: prompt tokens served from the live workers' prefix caches / their
@@ -83,6 +86,7 @@ class QueueStats:
     recent_req_s: float
     prefix_cache_hit_ratio: float | None = None
     levels: tuple[LevelStats, ...] = ()
+    shards: int = 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -108,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        keys = Keys(args.namespace)
+        keys = keys_for(args.redis_url, args.namespace)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -124,19 +128,21 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> QueueStats:
-    """Gather the stats of `keys.namespace` (a handful of round trips, whatever the queue size)."""
+def collect(client: Any, keys: Keys, now_ms: float | None = None) -> QueueStats:
+    """Gather the stats of `keys.namespace` (a handful of round trips per shard, whatever the
+    queue size). With several shards the top lines sum the shards' default-level streams."""
     now_ms = time.time() * 1000 if now_ms is None else now_ms
-    length = int(client.xlen(keys.requests))
-    group = _group(client, keys, keys.requests) if length or client.exists(keys.requests) else None
+    defaults = [keys.request_stream(0, shard) for shard in keys.all_shards]
+    tops = [_level(client, keys, stream, now_ms, maybe_missing=True) for stream in defaults]
     levels = tuple(
-        _level(client, keys, stream, now_ms)
+        level
         for stream in keys.request_streams
-        if stream != keys.requests and client.exists(stream)
+        if stream not in defaults and client.exists(stream)
+        for level in [_level(client, keys, stream, now_ms)]
     )
-    rows = client.xinfo_consumers(keys.requests, keys.group) if group else []
-    for level in levels:
-        if _group(client, keys, level.stream) is not None:
+    rows: list[dict[str, Any]] = []
+    for level in (*tops, *levels):
+        if level.grouped:
             rows += client.xinfo_consumers(level.stream, keys.group)
     reports = {_text(k): msgpack.unpackb(v) for k, v in client.hgetall(keys.workers).items()}
     names = sorted({_text(r["name"]) for r in rows} | set(reports))
@@ -162,28 +168,48 @@ def collect(client: redis.Redis, keys: Keys, now_ms: float | None = None) -> Que
         for name in names
     )
     live = [c.worker for c in consumers if c.alive and c.worker is not None]
-    pending = int(group["pending"]) if group else 0
+    pending = sum(top.pending for top in tops)
+    lags = [top.lag for top in tops]
     return QueueStats(
         namespace=keys.namespace,
-        stream=keys.requests,
-        length=length,
-        lag=_lag(group, length, pending),
+        stream=keys.requests if keys.shards == 1 else f"{keys.shards} shards' {defaults[0]}...",
+        length=sum(top.length for top in tops),
+        lag=None if None in lags else sum(lag for lag in lags if lag is not None),
         pending=pending,
-        oldest_waiting_s=_oldest_waiting(client, keys.requests, group, now_ms),
-        oldest_pending_s=_oldest_pending(client, keys, now_ms) if pending else None,
-        dead_letter=int(client.xlen(keys.dead_letter)),
+        oldest_waiting_s=_oldest([top.oldest_waiting_s for top in tops]),
+        oldest_pending_s=_oldest(
+            [
+                _oldest_pending(client, keys, stream, now_ms)
+                for stream, t in zip(defaults, tops, strict=True)
+                if t.pending
+            ]
+        ),
+        dead_letter=sum(int(client.xlen(name)) for name in keys.dead_letters),
         consumers=consumers,
         live_workers=len(live),
         recent_tok_s=round(sum(float(w.get("recent_tok_s", 0)) for w in live), 2),
         recent_req_s=round(sum(float(w.get("recent_req_s", 0)) for w in live), 3),
         prefix_cache_hit_ratio=_hit_ratio(live),
         levels=levels,
+        shards=keys.shards,
     )
 
 
-def _level(client: redis.Redis, keys: Keys, stream: str, now_ms: float) -> LevelStats:
+def _oldest(ages: list[float | None]) -> float | None:
+    known = [age for age in ages if age is not None]
+    return max(known) if known else None
+
+
+def _level(
+    client: Any, keys: Keys, stream: str, now_ms: float, *, maybe_missing: bool = False
+) -> LevelStats:
+    """maybe_missing: the stream may not exist yet (the default levels): no group then."""
     length = int(client.xlen(stream))
-    group = _group(client, keys, stream)
+    group = (
+        _group(client, keys, stream)
+        if not maybe_missing or length or client.exists(stream)
+        else None
+    )
     pending = int(group["pending"]) if group else 0
     return LevelStats(
         stream=stream,
@@ -191,6 +217,7 @@ def _level(client: redis.Redis, keys: Keys, stream: str, now_ms: float) -> Level
         lag=_lag(group, length, pending),
         pending=pending,
         oldest_waiting_s=_oldest_waiting(client, stream, group, now_ms),
+        grouped=group is not None,
     )
 
 
@@ -231,8 +258,8 @@ def _oldest_waiting(
     return _age_s(first[0][0], now_ms) if first else None
 
 
-def _oldest_pending(client: redis.Redis, keys: Keys, now_ms: float) -> float | None:
-    summary = client.xpending(keys.requests, keys.group)
+def _oldest_pending(client: Any, keys: Keys, stream: str, now_ms: float) -> float | None:
+    summary = client.xpending(stream, keys.group)
     return _age_s(summary["min"], now_ms) if summary.get("min") else None
 
 
@@ -258,7 +285,7 @@ def render(stats: QueueStats, redis_url: str) -> str:
             for level in stats.levels
         ),
         f"  oldest      waiting {_age(stats.oldest_waiting_s)}, pending {_age(stats.oldest_pending_s)}",
-        f"  dead-letter {Keys(stats.namespace).dead_letter}: {stats.dead_letter} entries",
+        f"  dead-letter {_dead_letter_name(stats)}: {stats.dead_letter} entries",
         f"  throughput  {stats.recent_tok_s:.1f} tok/s, {stats.recent_req_s:.2f} req/s "
         f"(last minute, live workers: {stats.live_workers})",
         f"  prefix cache {_percent(stats.prefix_cache_hit_ratio)} of prompt tokens served from "
@@ -297,6 +324,13 @@ def _row(c: ConsumerStats) -> tuple[str, ...]:
         _percent(w.get("prefix_cache_hit_ratio")),
         f"{w['recent_tok_s']:.1f}" if "recent_tok_s" in w else "-",
         f"{w['recent_req_s']:.2f}" if "recent_req_s" in w else "-",
+    )
+
+
+def _dead_letter_name(stats: QueueStats) -> str:
+    keys = Keys(stats.namespace, shards=stats.shards)
+    return (
+        keys.dead_letter if stats.shards == 1 else f"{stats.shards} shards' {keys.dead_letter}..."
     )
 
 

@@ -44,10 +44,19 @@ def decode_entry(entry: Entry, keys: Keys, max_payload_bytes: int) -> Job:
         job = decode_job(entry.payload, max_bytes=max_payload_bytes, default_id=entry.entry_id)
     except JobDecodeError as err:
         # The error path too: an invalid job's answer must not land in our own keys.
-        if err.reply_to is not None and not keys.may_reply_to(err.reply_to):
+        if err.reply_to is not None and not _may_answer(keys, entry, err.reply_to):
             raise JobDecodeError(err.error, err.job_id, None) from None
         raise
-    if not keys.may_reply_to(job.reply_to):
+    if keys.shard_of(job.id) != keys.shard_of_key(entry.stream):
+        # Its result key and a resubmission's claim live in another shard (another slot):
+        # running it here could yield two final results. Refused, dead-lettered here.
+        misrouted = RequestError(
+            "invalid_request",
+            f"job id {job.id!r} belongs to shard {keys.shard_of(job.id)} of {keys.shards}, "
+            f"not to {entry.stream!r} (docs/protocol.md, Shards)",
+        )
+        raise JobDecodeError(misrouted, job.id, None)
+    if not keys.may_reply_to(job.reply_to, job.id):
         # Answering there would feed results into the worker's own queues or markers
         # (a reply_to of `{ns}:cancelled:X` would cancel someone else's job).
         bad = RequestError(
@@ -57,6 +66,15 @@ def decode_entry(entry: Entry, keys: Keys, max_payload_bytes: int) -> Job:
         )
         raise JobDecodeError(bad, job.id, None)
     return job
+
+
+def _may_answer(keys: Keys, entry: Entry, reply_to: str) -> bool:
+    """An undecodable job's reply_to is answered only inside the entry's shard."""
+    if not keys.tagged:
+        return keys.may_reply_to(reply_to)
+    return keys.may_reply_to(reply_to) and keys.shard_of_key(reply_to) == keys.shard_of_key(
+        entry.stream
+    )
 
 
 def expired(job: Job) -> RequestError | None:

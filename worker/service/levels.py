@@ -1,5 +1,8 @@
 """Priority levels (ingest stage): the order in which a worker reads the request streams.
 
+With several shards (worker/keys.py), each has one stream per level; ties between
+shards' streams of the same level go to each shard in turn.
+
 Each priority level has its own stream (`Keys.request_streams`). A worker reads the
 highest level first and takes from a lower one only what the higher ones did not fill,
 so a backlog of low-priority jobs never delays a high-priority one by more than a read.
@@ -16,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.keys import PRIORITY_LEVELS, Keys
+from worker.keys import Keys
 
 # How often the oldest undelivered entry of each stream is looked up (two round trips):
 # aging works in tens of seconds, so a second-old view is fresh enough.
@@ -24,21 +27,29 @@ AGE_SAMPLE_S = 1.0
 
 
 def read_order(
-    streams: Sequence[tuple[str, int]], ages_s: Mapping[str, float], aging_s: float
+    streams: Sequence[tuple[str, int]] | Sequence[tuple[str, int, int]],
+    ages_s: Mapping[str, float],
+    aging_s: float,
+    first_shard: int = 0,
+    shards: int = 1,
 ) -> list[str]:
     """Stream names by effective level, highest first.
 
     Args:
-        streams: (stream, level) pairs.
+        streams: (stream, level) or (stream, level, shard) triples.
         ages_s: age in seconds of each stream's oldest undelivered entry (missing: empty).
         aging_s: seconds of waiting that raise a level by one.
+        first_shard: among streams of equal levels, this shard's comes first, then the
+            next ones in turn (callers rotate it, so that every shard is read first as often).
     """
 
-    def rank(item: tuple[str, int]) -> tuple[int, int]:
-        stream, level = item
-        return (-(level + int(ages_s.get(stream, 0.0) // aging_s)), -level)
+    def rank(item: tuple[Any, ...]) -> tuple[int, int, int]:
+        stream, level = item[0], item[1]
+        shard = item[2] if len(item) > 2 else 0
+        turn = (shard - first_shard) % shards
+        return (-(level + int(ages_s.get(stream, 0.0) // aging_s)), -level, turn)
 
-    return [stream for stream, _ in sorted(streams, key=rank)]
+    return [item[0] for item in sorted(streams, key=rank)]
 
 
 class LevelReader:
@@ -48,18 +59,20 @@ class LevelReader:
         self._redis = client
         self._keys = keys
         self._aging_s = aging_s
-        self._levels = list(zip(keys.request_streams, PRIORITY_LEVELS, strict=True))
-        self._order = [stream for stream, _ in self._levels]
+        self._levels = keys.stream_levels
+        self._ages: dict[str, float] = {}
         self._sampled = -AGE_SAMPLE_S
+        self._turn = 0
 
     async def order(self) -> list[str]:
-        """The streams in the order to read them now."""
+        """The streams in the order to read them now; each call starts ties at the next shard."""
         now = time.monotonic()
         if now - self._sampled >= AGE_SAMPLE_S:
-            ages = await oldest_waiting_ages(self._redis, self._keys, time.time() * 1000)
-            self._order = read_order(self._levels, ages, self._aging_s)
+            self._ages = await oldest_waiting_ages(self._redis, self._keys, time.time() * 1000)
             self._sampled = now
-        return self._order
+        shards = self._keys.shards
+        self._turn = (self._turn + 1) % shards
+        return read_order(self._levels, self._ages, self._aging_s, self._turn, shards)
 
 
 async def oldest_waiting_ages(

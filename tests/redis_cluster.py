@@ -154,7 +154,9 @@ def start_cluster(binary: Path, dir: Path, primaries: int = 3, replicas: int = 0
     """Start the nodes and assemble the cluster; returns once every node says cluster_state:ok."""
     flags = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", "2000")  # fmt: skip
-    nodes = [start_node(binary, dir / f"node-{i}", *flags) for i in range(primaries * (1 + replicas))]
+    nodes = [
+        start_node(binary, dir / f"node-{i}", *flags) for i in range(primaries * (1 + replicas))
+    ]
     cluster = LocalCluster(nodes[:primaries], nodes[primaries:])
     try:
         per = SLOTS // primaries
@@ -198,7 +200,11 @@ def _wait_ok(nodes: list[Node]) -> None:
 
 def _cluster_nodes(node: Node) -> list[str]:
     with node.client() as client:
-        return [line for line in client.execute_command("CLUSTER", "NODES").decode().splitlines() if line]
+        return [
+            line
+            for line in client.execute_command("CLUSTER", "NODES").decode().splitlines()
+            if line
+        ]
 
 
 def _info(node: Node) -> dict[str, str]:
@@ -267,7 +273,9 @@ def _wait_replicated(deployment: LocalSentinels) -> None:
             with sentinel.client() as client:
                 row = client.execute_command("SENTINEL", "MASTER", deployment.service)
                 fields = dict(zip(row[::2], row[1::2], strict=True))
-                known &= int(fields[b"num-slaves"]) >= 1 and int(fields[b"num-other-sentinels"]) >= 2
+                known &= (
+                    int(fields[b"num-slaves"]) >= 1 and int(fields[b"num-other-sentinels"]) >= 2
+                )
         if synced and known:
             return
         time.sleep(0.2)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.redis_cluster import LocalCluster, cluster_capable_server, start_cluster
 from worker.embedded import EmbeddedRedis, bundled_redis_server, start_embedded_redis
 
 
@@ -84,3 +85,29 @@ def redis62_server() -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A 3-primary Redis Cluster on 127.0.0.1 for the session (tests/redis_cluster.py).
+
+    Fails (never skips) when this machine's redis-server cannot run one, unless there is no
+    redis-server binary at all: the cluster tests must not pass by not running.
+    """
+    binary, why = cluster_capable_server()
+    if binary is None:
+        if "no redis-server binary" in why:
+            pytest.skip(why)
+        pytest.fail(why)
+    cluster = start_cluster(binary, tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalCluster) -> str:
+    """The session cluster's URL (4 shards over 3 primaries), every primary flushed first."""
+    redis_cluster.flush()
+    return redis_cluster.url(shards=4)

@@ -88,6 +88,11 @@ class Keys:
             return None
         return int(digits)
 
+    def no_key(self, shard: int = 0) -> str:
+        """A script's "no such key" in `shard`: '' untagged, `{ns:i}:-` tagged (a cluster
+        routes a script by its keys, so even a placeholder must hash to the shard's slot)."""
+        return f"{self.prefix(shard)}:-" if self.tagged else ""
+
     @property
     def all_shards(self) -> range:
         return range(self.shards)
@@ -200,7 +205,9 @@ class Keys:
         if self.tagged:
             shard = self.shard_of_key(name)
             own = job_id is None or shard == self.shard_of(job_id)
-            return own and shard is not None and name.startswith(f"{self.prefix(shard)}:reply:")
+            if shard is None or not own or name.endswith("}:-"):  # that is `no_key`'s form
+                return False
+            return name.startswith(f"{self.prefix(shard)}:reply:")
         own = name == self.namespace or name.startswith(f"{self.namespace}:")
         return not own or name.startswith(f"{self.namespace}:reply:")
 

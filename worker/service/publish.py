@@ -67,7 +67,8 @@ return redis.call('XDEL', KEYS[1], ARGV[2])
 """
 
 # KEYS: result key, reply stream ('' = nobody to answer), the entry's request stream,
-# dead-letter stream ('' = none).
+# dead-letter stream ('' = none). On a cluster every key must hash to the entry's slot, so
+# "none" is written `{ns:i}:-` there (`Keys.no_key`: a name no stream of ours ends like).
 # ARGV: payload, ttl s (result key and reply stream), reply maxlen, group, entry id,
 # dead-letter maxlen, n, then n (request stream, entry id) pairs: other entries of this job
 # to delete (duplicates acked earlier, possibly in another priority level's stream), then
@@ -81,13 +82,14 @@ return redis.call('XDEL', KEYS[1], ARGV[2])
 _PUBLISH_FINAL_LUA = (
     _XADD_REPLY_LUA
     + """
+local function given(key) return key ~= '' and string.sub(key, -3) ~= '}:-' end
 local first = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
-if first and KEYS[2] ~= '' then
+if first and given(KEYS[2]) then
   -- an error (reply_to is not a stream) must not keep the entry pending forever
   xadd_reply(KEYS[2], tonumber(ARGV[2]), ARGV[3], ARGV[1])
 end
 local extra = tonumber(ARGV[7])
-if first and KEYS[4] ~= '' then
+if first and given(KEYS[4]) then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', unpack(ARGV, 8 + 2 * extra))
 end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
@@ -259,8 +261,9 @@ class Publisher:
         # NOTE: every key in the entry's shard (one cluster slot): a job is answered and
         # dead-lettered where it was queued (intake refuses misrouted jobs unanswered).
         shard = self._keys.shard_of_key(stream) or 0
-        dead_stream = self._keys.dead_letter_of(shard) if dead_letter else ""
-        keys = [self._keys.result(job_id, shard), reply_to or "", stream, dead_stream]
+        none = self._keys.no_key(shard)
+        dead_stream = self._keys.dead_letter_of(shard) if dead_letter else none
+        keys = [self._keys.result(job_id, shard), reply_to or none, stream, dead_stream]
         args = [payload, self._ttl, self._maxlen, self._keys.group, entry_id, DEAD_LETTER_MAXLEN]
         args += [len(duplicates), *(part for ref in duplicates for part in ref)]
         for name, value in (dead_letter or {}).items():

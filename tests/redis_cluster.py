@@ -229,7 +229,7 @@ class LocalSentinels:
 
     def current_primary_port(self) -> int:
         with self.sentinels[0].client() as client:
-            host, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+            _host, port = client.sentinel_get_master_addr_by_name(self.service)
         return int(port)
 
     def stop(self) -> None:
@@ -271,11 +271,8 @@ def _wait_replicated(deployment: LocalSentinels) -> None:
         known = True
         for sentinel in deployment.sentinels:
             with sentinel.client() as client:
-                row = client.execute_command("SENTINEL", "MASTER", deployment.service)
-                fields = dict(zip(row[::2], row[1::2], strict=True))
-                known &= (
-                    int(fields[b"num-slaves"]) >= 1 and int(fields[b"num-other-sentinels"]) >= 2
-                )
+                state = client.sentinel_master(deployment.service)
+                known &= int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= 2
         if synced and known:
             return
         time.sleep(0.2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.redis_cluster import LocalCluster, cluster_capable_server, start_cluster
+from bench.local_redis import LocalCluster, cluster_capable_server, start_cluster
 from worker.embedded import EmbeddedRedis, bundled_redis_server, start_embedded_redis
 
 
@@ -89,7 +89,7 @@ def redis62_server() -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """A 3-primary Redis Cluster on 127.0.0.1 for the session (tests/redis_cluster.py).
+    """A 3-primary Redis Cluster on 127.0.0.1 for the session (bench/local_redis.py).
 
     Fails (never skips) when this machine's redis-server cannot run one, unless there is no
     redis-server binary at all: the cluster tests must not pass by not running.

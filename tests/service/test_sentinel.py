@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.local_redis import LocalSentinels, cluster_capable_server, start_sentinels
 from producer.bulk import BulkConfig, run_bulk
 from producer.bulk_watch import WatchConfig
-from tests.redis_cluster import LocalSentinels, cluster_capable_server, start_sentinels
 from tests.worker_harness import InProcessWorker, wait_for, worker_config
 
 pytestmark = pytest.mark.slow

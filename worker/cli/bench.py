@@ -1,7 +1,7 @@
-"""The `headrace bench` verb: the throughput, e2e and linear benchmarks.
+"""The `headrace bench` verb: the throughput, e2e, linear and queue benchmarks.
 
 `throughput`: our engine vs transformers; `e2e`: through Redis vs the engine alone;
-`linear`: the projections' GEMMs.
+`linear`: the projections' GEMMs; `queue`: the queue layer alone (a test engine, no model).
 
 NOTE: ~350 lines: each sub-benchmark's flags and its few lines of glue, side by side.
 """
@@ -135,6 +135,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lin.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     lin.add_argument("--json", action="store_true", help="one JSON object per line")
     lin.set_defaults(func=run_linear)
+    queue = benches.add_parser(
+        "queue",
+        help="the queue layer's own cost: Redis commands/job, jobs/s, p99 latency, no model",
+        description="producer → Redis → worker → result with a test engine that returns "
+        "--tokens tokens at once (no model): Redis commands per job, jobs/s and the latency "
+        "the queue adds, on one node and on a local 3-primary cluster, per worker count.",
+    )
+    queue.add_argument("--jobs", type=int, default=2000, help="jobs per measured run")
+    queue.add_argument("--tokens", type=int, default=16, help="output tokens per job")
+    queue.add_argument("--concurrency", type=int, default=64, help="jobs in flight")
+    queue.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
+    queue.add_argument("--deployments", default="single,cluster", help="single and/or cluster")
+    queue.add_argument("--shards", type=int, default=3, help="request-stream shards (cluster)")
+    queue.add_argument("--json", action="store_true", help="print one JSON object")
+    queue.set_defaults(func=run_queue)
+
+
+def run_queue(args: argparse.Namespace) -> int:
+    from bench.queue import QueueBenchConfig, as_dicts, render, run_queue_bench
+
+    config = QueueBenchConfig(
+        jobs=args.jobs,
+        tokens=args.tokens,
+        concurrency=args.concurrency,
+        workers=tuple(int(n) for n in args.workers.split(",")),
+        deployments=tuple(args.deployments.split(",")),
+        shards=args.shards,
+    )
+    runs = run_queue_bench(config)
+    print(json.dumps(as_dicts(runs)) if args.json else render(runs, config), flush=True)
+    return 0
 
 
 def run_linear(args: argparse.Namespace) -> int:

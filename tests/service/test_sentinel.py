@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.local_redis import LocalSentinels, cluster_capable_server, start_sentinels
+from bench.local_redis import LocalSentinels, start_sentinels
 from producer.bulk import BulkConfig, run_bulk
 from producer.bulk_watch import WatchConfig
+from tests.redis_fixtures import deployment_server
 from tests.worker_harness import InProcessWorker, wait_for, worker_config
+from worker.cli.stats import collect
+from worker.keys import Keys
+from worker.redis_url import connect
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +30,7 @@ QUICK_WATCH = WatchConfig(check_s=0.2, lost_after_s=2.0, redis_down_s=60.0)
 
 @pytest.fixture
 def sentinels(tmp_path: Path):
-    binary, why = cluster_capable_server()
-    if binary is None:
-        pytest.skip(why) if "no redis-server binary" in why else pytest.fail(why)
-    deployment = start_sentinels(binary, tmp_path / "sentinel")
+    deployment = start_sentinels(deployment_server(), tmp_path / "sentinel")
     try:
         yield deployment
     finally:
@@ -69,6 +70,12 @@ def test_primary_killed_mid_run_every_job_answered_once(
     assert sorted(counts) == ids and set(counts.values()) == {1}, counts
     assert all(line["usage"]["completion_tokens"] == 16 for line in lines), lines
     assert summary.requests == len(ids) and summary.errors == 0
+    client = connect(sentinels.url)  # `headrace stats` and the sync clients find it too
+    try:
+        stats = collect(client, Keys())
+    finally:
+        client.close()
+    assert stats.length == stats.pending == 0 and stats.dead_letter == 0
 
 
 def _lines(path: Path) -> int:

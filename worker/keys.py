@@ -44,11 +44,14 @@ class Keys:
     shards: request-stream shards (1: one, under the original names unless `tagged`).
     tagged: shard keys carry the hash tag `{ns:i}` (forced on by shards > 1; a Redis Cluster
         needs it even with one shard, so that a job's keys share a slot).
+    reading: the shards whose request streams this process reads (a worker given a subset);
+        empty: all of them.
     """
 
     namespace: str = "headrace"
     shards: int = 1
     tagged: bool = False
+    reading: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # A ':' or space would make names ambiguous or break `{ns}:*` scans; braces would
@@ -61,6 +64,8 @@ class Keys:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
         if self.shards > 1 and not self.tagged:
             object.__setattr__(self, "tagged", True)
+        if any(not 0 <= shard < self.shards for shard in self.reading):
+            raise ValueError(f"shards to read must be in [0, {self.shards}): {self.reading}")
 
     # -- shards -----------------------------------------------------------------------
 
@@ -96,6 +101,11 @@ class Keys:
     @property
     def all_shards(self) -> range:
         return range(self.shards)
+
+    @property
+    def read_shards(self) -> tuple[int, ...]:
+        """The shards whose request streams are read here (`reading`, else all)."""
+        return tuple(sorted(set(self.reading))) or tuple(self.all_shards)
 
     @property
     def layout(self) -> str:
@@ -135,15 +145,15 @@ class Keys:
 
     @property
     def request_streams(self) -> tuple[str, ...]:
-        """Every request stream: shard by shard, highest level first within each."""
-        return tuple(name for shard in self.all_shards for name in self.shard_streams(shard))
+        """The request streams read here (`read_shards`): shard by shard, highest level first."""
+        return tuple(name for shard in self.read_shards for name in self.shard_streams(shard))
 
     @property
     def stream_levels(self) -> tuple[tuple[str, int, int], ...]:
-        """(stream, level, shard) of every request stream, in `request_streams` order."""
+        """(stream, level, shard) of each of `request_streams`, in its order."""
         return tuple(
             (self.request_stream(level, shard), level, shard)
-            for shard in self.all_shards
+            for shard in self.read_shards
             for level in PRIORITY_LEVELS
         )
 

@@ -86,3 +86,13 @@ def test_bad_namespaces_and_shard_counts_are_refused() -> None:
             Keys(namespace)
     with pytest.raises(ValueError):
         Keys("ns", shards=0)
+
+
+def test_a_worker_may_read_a_subset_of_the_shards() -> None:
+    keys = Keys("ns", shards=4, reading=(2, 0))
+    assert keys.read_shards == (0, 2)
+    assert keys.request_streams == (*keys.shard_streams(0), *keys.shard_streams(2))
+    assert {shard for _, _, shard in keys.stream_levels} == {0, 2}
+    assert len(keys.dead_letters) == 4 and keys.shard_of("job-1") == 3  # routing unchanged
+    with pytest.raises(ValueError):
+        Keys("ns", shards=4, reading=(4,))

@@ -245,3 +245,14 @@ def test_bulk_resumes_after_a_kill_on_the_cluster(engine, cluster_url, client, k
 
 def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_workers_given_a_subset_read_only_their_shards(engine, cluster_url, client, keys):
+    ids = spread(keys, "r", 12)
+    push(client, keys, [job(keys, i, "Hi", max_tokens=2) for i in ids])
+    mine = (0, 1)
+    config = worker_config(cluster_url, engine.config, burst=True, read_shards=mine)
+    with InProcessWorker(config, engine) as worker:
+        assert worker.join() == 0
+    done = set(finals(client, keys))
+    assert done == {i for i in ids if keys.shard_of(i) in mine} and done != set(ids)

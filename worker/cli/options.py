@@ -34,6 +34,11 @@ from worker.service.settings import WorkerConfig
 ENV_PREFIX = "HEADRACE_"
 
 
+def parse_shard_list(text: str) -> tuple[int, ...]:
+    """`0,2,5` → (0, 2, 5); empty → () (all shards)."""
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -156,6 +161,12 @@ OPTIONS: tuple[Option, ...] = (
         "address the metrics server binds (default 127.0.0.1; 0.0.0.0 to be scraped from elsewhere)",
     ),
     Option("log_format", str, "text, or json for one JSON object a line", LOG_FORMATS),
+    Option(
+        "read_shards",
+        parse_shard_list,
+        "comma-separated request-stream shards this worker reads (default: all; see the "
+        "URL's ?shards=N)",
+    ),
 )  # fmt: skip
 
 # Option dest → EngineConfig place, for the engine's knobs (what `generate` and `bench` take).
@@ -198,6 +209,7 @@ _WORKER_FIELDS = {
     "metrics_port": "metrics_port",
     "metrics_host": "metrics_host",
     "log_format": "log_format",
+    "read_shards": "read_shards",
 }
 
 # Defaults of `headrace worker` (and so of bulk's local worker, a `headrace worker`) that
@@ -323,6 +335,8 @@ def as_flags(values: Mapping[str, Any], options: Iterable[Option]) -> tuple[str,
             continue
         if opt.is_switch:
             flags.append(opt.flag if value else opt.no_flag)
+        elif isinstance(value, tuple):  # a list option (`--read-shards 0,2`)
+            flags += [opt.flag, ",".join(str(v) for v in value)]
         else:
             flags += [opt.flag, str(value)]
     return tuple(flags)

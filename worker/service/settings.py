@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from worker.config import EngineConfig
 from worker.keys import Keys
@@ -38,6 +38,7 @@ class WorkerConfig:
     burst: process what is queued (and reclaimable), then exit.
     metrics_port: serve /metrics, /healthz and /readyz on this port; 0 → no HTTP server.
     log_format: "text" or "json" (one object a line, for log collectors).
+    read_shards: the request-stream shards this worker reads (empty: all; worker/keys.py).
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -60,6 +61,7 @@ class WorkerConfig:
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"
     throughput_log_s: float = 10.0
+    read_shards: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _ = self.keys  # validates the namespace and the URL's shards
@@ -98,4 +100,4 @@ class WorkerConfig:
     @property
     def keys(self) -> Keys:
         """The namespace's key layout on `redis_url`'s deployment (its `shards`)."""
-        return keys_for(self.redis_url, self.namespace)
+        return replace(keys_for(self.redis_url, self.namespace), reading=self.read_shards)

@@ -152,8 +152,9 @@ class LocalCluster:
 
 def start_cluster(binary: Path, dir: Path, primaries: int = 3, replicas: int = 0) -> LocalCluster:
     """Start the nodes and assemble the cluster; returns once every node says cluster_state:ok."""
+    # validity factor 0: a replica always takes over (however long since its last sync).
     flags = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", "2000")  # fmt: skip
+             "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0")  # fmt: skip
     nodes = [
         start_node(binary, dir / f"node-{i}", *flags) for i in range(primaries * (1 + replicas))
     ]
@@ -174,6 +175,7 @@ def start_cluster(binary: Path, dir: Path, primaries: int = 3, replicas: int = 0
             with replica.client() as client:
                 client.execute_command("CLUSTER", "REPLICATE", primary_id)
         _wait_ok(nodes)
+        _wait_synced(cluster.replicas)
     except BaseException:
         cluster.stop()
         raise
@@ -196,6 +198,19 @@ def _wait_ok(nodes: list[Node]) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError("cluster did not reach cluster_state:ok")
+
+
+def _wait_synced(replicas: list[Node]) -> None:
+    deadline = time.monotonic() + _READY_S
+    while time.monotonic() < deadline:
+        links = []
+        for node in replicas:
+            with node.client() as client:
+                links.append(client.info("replication").get("master_link_status"))
+        if all(link == "up" for link in links):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("cluster replicas did not sync")
 
 
 def _cluster_nodes(node: Node) -> list[str]:

@@ -22,8 +22,14 @@ from typing import Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.client import AsyncClient
@@ -33,7 +39,16 @@ log = logging.getLogger(__name__)
 
 # NoScriptError: Redis restarted empty between the pipeline's script load and its EVALSHA;
 # the retry loads the script again.
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, NoScriptError, OSError)
+# ClusterDownError, TryAgainError, ReadOnlyError: a failover under way (cluster or Sentinel).
+REDIS_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    NoScriptError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+    OSError,
+)
 
 
 class RedisGoneError(RedisConnectionError):

@@ -146,10 +146,19 @@ class Submitter:
         return places
 
     async def server_run_id(self) -> str:
-        """The Redis server's run_id: it changes when the server restarts or fails over."""
-        if is_cluster(self._redis):  # every primary's: any of them restarting counts
-            infos = await self._redis.info("server", target_nodes=self._redis.PRIMARIES)
-            return ",".join(sorted(str(info["run_id"]) for info in infos.values()))
+        """The Redis server's run_id: it changes when the server restarts or fails over (on a
+        cluster: the primaries' node ids, which change on a failover)."""
+        if is_cluster(self._redis):
+            # The live primaries' node ids (any node answers): a failover changes them. A
+            # primary restarted empty keeps its id; `locate` finds what it lost.
+            nodes = await self._redis.execute_command("CLUSTER NODES")
+            return ",".join(
+                sorted(
+                    str(node["node_id"])
+                    for node in nodes.values()
+                    if "master" in node["flags"] and "fail" not in node["flags"]
+                )
+            )
         info = await self._redis.info("server")
         return str(info["run_id"])
 

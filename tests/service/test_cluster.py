@@ -7,18 +7,24 @@ shard's reply stream, so every check also proves that no script crossed a slot.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.local_redis import start_cluster
+from producer.bulk import BulkConfig, run_bulk
+from producer.bulk_watch import WatchConfig
 from producer.sync import Client
+from tests.redis_fixtures import deployment_server
 from tests.worker_harness import (
     REPO_ROOT,
     InProcessWorker,
@@ -256,3 +262,43 @@ def test_workers_given_a_subset_read_only_their_shards(engine, cluster_url, clie
         assert worker.join() == 0
     done = set(finals(client, keys))
     assert done == {i for i in ids if keys.shard_of(i) in mine} and done != set(ids)
+
+
+@pytest.mark.slow
+def test_a_primary_killed_mid_run_fails_over_to_its_replica(engine, tmp_path):
+    """3 primaries with a replica each: one primary is killed under load, its replica takes
+    its slots, the worker and the bulk follow the new topology; every line answered once."""
+    cluster = start_cluster(deployment_server(), tmp_path / "cluster", primaries=3, replicas=1)
+    try:
+        url = cluster.url(shards=4)
+        ids = [f"f{i:02d}" for i in range(40)]
+        inp = tmp_path / "in.jsonl"
+        params = {"max_tokens": 16, "ignore_eos": True, "temperature": 0.0}
+        inp.write_text(
+            "".join(json.dumps({"id": i, "prompt": i, "params": params}) + "\n" for i in ids)
+        )
+        out = tmp_path / "out.jsonl"
+        watch = WatchConfig(check_s=0.2, lost_after_s=2.0, redis_down_s=60.0)
+        config = BulkConfig(inp, out, redis_url=url, window=8, progress=False, watch=watch)
+        victim = cluster.primaries[0]
+        cfg = worker_config(url, engine.config, max_inflight=2, redis_timeout_s=2.0)
+        with InProcessWorker(cfg, engine) as worker:
+
+            def kill_midway() -> None:
+                wait_for(lambda: _lines(out) >= 6, 120, "6 lines")
+                victim.kill()
+
+            killer = threading.Thread(target=kill_midway, daemon=True)
+            killer.start()
+            summary = asyncio.run(run_bulk(config))
+            killer.join(5)
+            assert worker.stop() == 0
+        assert victim.process.poll() is not None
+        with cluster.replicas[0].client() as promoted:
+            assert promoted.info("replication")["role"] == "master"
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(line["id"] for line in lines) == ids  # each once
+        assert all(line["usage"]["completion_tokens"] == 16 for line in lines)
+        assert summary.requests == len(ids) and summary.errors == 0
+    finally:
+        cluster.stop()

@@ -36,7 +36,7 @@ from worker.protocol import (
 )
 from worker.service.jobs import JobState, entry_time_ms, now_ms
 from worker.service.metrics import Metrics
-from worker.service.resilience import Retrier
+from worker.service.resilience import TRANSIENT, Retrier
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ return 0
 )
 
 DEAD_LETTER_MAXLEN = 100_000
+_REFUSED_RETRY_S = 0.2
 
 
 class Publisher:
@@ -339,7 +340,19 @@ class Publisher:
     async def _write(self, batch: list[_Op]) -> None:
         # Retried until Redis is back: the results and acks of finished jobs must not be lost.
         replies = await self._retry.call("writing results", lambda: self._execute(batch))
+        again = [
+            op for op, reply in zip(batch, replies, strict=True) if isinstance(reply, TRANSIENT)
+        ]
+        if again:
+            # A cluster failover under way: those commands did not run; written with the next batch.
+            first = next(r for r in replies if isinstance(r, TRANSIENT))
+            log.warning("%d redis commands refused for now (%r); retrying", len(again), first)
+            self._ops[:0] = again
+            self._wake.set()
+            await asyncio.sleep(_REFUSED_RETRY_S)
         for op, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, TRANSIENT):
+                continue
             failed = isinstance(reply, Exception)
             if failed:
                 # Not acked: once released it goes idle, is reclaimed and retried (or dead-lettered).

@@ -26,10 +26,16 @@ T = TypeVar("T")
 # Errors after which the same call may succeed once Redis is reachable again.
 # NoScriptError: a Redis that restarted empty between a pipeline's script load and its
 # EVALSHA answers NOSCRIPT; the retry's pipeline loads the script again.
+# ClusterDownError / TryAgainError: a cluster whose failed primary's slots are not served
+# again yet (a failover under way), or a slot migrating; ReadOnlyError: a primary that was
+# demoted to a replica (Sentinel failover) until the client finds the new one.
 TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.NoScriptError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
     OSError,
 )
 _BASE_S = 0.05

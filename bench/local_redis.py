@@ -9,10 +9,12 @@ binary cannot run these (absent, or older than the Redis 6.2 that headrace suppo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import redis
 from worker.embedded import bundled_redis_server
 
 SLOTS = 16384
+_PR_SET_PDEATHSIG = 1
 _START_S = 10.0
 _READY_S = 30.0
 
@@ -101,6 +104,11 @@ class Node:
                 self.kill()
 
 
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def start_node(binary: Path, dir: Path, *args: str, port: int | None = None) -> Node:
     """A redis-server on `port` (None: a free one) with `args`, once it answers PING."""
     dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +120,12 @@ def start_node(binary: Path, dir: Path, *args: str, port: int | None = None) -> 
     ]  # fmt: skip
     if "--sentinel" not in args:
         argv += ["--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # SIGKILL when the starting thread exits (Linux): a killed bench or test run leaves no
+    # servers behind. Start nodes from a long-lived thread.
+    die = _die_with_parent if sys.platform == "linux" else None
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die
+    )
     node = Node(port, proc, dir)
     deadline = time.monotonic() + _START_S
     while time.monotonic() < deadline:

@@ -3,7 +3,7 @@
 Workers are real `WorkerService` processes whose engine is the test engine of
 `bench/queue_engine.py` (a fixed number of tokens at once), so what is measured is the
 queue layer itself: Redis commands per job (INFO commandstats before and after, summed
-over every node), jobs/s, and the latency the queue adds (submit → final result, p50 and
+over every node), Redis's own CPU time per job (INFO cpu), jobs/s, and the latency the queue adds (submit → final result, p50 and
 p99; the engine adds nothing). One producer (`AsyncClient`) keeps `concurrency` jobs in
 flight. Deployments: one node (embedded redis-server) and a local 3-primary cluster
 (`bench/local_redis.py`, `shards` shards); 1, 2, 4 worker processes each.
@@ -45,6 +45,7 @@ class QueueRun:
     p50_ms: float
     p99_ms: float
     commands_per_job: float
+    redis_cpu_us_per_job: float  # Redis's own CPU time (user + sys, every node) per job
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,11 @@ def _run_cell(
     try:
         _wait_workers(nodes, url, n, procs)
         asyncio.run(_produce(url, min(100, cfg.jobs), cfg))  # warm-up: connections, scripts
-        before = _command_calls(nodes)
+        before, cpu_before = _command_calls(nodes), _redis_cpu_s(nodes)
         start = time.perf_counter()
         latencies = asyncio.run(_produce(url, cfg.jobs, cfg))
         wall = time.perf_counter() - start
-        after = _command_calls(nodes)
+        after, cpu_after = _command_calls(nodes), _redis_cpu_s(nodes)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -114,6 +115,7 @@ def _run_cell(
         p50_ms=round(float(np.percentile(ms, 50)), 2),
         p99_ms=round(float(np.percentile(ms, 99)), 2),
         commands_per_job=round((after - before) / cfg.jobs, 2),
+        redis_cpu_us_per_job=round((cpu_after - cpu_before) / cfg.jobs * 1e6, 1),
     )
 
 
@@ -179,18 +181,29 @@ def _command_calls(nodes: list[int]) -> int:
     return total
 
 
+def _redis_cpu_s(nodes: list[int]) -> float:
+    """CPU seconds (user + sys) every node's server process has used so far."""
+    total = 0.0
+    for port in nodes:
+        with redis.Redis(port=port) as node:
+            cpu = node.info("cpu")
+        total += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return total
+
+
 def render(runs: list[QueueRun], cfg: QueueBenchConfig) -> str:
     lines = [
         f"headrace bench queue: {cfg.jobs} jobs, {cfg.tokens} tokens each, {cfg.concurrency} in "
         f"flight; engine: {TEST_ENGINE_NAME}",
-        "| deployment | workers | jobs/s | p50 ms | p99 ms | Redis commands / job |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| deployment | workers | jobs/s | p50 ms | p99 ms | Redis commands / job "
+        "| Redis CPU µs / job |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         where = "1 node" if r.deployment == "single" else f"3-primary cluster, {cfg.shards} shards"
         lines.append(
             f"| {where} | {r.workers} | {r.jobs_per_s:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
-            f"| {r.commands_per_job:.1f} |"
+            f"| {r.commands_per_job:.1f} | {r.redis_cpu_us_per_job:.0f} |"
         )
     return "\n".join(lines)
 

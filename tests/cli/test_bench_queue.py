@@ -35,4 +35,4 @@ def test_bench_queue_measures_one_node_and_the_cluster(capsys: pytest.CaptureFix
     for run in runs:
         assert run["jobs"] == 40 and run["jobs_per_s"] > 0 and run["p99_ms"] >= run["p50_ms"] > 0
         # At least the submit script, the read and the final-result script per job.
-        assert 3 <= run["commands_per_job"] < 100
+        assert 3 <= run["commands_per_job"] < 100 and run["redis_cpu_us_per_job"] > 0

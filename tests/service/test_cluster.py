@@ -1,5 +1,5 @@
-"""The service on a 3-primary Redis Cluster, 4 shards: submit/result, cancel, reclaim after kill -9,
-dead letter, bulk resume, and a layout mismatch refused (the same guarantees as on one node).
+"""The service sharded (4 shards) on a 3-primary Redis Cluster and on one node: submit/result, cancel,
+reclaim after kill -9, dead letter, bulk resume, a layout mismatch refused, a primary failover.
 
 Entries are routed as producers route them (`Keys.job_stream`), results read from each
 shard's reply stream, so every check also proves that no script crossed a slot.
@@ -46,14 +46,22 @@ CLIENT = "test"
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
 
 
-@pytest.fixture
-def keys(cluster_url: str) -> Keys:
-    return parse_url(cluster_url).keys("headrace")
+@pytest.fixture(params=["cluster", "one node"])
+def url(request: pytest.FixtureRequest) -> str:
+    """The 3-primary cluster, or one node sharded the same way (`?shards=4`): both flushed."""
+    if request.param == "cluster":
+        return request.getfixturevalue("cluster_url")
+    return request.getfixturevalue("redis_url") + "?shards=4"
 
 
 @pytest.fixture
-def client(cluster_url: str, keys: Keys) -> Any:
-    conn = connect(cluster_url)
+def keys(url: str) -> Keys:
+    return parse_url(url).keys("headrace")
+
+
+@pytest.fixture
+def client(url: str, keys: Keys) -> Any:
+    conn = connect(url)
     for stream in keys.request_streams:  # before any worker: no entry is ever missed
         conn.xgroup_create(stream, keys.group, id="0", mkstream=True)
     yield conn
@@ -102,12 +110,12 @@ def spread(keys: Keys, prefix: str, n: int) -> list[str]:
     return ids
 
 
-def test_submit_result_stream_cancel_and_stats(engine, cluster_url, client, keys):
+def test_submit_result_stream_cancel_and_stats(engine, url, client, keys):
     ids = spread(keys, "c", 8)
     greedy = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
     with (
-        InProcessWorker(worker_config(cluster_url, engine.config), engine) as worker,
-        Client(cluster_url) as producer,
+        InProcessWorker(worker_config(url, engine.config), engine) as worker,
+        Client(url) as producer,
     ):
         for job_id in ids:
             producer.submit(f"Prompt {job_id}", id=job_id, **greedy)
@@ -139,7 +147,7 @@ def test_submit_result_stream_cancel_and_stats(engine, cluster_url, client, keys
     assert client.get(keys.layout) == b"4t"
 
 
-def test_dead_letter_and_misrouted_jobs_stay_in_their_shard(engine, cluster_url, client, keys):
+def test_dead_letter_and_misrouted_jobs_stay_in_their_shard(engine, url, client, keys):
     poison, retry, other = job(keys, "poison", "Boom"), job(keys, "retry", "Again"), job(keys, "n")
     entries = push(client, keys, [poison, retry, other])
     for j in (poison, retry):  # consumers that died holding them
@@ -154,9 +162,7 @@ def test_dead_letter_and_misrouted_jobs_stay_in_their_shard(engine, cluster_url,
     ).values()
     time.sleep(0.25)
 
-    config = worker_config(
-        cluster_url, engine.config, burst=True, claim_idle_ms=200, max_attempts=3
-    )
+    config = worker_config(url, engine.config, burst=True, claim_idle_ms=200, max_attempts=3)
     with InProcessWorker(config, engine) as worker:
         assert worker.join() == 0
     got = {k: v for k, v in finals(client, keys).items()}
@@ -170,10 +176,10 @@ def test_dead_letter_and_misrouted_jobs_stay_in_their_shard(engine, cluster_url,
     assert worker.service.num_dead_lettered == 2 and pending(client, keys) == 0
 
 
-def test_a_worker_or_client_with_another_shard_count_is_refused(engine, cluster_url, client, keys):
-    with Client(cluster_url):
+def test_a_worker_or_client_with_another_shard_count_is_refused(engine, url, client, keys):
+    with Client(url):
         pass  # records 4 shards
-    other = cluster_url.replace("shards=4", "shards=2")
+    other = url.replace("shards=4", "shards=2")
     with pytest.raises(LayoutMismatchError):
         Client(other).close()
     service = WorkerService(worker_config(other, engine.config, burst=True), engine)
@@ -183,11 +189,11 @@ def test_a_worker_or_client_with_another_shard_count_is_refused(engine, cluster_
 
 @pytest.mark.slow
 def test_kill9_mid_generation_every_job_completes_once_elsewhere(
-    model_dir, engine, cluster_url, client, keys, tmp_path
+    model_dir, engine, url, client, keys, tmp_path
 ):
     flags = ("--consumer", "victim", "--max-inflight", "4", "--max-num-seqs", "4")
     victim = spawn_worker(
-        cluster_url, model_dir, tmp_path / "victim.log", *flags, "--claim-idle-ms", "1000"
+        url, model_dir, tmp_path / "victim.log", *flags, "--claim-idle-ms", "1000"
     )
     try:
         wait_for(lambda: consumer_alive(client, "victim") or victim.poll() is not None, 90, "up")
@@ -203,7 +209,7 @@ def test_kill9_mid_generation_every_job_completes_once_elsewhere(
     orphaned = pending(client, keys, "victim")
     assert orphaned and not finals(client, keys)
 
-    config = worker_config(cluster_url, engine.config, claim_idle_ms=1000)
+    config = worker_config(url, engine.config, claim_idle_ms=1000)
     with InProcessWorker(config, engine) as rescuer:
         wait_for(lambda: len(finals(client, keys)) == 8, 120, "all jobs done")
         assert rescuer.stop() == 0
@@ -215,7 +221,7 @@ def test_kill9_mid_generation_every_job_completes_once_elsewhere(
 
 
 @pytest.mark.slow
-def test_bulk_resumes_after_a_kill_on_the_cluster(engine, cluster_url, client, keys, tmp_path):
+def test_bulk_resumes_after_a_kill(engine, url, client, keys, tmp_path):
     ids = [f"q{i:02d}" for i in range(30)]
     params = {"max_tokens": 160, "ignore_eos": True, "temperature": 0.0}
     inp = tmp_path / "in.jsonl"
@@ -224,9 +230,9 @@ def test_bulk_resumes_after_a_kill_on_the_cluster(engine, cluster_url, client, k
     )
     out, log_path = tmp_path / "out.jsonl", tmp_path / "bulk.log"
     args = [sys.executable, "-m", "worker.cli", "bulk", str(inp), "-o", str(out)]
-    args += ["--redis-url", cluster_url, "--window", "2", "--no-progress"]
+    args += ["--redis-url", url, "--window", "2", "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    config = worker_config(cluster_url, engine.config, max_inflight=2)
+    config = worker_config(url, engine.config, max_inflight=2)
     with InProcessWorker(config, engine):
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=log_file)
@@ -239,10 +245,7 @@ def test_bulk_resumes_after_a_kill_on_the_cluster(engine, cluster_url, client, k
             proc.kill()
         before = out.read_bytes()
         assert 4 <= _lines(out) < len(ids), "the kill must land midway"
-        assert (
-            main(["bulk", str(inp), "-o", str(out), "--redis-url", cluster_url, "--no-progress"])
-            == 0
-        )
+        assert main(["bulk", str(inp), "-o", str(out), "--redis-url", url, "--no-progress"]) == 0
     assert out.read_bytes().startswith(before)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["id"] for line in lines) == ids  # each once
@@ -253,11 +256,11 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def test_workers_given_a_subset_read_only_their_shards(engine, cluster_url, client, keys):
+def test_workers_given_a_subset_read_only_their_shards(engine, url, client, keys):
     ids = spread(keys, "r", 12)
     push(client, keys, [job(keys, i, "Hi", max_tokens=2) for i in ids])
     mine = (0, 1)
-    config = worker_config(cluster_url, engine.config, burst=True, read_shards=mine)
+    config = worker_config(url, engine.config, burst=True, read_shards=mine)
     with InProcessWorker(config, engine) as worker:
         assert worker.join() == 0
     done = set(finals(client, keys))

@@ -174,12 +174,17 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[index]
+            predicted = self._predict(seq)
+            if backfill_until is not None and (
+                predicted is None or predicted - seq.num_tokens > backfill_until
+            ):
+                index += 1  # would not finish before the head can start: not looked at further
+                continue
             cached = self._cached_prefix(seq)
             start = len(cached) * self.allocator.block_size
             num_new = min(seq.num_tokens - start, budget)
             need = self.allocator.blocks_for(start + num_new) - len(cached)
             free = self.allocator.num_free_blocks - self.allocator.num_unreferenced(cached)
-            predicted = self._predict(seq)
             if projection is None:
                 fits = need + self._watermark_blocks <= free
             else:
@@ -190,9 +195,7 @@ class Scheduler:
                 margin = 0 if predicted is not None else self._watermark_blocks
                 capacity = self.allocator.num_blocks - margin
                 fits = projection.peak_with(span) <= capacity
-                if backfill_until is not None:
-                    fits = fits and predicted is not None and span.remaining <= backfill_until
-                elif not fits and self.running:
+                if backfill_until is None and not fits and self.running:
                     backfill_until = projection.steps_until_fits(span, capacity)
                     index += 1
                     continue

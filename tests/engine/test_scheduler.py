@@ -4,6 +4,7 @@ from dataclasses import replace
 
 from worker.config import SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator
+from worker.engine.kv_projection import Span, peak_pages
 from worker.engine.length_predictor import LengthPredictor, PredictorConfig
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Request, Sequence, SequenceStatus
@@ -185,11 +186,43 @@ def test_length_hint_overrides_what_was_seen() -> None:
     plan = sched.schedule()
     assert [c.seq.request_id for c in plan.chunks] == ["a"]
     run_plan(plan)
-    # A sequence past its prediction still counts the page of its next token.
+    # A sequence past its prediction still counts the page of its next token: a (8 tokens,
+    # 2 pages) is projected to need a third, so b's 7 pages fit only in a pool of 10.
     a = sched.running[0]
     a.predicted_num_tokens = 1
     assert a.num_tokens == 8 and len(a.block_ids) == 2
-    assert sched._remaining_need(a) == 1  # the 9th token needs a third page
+    b = sched.waiting[0]
+    b.predicted_num_tokens = 27
+    assert peak_pages([Span(8, 1), Span(7, 20)], 4) == 7  # b alone at its end: 27 tokens
+    assert peak_pages([Span(8, 1), Span(7, 1)], 4) == 5  # both alive one token from now
+
+
+def test_predicted_admission_counts_pages_freed_by_sequences_that_finish_first() -> None:
+    # 12 pages of 4 tokens. a (7 + 2 tokens) finishes long before b (7 + 33 = 40 tokens,
+    # 10 pages) needs its last pages: at most 10 pages are ever in use, so b is admitted at
+    # once, although a's and b's final sizes (3 + 10 pages) do not fit side by side.
+    sched = _sched("predicted")
+    sched.add(_long("a", max_tokens=2, hint=2))
+    sched.add(_long("b", max_tokens=33, hint=33))
+    first = sched.schedule()
+    assert [c.seq.request_id for c in first.chunks] == ["a", "b"]
+    run_plan(first)
+    assert _drive(sched) == [] and sched.num_preemptions == 0
+
+
+def test_predicted_admission_backfills_behind_a_head_that_does_not_fit_yet() -> None:
+    # 12 pages of 4 tokens. a runs to 7 + 25 = 32 tokens (8 pages); b, first in line, needs
+    # as much and fits only once a finishes (25 steps). c (7 + 2 tokens) fits now and is
+    # predicted to finish long before that, so it runs meanwhile; d (7 + 30) would not finish
+    # in time and waits behind b.
+    sched = _sched("predicted")
+    for name, hint in (("a", 25), ("b", 25), ("c", 2), ("d", 30)):
+        sched.add(_long(name, max_tokens=hint, hint=hint))
+    first = sched.schedule()
+    assert [c.seq.request_id for c in first.chunks] == ["a", "c"]
+    assert [s.request_id for s in sched.waiting] == ["b", "d"]
+    run_plan(first)
+    assert _drive(sched) == [] and sched.num_preemptions == 0
 
 
 class FakeClock:

@@ -131,3 +131,7 @@ class BlockAllocator:
     def num_unreferenced(self, block_ids: Sequence[int]) -> int:
         """How many of `block_ids` sit in the free pool (sharing them uses up free pages)."""
         return sum(1 for block_id in block_ids if self._ref_counts[block_id] == 0)
+
+    def shared(self, block_ids: Sequence[int]) -> list[int]:
+        """Those of `block_ids` that have more than one user (a shared prefix)."""
+        return [block_id for block_id in block_ids if self._ref_counts[block_id] > 1]

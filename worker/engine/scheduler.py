@@ -33,6 +33,7 @@ from operator import attrgetter
 
 from worker.config import SchedulerConfig
 from worker.engine.block_allocator import BlockAllocator
+from worker.engine.kv_projection import RunningProjection, Span
 from worker.engine.length_predictor import LengthPredictor
 from worker.engine.sequence import Sequence, SequenceStatus
 
@@ -65,6 +66,8 @@ class Scheduler:
     # Keep a few pages free when admitting new sequences so running ones can
     # grow for a while without immediately preempting the newcomer.
     WATERMARK = 0.01
+    # Waiting sequences looked at per step (predicted admission's backfill scans past the head).
+    BACKFILL_WINDOW = 64
 
     def __init__(
         self,
@@ -155,38 +158,66 @@ class Scheduler:
     def _admit_waiting(
         self, budget: int, chunks: list[ScheduledChunk], finished: list[Sequence]
     ) -> None:
-        """Admit waiting sequences in rank order while the policy lets them in."""
-        reserved = self._reserved_blocks() if self._predicted else 0
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        """Admit waiting sequences in rank order while the policy lets them in.
+
+        Predicted admission also backfills: when the first waiting sequence does not fit,
+        the ones behind it that are predicted to finish before it could start (as the
+        running ones finish) and fit now run in the meantime, so a big request at the head
+        of the line does not leave the pool idle, and is not delayed by them either.
+        """
+        projection = RunningProjection(self.allocator, self.running) if self._predicted else None
+        backfill_until: int | None = None  # steps until the blocked head is predicted to fit
+        index = 0
+        while (
+            index < min(len(self.waiting), self.BACKFILL_WINDOW)
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            seq = self.waiting[index]
+            predicted = self._predict(seq)
+            if backfill_until is not None and (
+                predicted is None or predicted - seq.num_tokens > backfill_until
+            ):
+                index += 1  # would not finish before the head can start: not looked at further
+                continue
             cached = self._cached_prefix(seq)
             start = len(cached) * self.allocator.block_size
             num_new = min(seq.num_tokens - start, budget)
             need = self.allocator.blocks_for(start + num_new) - len(cached)
             free = self.allocator.num_free_blocks - self.allocator.num_unreferenced(cached)
-            predicted = self._predict(seq)
-            if predicted is None:  # fcfs, or nothing learnt yet for requests like this one
-                wanted = need + self._watermark_blocks + reserved
+            if projection is None:
+                fits = need + self._watermark_blocks <= free
             else:
-                wanted = self.allocator.blocks_for(predicted) - len(cached) + reserved
-            if wanted > free and self.running:
-                break
-            if need > free:
+                # Its pages beside the running ones' projected peak; with no prediction for
+                # it yet, its pages now (fcfs) with the watermark to spare.
+                shared = len(cached) - self.allocator.num_unreferenced(cached)
+                span = Span(seq.num_tokens, (predicted or seq.num_tokens) - seq.num_tokens, shared)
+                margin = 0 if predicted is not None else self._watermark_blocks
+                capacity = self.allocator.num_blocks - margin
+                fits = projection.peak_with(span) <= capacity
+                if backfill_until is None and not fits and self.running:
+                    backfill_until = projection.steps_until_fits(span, capacity)
+                    index += 1
+                    continue
+            if need > free or (not fits and self.running):
+                if backfill_until is not None:
+                    index += 1
+                    continue
                 if not self.running and not chunks:
-                    self.waiting.popleft()
+                    del self.waiting[index]
                     self.finish(seq, "length")
                     finished.append(seq)
                     continue
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             self._admit(seq, cached)
             seq.predicted_num_tokens = predicted
             grown = self._grow(seq, num_new)
             assert grown, "the pages were counted above"
             chunks.append(ScheduledChunk(seq, num_new))
             budget -= num_new
-            if self._predicted:
-                reserved += self._remaining_need(seq)
+            if projection is not None:
+                projection.add(seq)
 
     def _predict(self, seq: Sequence) -> int | None:
         """Prompt + predicted output tokens of `seq` (at least one more than it has), or None
@@ -197,15 +228,6 @@ class Scheduler:
         if num_output is None:
             return None
         return max(seq.num_prompt_tokens + num_output, seq.num_tokens + 1)
-
-    def _remaining_need(self, seq: Sequence) -> int:
-        """Pages running `seq` is predicted to still need; past its prediction (or with none),
-        the page of its next token."""
-        target = max(seq.predicted_num_tokens or 0, seq.num_tokens + 1)
-        return max(self.allocator.blocks_for(target) - len(seq.block_ids), 0)
-
-    def _reserved_blocks(self) -> int:
-        return sum(self._remaining_need(seq) for seq in self.running)
 
     def _by_rank(self, seqs: Iterable[Sequence], now: float) -> list[Sequence]:
         """`seqs` by effective priority (highest first), then arrival (oldest first).
@@ -282,3 +304,4 @@ class Scheduler:
             self.allocator.free(seq.block_ids)
             seq.block_ids = []
         seq.num_cached_blocks = 0
+

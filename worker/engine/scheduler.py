@@ -165,6 +165,8 @@ class Scheduler:
         running ones finish) and fit now run in the meantime, so a big request at the head
         of the line does not leave the pool idle, and is not delayed by them either.
         """
+        if not self.waiting:
+            return  # the projection below costs O(running pages): not built for nothing
         projection = RunningProjection(self.allocator, self.running) if self._predicted else None
         backfill_until: int | None = None  # steps until the blocked head is predicted to fit
         index = 0
@@ -184,13 +186,14 @@ class Scheduler:
             start = len(cached) * self.allocator.block_size
             num_new = min(seq.num_tokens - start, budget)
             need = self.allocator.blocks_for(start + num_new) - len(cached)
-            free = self.allocator.num_free_blocks - self.allocator.num_unreferenced(cached)
+            revived = self.allocator.num_unreferenced(cached)  # cached pages leaving the free pool
+            free = self.allocator.num_free_blocks - revived
             if projection is None:
                 fits = need + self._watermark_blocks <= free
             else:
                 # Its pages beside the running ones' projected peak; with no prediction for
                 # it yet, its pages now (fcfs) with the watermark to spare.
-                shared = len(cached) - self.allocator.num_unreferenced(cached)
+                shared = len(cached) - revived  # already held by running sequences
                 span = Span(seq.num_tokens, (predicted or seq.num_tokens) - seq.num_tokens, shared)
                 margin = 0 if predicted is not None else self._watermark_blocks
                 capacity = self.allocator.num_blocks - margin
@@ -304,4 +307,3 @@ class Scheduler:
             self.allocator.free(seq.block_ids)
             seq.block_ids = []
         seq.num_cached_blocks = 0
-

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,35 +196,34 @@ def start_cluster(binary: Path, dir: Path, primaries: int = 3, replicas: int = 0
     return cluster
 
 
-def _wait_known(nodes: list[Node]) -> None:
+def _wait_until(ready: Callable[[], bool], what: str, poll_s: float = 0.1) -> None:
+    """Poll `ready` until it holds, for up to _READY_S; RuntimeError naming `what` after."""
     deadline = time.monotonic() + _READY_S
     while time.monotonic() < deadline:
-        if all(len(_cluster_nodes(n)) == len(nodes) for n in nodes):
+        if ready():
             return
-        time.sleep(0.1)
-    raise RuntimeError("cluster nodes did not meet")
+        time.sleep(poll_s)
+    raise RuntimeError(f"{what} not ready after {_READY_S:.0f} s")
+
+
+def _wait_known(nodes: list[Node]) -> None:
+    _wait_until(lambda: all(len(_cluster_nodes(n)) == len(nodes) for n in nodes), "cluster MEET")
 
 
 def _wait_ok(nodes: list[Node]) -> None:
-    deadline = time.monotonic() + _READY_S
-    while time.monotonic() < deadline:
-        if all(_info(n).get("cluster_state") == "ok" for n in nodes):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("cluster did not reach cluster_state:ok")
+    _wait_until(
+        lambda: all(_info(n).get("cluster_state") == "ok" for n in nodes), "cluster_state:ok"
+    )
 
 
 def _wait_synced(replicas: list[Node]) -> None:
-    deadline = time.monotonic() + _READY_S
-    while time.monotonic() < deadline:
-        links = []
-        for node in replicas:
-            with node.client() as client:
-                links.append(client.info("replication").get("master_link_status"))
-        if all(link == "up" for link in links):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("cluster replicas did not sync")
+    _wait_until(lambda: all(_link_up(node) for node in replicas), "cluster replicas' sync")
+
+
+def _link_up(node: Node) -> bool:
+    """Whether replica `node` is in sync with its primary."""
+    with node.client() as client:
+        return client.info("replication").get("master_link_status") == "up"
 
 
 def _cluster_nodes(node: Node) -> list[str]:
@@ -292,16 +292,14 @@ def start_sentinels(binary: Path, dir: Path, down_after_ms: int = 1000) -> Local
 
 def _wait_replicated(deployment: LocalSentinels) -> None:
     """Until the replica is in sync and every sentinel knows the replica and the others."""
-    deadline = time.monotonic() + _READY_S
-    while time.monotonic() < deadline:
-        with deployment.replica.client() as client:
-            synced = client.info("replication").get("master_link_status") == "up"
-        known = True
-        for sentinel in deployment.sentinels:
-            with sentinel.client() as client:
-                state = client.sentinel_master(deployment.service)
-                known &= int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= 2
-        if synced and known:
-            return
-        time.sleep(0.2)
-    raise RuntimeError("replica or sentinels not ready")
+
+    def knows_all(sentinel: Node) -> bool:
+        with sentinel.client() as client:
+            state = client.sentinel_master(deployment.service)
+        return int(state["num-slaves"]) >= 1 and int(state["num-other-sentinels"]) >= 2
+
+    _wait_until(
+        lambda: _link_up(deployment.replica) and all(map(knows_all, deployment.sentinels)),
+        "replica or sentinels",
+        poll_s=0.2,
+    )

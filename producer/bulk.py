@@ -31,8 +31,8 @@ from tqdm import tqdm
 from producer.bulk_formats import FORMATS, BulkItem, error_line, parse_line, result_line
 from producer.bulk_io import AUTO, OutputFile, count_lines, input_lines, resolve_format
 from producer.bulk_local import LocalStack
-from producer.bulk_watch import REDIS_ERRORS, LostJobWatch, WatchConfig
-from producer.client import AsyncClient, ResultTimeoutError
+from producer.client import AsyncClient, JobLostError, ResultTimeoutError
+from producer.lost_jobs import REDIS_ERRORS, LostJobWatch, WatchConfig
 from producer.submission import Submission
 from worker.errors import RequestError
 from worker.keys import Keys
@@ -235,6 +235,8 @@ class _Run:
                 # Past the timeout result() reads the stored result, in case our reply was lost.
                 result = await client.result(job_id, self.config.watch.lost_after_s)
                 break
+            except JobLostError:
+                await asyncio.sleep(self.config.watch.check_s)  # the watch resubmits it
             except (ResultTimeoutError, *REDIS_ERRORS):
                 continue  # the watch resubmits the job if Redis lost it
         item = self._inflight.pop(job_id)
@@ -263,7 +265,8 @@ class _Run:
             self._local = LocalStack.start(self.config.namespace, self.config.worker_flags)
             url = self._local.url
             self._watchdog = asyncio.create_task(self._watch_worker(self._local))
-        client = AsyncClient(url, self.config.namespace)
+        # The run's own watch resubmits lost jobs: the client's would only locate them twice.
+        client = AsyncClient(url, self.config.namespace, lost_check_s=None)
         await client.connect()
         self._client = client
         self._watch_task = asyncio.create_task(self._watch(client))

@@ -3,7 +3,10 @@
 Each client owns one reply stream `{ns}:reply:{client_id}` (one per shard when the
 namespace is sharded: a job's results come back in its own shard) and a reader that
 demultiplexes its results to waiting futures and per-id delta queues,
-so clients sharing a Redis never take each other's results.
+so clients sharing a Redis never take each other's results. A lost-job watch
+(producer/lost_jobs.py) notices jobs that Redis lost (a restart without data, a failover
+to a lagging replica): it counts them (`lost_jobs`) and fails their waiters with
+JobLostError instead of leaving them to wait forever.
 
 NOTE: ~380 lines: one class whose reader task and waiters share state.
 """
@@ -11,8 +14,10 @@ NOTE: ~380 lines: one class whose reader task and waiters share state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 import uuid
@@ -22,9 +27,11 @@ from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
+from producer.lost_jobs import REDIS_ERRORS, LostJobWatch, WatchConfig
 from producer.replies import ClientClosedError, ReplyRouter
-from producer.submission import Submission, Submitter
+from producer.submission import LOST, Submission, Submitter
 from worker.embedded import EmbeddedRedis, start_embedded_redis
 from worker.layout import agree_layout
 from worker.params import SamplingParams, check_length_hint
@@ -60,6 +67,20 @@ class ResultTimeoutError(TimeoutError):
         self.timeout = timeout
 
 
+class JobLostError(ResultTimeoutError):
+    """Redis lost job `job_id` (a restart without data, a failover to a replica that had not
+    received it, a FLUSHALL): it has no result, no stream entry and no pending entry.
+
+    Its result will not come unless you submit it again (the same id is fine: `submit`, or
+    `enqueue(..., resubmit=True)`). A worker that was already running it may still answer:
+    a later `result()` returns that result if it comes.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id, None)
+        self.args = (f"Redis lost job {job_id!r} (restart, failover or flush): submit it again",)
+
+
 class AsyncClient:
     """Producer client on redis.asyncio. Use `async with AsyncClient(url) as c:`.
 
@@ -71,6 +92,10 @@ class AsyncClient:
         first; those stay fetchable from the result key for the worker's TTL).
     claim_ttl_s: how long a submitted id stays claimed, so that a second submission of it
         queues nothing (keep it at least the workers' --result-ttl, default one day).
+    lost_check_s: how often the server's identity is checked (one command); after a sign
+        that Redis lost data (a new run_id, a failed read) this client's jobs in flight are
+        located and the lost ones counted in `lost_jobs` and failed with JobLostError.
+        None: no watch (`result()` still reports a lost job when its timeout expires).
     """
 
     def __init__(
@@ -84,6 +109,7 @@ class AsyncClient:
         max_buffered: int = 10_000,
         block_ms: int = 1000,
         claim_ttl_s: int = 86_400,
+        lost_check_s: float | None = 2.0,
     ) -> None:
         self.redis_url = redis_url or os.environ.get(REDIS_URL_ENV) or None
         self.keys = keys_for(self.redis_url, namespace)
@@ -100,6 +126,18 @@ class AsyncClient:
         self._submitter: Submitter | None = None
         # Ids whose submission here found an earlier one (the most recent max_buffered).
         self._reused: OrderedDict[str, None] = OrderedDict()
+        # Jobs this client queued and has no final result for yet (pruned by the watch).
+        self._in_flight: dict[str, Submission] = {}
+        # Ids found lost (the most recent max_buffered) until submitted again.
+        self._lost_ids: OrderedDict[str, None] = OrderedDict()
+        self.lost_jobs = 0  # jobs found lost by Redis, each counted once
+        self._watch: LostJobWatch | None = None
+        if lost_check_s is not None:
+            # Only signs trigger a locate here: a job out of sight for a while is reported
+            # when a caller's timeout expires, not by polling every job in flight.
+            config = WatchConfig(lost_check_s, lost_after_s=math.inf, redis_down_s=math.inf)
+            self._watch = LostJobWatch(config)
+        self._watch_task: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -126,6 +164,10 @@ class AsyncClient:
             block_ms=self._block_ms,
         )
         self._router.start()
+        if self._watch is not None:
+            with contextlib.suppress(ResponseError):  # INFO may be disabled
+                self._watch.saw_server(await self.server_run_id())
+            self._watch_task = asyncio.create_task(self._watch_lost(self._watch))
         return self
 
     async def close(self) -> None:
@@ -133,6 +175,10 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         if self._router is not None:
             await self._router.stop()
         if self._redis is not None:
@@ -247,6 +293,8 @@ class AsyncClient:
         for sub in subs:
             if not sub.reused:
                 self._reused.pop(sub.id, None)
+                self._lost_ids.pop(sub.id, None)
+                self._in_flight[sub.id] = sub
             else:
                 self._reused[sub.id] = None
                 while len(self._reused) > self._max_buffered:
@@ -266,7 +314,8 @@ class AsyncClient:
         result key. A result marked `reused` is an earlier submission's: this client's
         submission of the id queued nothing.
         Raises:
-            ResultTimeoutError (a TimeoutError) if no final result within `timeout`.
+            ResultTimeoutError (a TimeoutError) if no final result within `timeout`;
+            JobLostError (one of those) as soon as Redis is found to have lost the job.
         """
         result = await self._result(job_id, timeout)
         return dataclasses.replace(result, reused=True) if job_id in self._reused else result
@@ -280,14 +329,29 @@ class AsyncClient:
             return buffered
         if not router.is_outstanding(job_id):
             return await self._poll_stored(job_id, timeout)
+        if job_id in self._lost_ids:
+            return await self._stored_or_lost(job_id)
         try:
             return await router.wait_final(job_id, timeout)
+        except JobLostError:  # the watch found it lost (a TimeoutError too: caught first)
+            return await self._stored_or_lost(job_id)
         except asyncio.TimeoutError:
             stored = await self.fetch_result(job_id)  # e.g. our reply stream was lost
-            if stored is None:
-                raise ResultTimeoutError(job_id, timeout) from None
-            router.settle(job_id)
-            return stored
+            if stored is not None:
+                router.settle(job_id)
+                return stored
+            sub = self._in_flight.get(job_id)
+            if sub is not None and (await self.locate([sub])).get(job_id) == LOST:
+                self._report_lost([job_id])
+                return await self._stored_or_lost(job_id)
+            raise ResultTimeoutError(job_id, timeout) from None
+
+    async def _stored_or_lost(self, job_id: str) -> Result:
+        stored = await self.fetch_result(job_id)  # a worker that ran it anyway answered
+        if stored is None:
+            raise JobLostError(job_id)
+        self._live_router().settle(job_id)
+        return stored
 
     async def stream(self, job_id: str, timeout: float | None = None) -> AsyncIterator[Result]:
         """Yield `partial` deltas then the final result. `timeout` bounds each wait
@@ -305,6 +369,8 @@ class AsyncClient:
             while True:
                 try:
                     item = await router.next_item(job_id, timeout)
+                except JobLostError:
+                    raise
                 except asyncio.TimeoutError:
                     raise ResultTimeoutError(job_id, timeout) from None
                 yield item
@@ -343,6 +409,50 @@ class AsyncClient:
         # Two commands, not a pipeline: a cluster pipeline cannot carry PUBLISH.
         await client.set(self.keys.cancelled(job_id), 1, ex=self._cancel_ttl_s)
         await client.publish(self.keys.cancel_channel, job_id)
+
+    # -- jobs Redis lost ------------------------------------------------------------
+
+    async def _watch_lost(self, watch: LostJobWatch) -> None:
+        """Every check_s: did Redis restart or fail over (or did a read fail)? Then locate
+        this client's jobs in flight and report the lost ones. Runs until close()."""
+        router = self._live_router()
+        failures = router.read_failures
+        while True:
+            await asyncio.sleep(watch.config.check_s)
+            self._in_flight = {
+                i: sub for i, sub in self._in_flight.items() if router.is_outstanding(i)
+            }
+            if router.read_failures != failures:
+                failures = router.read_failures
+                watch.data_may_be_lost()
+            try:
+                with contextlib.suppress(ResponseError):  # INFO may be disabled
+                    watch.saw_server(await self.server_run_id())
+                if watch.suspect and self._in_flight:
+                    self._report_lost(watch.lost(await self.locate(list(self._in_flight.values()))))
+                watch.redis_ok()
+            except REDIS_ERRORS as exc:
+                watch.redis_failed(exc)  # never raises here: redis_down_s is infinite
+            except Exception:
+                log.exception("lost-job watch failed; trying again")
+
+    def _report_lost(self, job_ids: list[str]) -> None:
+        router = self._live_router()
+        new = [i for i in dict.fromkeys(job_ids) if i not in self._lost_ids]
+        for job_id in new:
+            self._in_flight.pop(job_id, None)
+            self._lost_ids[job_id] = None
+            while len(self._lost_ids) > self._max_buffered:
+                self._lost_ids.popitem(last=False)
+            router.fail(job_id, JobLostError(job_id))
+        self.lost_jobs += len(new)
+        if new:
+            log.warning(
+                "Redis lost %d of this client's jobs (restart, failover or flush; %d so far): "
+                "submit them again",
+                len(new),
+                self.lost_jobs,
+            )
 
     async def _drain_stream(self, job_id: str, timeout: float | None) -> Result:
         async def last() -> Result:

@@ -55,7 +55,10 @@ class ReplyRouter:
         self._outstanding: set[str] = set()
         self._finals: OrderedDict[str, Result] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[Result]]] = {}
-        self._queues: dict[str, asyncio.Queue[Result | None]] = {}
+        self._queues: dict[str, asyncio.Queue[Result | BaseException | None]] = {}
+        # Failed reads so far: the client's lost-job watch takes one as a sign that Redis
+        # may have restarted or failed over.
+        self.read_failures = 0
 
     def start(self) -> None:
         self._tasks = [
@@ -107,6 +110,16 @@ class ReplyRouter:
         """The caller got the final result elsewhere (the result key): stop expecting it."""
         self._outstanding.discard(job_id)
 
+    def fail(self, job_id: str, error: BaseException) -> None:
+        """Raise `error` to whoever waits on `job_id` now (e.g. Redis lost the job). The id
+        stays expected: a result that still comes (a worker ran it) is kept for the next call."""
+        for fut in self._waiters.pop(job_id, []):
+            if not fut.done():
+                fut.set_exception(error)
+        queue = self._queues.get(job_id)
+        if queue is not None:
+            queue.put_nowait(error)
+
     def forget(self, job_id: str) -> None:
         """Nothing of ours will come for this id (its submission queued nothing)."""
         self._outstanding.discard(job_id)
@@ -128,10 +141,13 @@ class ReplyRouter:
                 self._waiters.pop(job_id, None)
 
     async def next_item(self, job_id: str, timeout: float | None) -> Result:
-        """Next delta or final of a stream job (asyncio.TimeoutError after `timeout`)."""
+        """Next delta or final of a stream job (asyncio.TimeoutError after `timeout`, or the
+        error given to `fail`)."""
         item = await asyncio.wait_for(self._queues[job_id].get(), timeout)
         if item is _CLOSED:
             raise ClientClosedError("client closed")
+        if isinstance(item, BaseException):
+            raise item
         return item
 
     def drop_stream(self, job_id: str) -> None:
@@ -159,6 +175,7 @@ class ReplyRouter:
                     await self._redis.xtrim(stream, minid=last_id)
                 backoff = 0.1
             except Exception as exc:
+                self.read_failures += 1
                 # The stream may be gone with Redis's data: give it its TTL again once back.
                 refresh_at = 0.0
                 # A dead reader would leave every waiter hanging: log and go on.

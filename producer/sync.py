@@ -45,6 +45,11 @@ class Client:
     def reply_stream(self) -> str:
         return self._async.reply_stream
 
+    @property
+    def lost_jobs(self) -> int:
+        """Jobs of this client that Redis lost (see AsyncClient)."""
+        return self._async.lost_jobs
+
     def submit(self, prompt: str | None = None, **kwargs: Any) -> str:
         return self._call(self._async.submit(prompt, **kwargs))
 

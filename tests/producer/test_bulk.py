@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from producer.bulk import BulkConfig, run_bulk
 from producer.bulk_formats import CHAT_URL, OPENAI, SIMPLE, TEXT_URL, parse_line
-from producer.bulk_watch import WatchConfig
+from producer.lost_jobs import WatchConfig
 from tests.worker_harness import (
     REPO_ROOT,
     InProcessWorker,

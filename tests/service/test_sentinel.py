@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from bench.local_redis import LocalSentinels, start_sentinels
+from producer import AsyncClient, JobLostError
 from producer.bulk import BulkConfig, run_bulk
-from producer.bulk_watch import WatchConfig
+from producer.lost_jobs import WatchConfig
 from tests.redis_fixtures import deployment_server
 from tests.worker_harness import InProcessWorker, wait_for, worker_config
 from worker.cli.stats import collect
@@ -80,3 +81,36 @@ def test_primary_killed_mid_run_every_job_answered_once(
 
 def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_primary_killed_under_a_client_every_job_answered_or_reported_lost(
+    engine, sentinels: LocalSentinels
+) -> None:
+    """A plain client (no bulk watch): each job waited on without a timeout either gets its
+    result or fails with JobLostError, counted in `lost_jobs`; none waits forever. Lost ones
+    submitted again under their ids are answered."""
+    worker_cfg = worker_config(sentinels.url, engine.config, max_inflight=2, redis_timeout_s=2.0)
+
+    async def main(worker: InProcessWorker) -> None:
+        async with AsyncClient(sentinels.url, lost_check_s=0.2) as client:
+            jobs = [{"id": f"c{i:02d}", "prompt": f"c{i}", "params": PARAMS} for i in range(40)]
+            await client.submit_many(jobs)
+            waits = {job["id"]: asyncio.create_task(client.result(job["id"])) for job in jobs}
+            while sum(w.done() for w in waits.values()) < 6:
+                await asyncio.sleep(0.05)
+            sentinels.primary.kill()
+            done, pending = await asyncio.wait(waits.values(), timeout=180)
+            assert not pending, f"{len(pending)} jobs still waited on"
+            lost = [i for i, w in waits.items() if isinstance(w.exception(), JobLostError)]
+            answered = [i for i, w in waits.items() if w.exception() is None]
+            assert len(lost) + len(answered) == len(jobs), [w.exception() for w in done]
+            assert client.lost_jobs == len(lost)
+            assert all(waits[i].result().usage["completion_tokens"] == 16 for i in answered)
+            await client.submit_many(job for job in jobs if job["id"] in lost)
+            for job_id in lost:
+                assert (await client.result(job_id, timeout=120)).status == "ok"
+
+    with InProcessWorker(worker_cfg, engine) as worker:
+        asyncio.run(main(worker))
+        assert worker.stop() == 0
+    assert sentinels.current_primary_port() == sentinels.replica.port

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from producer.bulk_formats import FORMATS
-from producer.bulk_watch import WatchConfig
 from producer.client import REDIS_URL_ENV
+from producer.lost_jobs import WatchConfig
 from worker.cli.options import ENGINE_OPTIONS, OPTIONS, add_arguments, as_flags
 
 log = logging.getLogger(__name__)

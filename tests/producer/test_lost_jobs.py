@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from producer.bulk_watch import LostJobWatch, RedisGoneError, WatchConfig
+from producer.lost_jobs import LostJobWatch, RedisGoneError, WatchConfig
 from producer.submission import DONE, LOST, QUEUED
 
 

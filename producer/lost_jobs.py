@@ -1,13 +1,15 @@
-"""Lost-job watch (producer side of `headrace bulk`): notice the jobs Redis lost, resubmit them.
+"""Lost-job watch (producer side): notice the jobs Redis lost; `headrace bulk` resubmits them.
 
-Redis can lose a running bulk's jobs: a restart without persistence, a failover to a
+Redis can lose jobs in flight: a restart without persistence, a failover to a
 replica that lagged, a FLUSHALL. Every `check_s` the watch reads the server's run_id
 and where each job in flight is (`Submitter.locate`). A job with no final result, no
 stream entry and no pending entry is lost: at once after a sign that the server's data
 may have changed (a new run_id, a lost connection), else once it has stayed out of
 sight for `lost_after_s` (a worker that outlived a FLUSHALL may still be running it,
-and its result would still come). Lost jobs are resubmitted under the same id, so a
-job that was in fact still running answers once: only one final result per id is kept.
+and its result would still come). `headrace bulk` resubmits lost jobs under the same id,
+so a job that was in fact still running answers once: only one final result per id is
+kept. The clients (AsyncClient, Client) use the same watch, locating their jobs only after
+such a sign, and count and report the lost ones (JobLostError).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -32,8 +34,10 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.client import AsyncClient
 from producer.submission import LOST, Submission
+
+if TYPE_CHECKING:  # the client runs a watch of its own: no import cycle at run time
+    from producer.client import AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,15 @@ class LostJobWatch:
             raise RedisGoneError(
                 f"Redis unreachable for {now - self._down_since:.0f} s: {error}"
             ) from error
+
+    @property
+    def suspect(self) -> bool:
+        """Whether something since the last `lost()` says Redis may have lost data."""
+        return self._suspect
+
+    def data_may_be_lost(self) -> None:
+        """A sign from elsewhere (e.g. a reader's failed call): locate every job next time."""
+        self._suspect = True
 
     def redis_ok(self) -> None:
         self._down_since = None

@@ -22,7 +22,7 @@ import pytest
 
 from bench.local_redis import start_cluster
 from producer.bulk import BulkConfig, run_bulk
-from producer.bulk_watch import WatchConfig
+from producer.lost_jobs import WatchConfig
 from producer.sync import Client
 from tests.redis_fixtures import deployment_server
 from tests.worker_harness import (

@@ -2,9 +2,9 @@
 unquantized layer, on whatever device the engine runs on (CPU here; `bench/kernels.py`
 has the GPU roofline view).
 
-Each implementation is the engine's own path: `ops.linear.linear` for the model dtype
-(float32 weights on CPUs without native bf16 GEMMs), `ops.quant.w8a8_linear` (per-token
-activation quantization + int8 GEMM), "w8a8-served" (the same after the input's smoothing
+Each implementation is the engine's own path, on the weight copies the engine packs once at
+load: `ops.linear.linear` for the model dtype (float32 weights where no kernel of ours or the
+CPU's multiplies bf16), `ops.quant.w8a8_linear` (per-token activation quantization + int8 GEMM), "w8a8-served" (the same after the input's smoothing
 division and Hadamard rotation, as `W8A8Linear` runs it) and `ops.quant_int4.w4a16_gemm`.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ops import quant, quant_int4
-from ops.linear import gemm_weight_dtype, linear
+from ops.linear import gemm_weight_dtype, linear, packed_weight
 from ops.rotation import rotate, rotation_block
 
 
@@ -77,18 +77,25 @@ def bench_linear(
     for name, (k, n) in shapes.items():
         w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
         dense = w.to(gemm_weight_dtype(dtype, device)).to(device)
+        # The engine packs each dense weight once at load (ops.linear.packed_weight): without
+        # the packed copy a bf16 GEMM on an AVX2 CPU is oneDNN's emulation, ~10x slower.
+        packed = packed_weight(dense)
         impls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-            str(dtype).removeprefix("torch."): lambda x, dense=dense: linear(x, dense, None)
+            str(dtype).removeprefix("torch."): lambda x, dense=dense, packed=packed: linear(
+                x, dense, None, packed
+            )
         }
         if "w8a8" in schemes:
             w8 = quant.quantize_weight_int8(w.to(device))
-            impls["w8a8"] = lambda x, w8=w8: quant.w8a8_linear(x, w8)
+            p8 = quant.packed_int8_weight(w8.qweight)
+            impls["w8a8"] = lambda x, w8=w8, p8=p8: quant.w8a8_linear(x, w8, packed=p8)
         if "w8a8-served" in schemes:  # as the model runs it: x / smooth, rotation, then W8A8
             block, smooth = rotation_block(k), torch.ones(k, device=device)
             w8r = quant.quantize_weight_int8(rotate(w.to(device), block))
+            p8r = quant.packed_int8_weight(w8r.qweight)
 
-            impls["w8a8-served"] = lambda x, w8r=w8r, block=block, smooth=smooth: quant.w8a8_linear(
-                x, w8r, None, smooth, block
+            impls["w8a8-served"] = lambda x, w8r=w8r, block=block, smooth=smooth, p8r=p8r: (
+                quant.w8a8_linear(x, w8r, None, smooth, block, p8r)
             )
         if "w4a16" in schemes:
             w4 = quant_int4.quantize_weight_int4(w.to(device).float(), 128, dtype)

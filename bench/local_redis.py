@@ -81,11 +81,14 @@ def _is_free(port: int) -> bool:
 
 @dataclass
 class Node:
-    """One redis-server child (a cluster node, a primary, a replica or a sentinel)."""
+    """One redis-server child (a cluster node, a primary, a replica or a sentinel).
+
+    tls_port: its TLS port, where it has one (`port` stays plain, for the helpers here)."""
 
     port: int
     process: subprocess.Popen[bytes]
     dir: Path
+    tls_port: int | None = None
 
     def client(self, **kwargs: object) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
@@ -110,8 +113,38 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def start_node(binary: Path, dir: Path, *args: str, port: int | None = None) -> Node:
-    """A redis-server on `port` (None: a free one) with `args`, once it answers PING."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A test CA and a server certificate it signed for 127.0.0.1 and localhost (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(dir: Path) -> TlsFiles:
+    """Write a throwaway CA and a server certificate with `openssl` (for local TLS servers)."""
+    dir.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(dir / "ca.pem", dir / "server.pem", dir / "server.key")
+    ca_key, csr, ext = dir / "ca.key", dir / "server.csr", dir / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for argv in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+         "-keyout", ca_key, "-out", files.ca],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", files.key, "-out", csr],
+        ["x509", "-req", "-in", csr, "-CA", files.ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-days", "2", "-extfile", ext, "-out", files.cert],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, argv)], check=True, capture_output=True)
+    return files
+
+
+def start_node(
+    binary: Path, dir: Path, *args: str, port: int | None = None, tls: TlsFiles | None = None
+) -> Node:
+    """A redis-server on `port` (None: a free one) with `args`, once it answers PING; with
+    `tls`, also on a TLS port (clients need no certificate of their own)."""
     dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     argv = [
@@ -119,6 +152,14 @@ def start_node(binary: Path, dir: Path, *args: str, port: int | None = None) -> 
         "--port", str(port), "--bind", "127.0.0.1", "--dir", str(dir),
         "--daemonize", "no", "--logfile", "redis.log",
     ]  # fmt: skip
+    tls_port = None
+    if tls is not None:
+        tls_port = free_port()
+        argv += [
+            "--tls-port", str(tls_port), "--tls-cert-file", str(tls.cert),
+            "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
     if "--sentinel" not in args:
         argv += ["--save", "", "--appendonly", "no"]
     # SIGKILL when the starting thread exits (Linux): a killed bench or test run leaves no
@@ -127,7 +168,7 @@ def start_node(binary: Path, dir: Path, *args: str, port: int | None = None) -> 
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die
     )
-    node = Node(port, proc, dir)
+    node = Node(port, proc, dir, tls_port)
     deadline = time.monotonic() + _START_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -148,9 +189,15 @@ class LocalCluster:
     primaries: list[Node]
     replicas: list[Node] = field(default_factory=list)
 
+    tls: TlsFiles | None = None
+
     def url(self, shards: int = 4) -> str:
-        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.primaries)
-        return f"redis+cluster://{hosts}?shards={shards}"
+        """redis+cluster://, or rediss+cluster:// (the TLS ports, trusting the test CA)."""
+        if self.tls is None:
+            hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.primaries)
+            return f"redis+cluster://{hosts}?shards={shards}"
+        hosts = ",".join(f"127.0.0.1:{n.tls_port}" for n in self.primaries)
+        return f"rediss+cluster://{hosts}?shards={shards}&ssl_ca_certs={self.tls.ca}"
 
     def flush(self) -> None:
         for node in self.primaries:
@@ -164,15 +211,24 @@ class LocalCluster:
             node.stop()
 
 
-def start_cluster(binary: Path, dir: Path, primaries: int = 3, replicas: int = 0) -> LocalCluster:
-    """Start the nodes and assemble the cluster; returns once every node says cluster_state:ok."""
+def start_cluster(
+    binary: Path, dir: Path, primaries: int = 3, replicas: int = 0, tls: TlsFiles | None = None
+) -> LocalCluster:
+    """Start the nodes and assemble the cluster; returns once every node says cluster_state:ok.
+
+    tls: the nodes also listen on TLS ports, which the cluster announces to clients (and its
+    bus and replication run over TLS), as a managed cluster with in-transit encryption does.
+    """
     # validity factor 0: a replica always takes over (however long since its last sync).
     flags = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", "2000", "--cluster-replica-validity-factor", "0")  # fmt: skip
+    if tls is not None:
+        flags += ("--tls-cluster", "yes", "--tls-replication", "yes")
     nodes = [
-        start_node(binary, dir / f"node-{i}", *flags) for i in range(primaries * (1 + replicas))
+        start_node(binary, dir / f"node-{i}", *flags, tls=tls)
+        for i in range(primaries * (1 + replicas))
     ]
-    cluster = LocalCluster(nodes[:primaries], nodes[primaries:])
+    cluster = LocalCluster(nodes[:primaries], nodes[primaries:], tls)
     try:
         per = SLOTS // primaries
         for i, node in enumerate(cluster.primaries):
@@ -181,7 +237,9 @@ def start_cluster(binary: Path, dir: Path, primaries: int = 3, replicas: int = 0
                 client.execute_command("CLUSTER", "ADDSLOTS", *range(i * per, last + 1))
         with nodes[0].client() as first:
             for node in nodes[1:]:
-                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+                # Under tls-cluster a node's bus listens at its TLS port + 10000.
+                port = node.port if node.tls_port is None else node.tls_port
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
         _wait_known(nodes)
         for i, replica in enumerate(cluster.replicas):
             with cluster.primaries[i % primaries].client() as client:

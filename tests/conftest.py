@@ -45,6 +45,8 @@ from tests.redis_fixtures import (  # noqa: E402, F401
     redis62_server,
     redis_cluster,
     redis_server,
+    redis_tls_cluster,
     redis_url,
     restartable_redis,
+    tls_cluster_url,
 )

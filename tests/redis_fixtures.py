@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from bench.local_redis import LocalCluster, cluster_capable_server, start_cluster
+from bench.local_redis import LocalCluster, cluster_capable_server, make_tls_files, start_cluster
 from worker.embedded import EmbeddedRedis, bundled_redis_server, start_embedded_redis
 
 
@@ -113,6 +113,24 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The same cluster over TLS (`rediss+cluster://`: TLS ports announced, TLS bus), with a
+    throwaway CA; fails (never skips) where redis-server or openssl cannot run one."""
+    root = tmp_path_factory.mktemp("tls-cluster")
+    cluster = start_cluster(deployment_server(), root, tls=make_tls_files(root / "tls"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def tls_cluster_url(redis_tls_cluster: LocalCluster) -> str:
+    redis_tls_cluster.flush()
+    return redis_tls_cluster.url(shards=4)
 
 
 @pytest.fixture

@@ -2,8 +2,9 @@
 
 A URL names the deployment (see `parse_url`): `redis://` / `rediss://` / `unix://` one
 node, `redis+cluster://h1:p1,h2:p2` a Redis Cluster, `redis+sentinel://s1:26379,s2:26379/
-mastername` a Sentinel-managed primary; the `shards` query parameter picks the number of
-request-stream shards (worker/keys.py). Every headrace Redis client is built here, so each one notices a dead server or a
+mastername` a Sentinel-managed primary (`rediss+cluster://`, `rediss+sentinel://`: the same
+over TLS, with `ssl_*` query parameters as `rediss://` takes them); the `shards` query
+parameter picks the number of request-stream shards (worker/keys.py). Every headrace Redis client is built here, so each one notices a dead server or a
 silently dropped connection within seconds: replies time out, idle sockets are probed
 (TCP keepalive), unacknowledged writes give up (TCP_USER_TIMEOUT), pooled connections
 idle for a while are pinged before use, and (except in the worker, which retries on its
@@ -47,7 +48,17 @@ _KEEPALIVE_PROBES = 3
 _CLIENT_NAME_BAD = re.compile(r"[^!-~]")  # CLIENT SETNAME takes printable ASCII, no spaces
 
 SINGLE, CLUSTER, SENTINEL = "single", "cluster", "sentinel"
-_SCHEMES = {"redis+cluster": CLUSTER, "redis+sentinel": SENTINEL}
+# scheme → (kind, TLS)
+_SCHEMES = {
+    "redis+cluster": (CLUSTER, False),
+    "rediss+cluster": (CLUSTER, True),
+    "redis+sentinel": (SENTINEL, False),
+    "rediss+sentinel": (SENTINEL, True),
+}
+# TLS query parameters of rediss+cluster:// and rediss+sentinel:// (redis-py's keyword
+# arguments of the same names; `rediss://` URLs go to redis-py whole, which reads them).
+_TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+_CERT_REQS = ("none", "optional", "required")
 # Shards of a cluster deployment whose URL names none: enough to spread over a few primaries.
 DEFAULT_CLUSTER_SHARDS = 8
 MAX_SHARDS = 1024
@@ -73,6 +84,8 @@ class RedisTarget:
     password: str | None = None
     sentinel_password: str | None = None
     shards: int = 1
+    # CLUSTER and SENTINEL over TLS: redis-py's ssl keyword arguments (empty: plain TCP).
+    tls: tuple[tuple[str, Any], ...] = ()
 
     @property
     def tagged(self) -> bool:
@@ -88,8 +101,8 @@ def parse_url(url: str) -> RedisTarget:
     """Parse a headrace Redis URL (see the module docstring). Raises ValueError."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    own = {k: v for k, v in query if k in ("shards", "db", "sentinel_password")}
-    kind = _SCHEMES.get(parts.scheme.lower(), SINGLE)
+    own = {k: v for k, v in query if k in ("shards", "db", "sentinel_password", *_TLS_PARAMS)}
+    kind, tls = _SCHEMES.get(parts.scheme.lower(), (SINGLE, False))
     default = DEFAULT_CLUSTER_SHARDS if kind == CLUSTER else 1
     shards = _int(own.get("shards", str(default)), "shards")
     if not 1 <= shards <= MAX_SHARDS:
@@ -121,7 +134,26 @@ def parse_url(url: str) -> RedisTarget:
         password=unquote(password) if userinfo and ":" in userinfo else None,
         sentinel_password=own.get("sentinel_password"),
         shards=shards,
+        tls=_tls_options(own) if tls else (),
     )
+
+
+def _tls_options(params: dict[str, str]) -> tuple[tuple[str, Any], ...]:
+    """redis-py's ssl keyword arguments from a rediss+cluster/sentinel URL's query."""
+    options: list[tuple[str, Any]] = [("ssl", True)]
+    for name in _TLS_PARAMS:
+        value = params.get(name)
+        if value is None:
+            continue
+        if name == "ssl_cert_reqs" and value.lower() not in _CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs must be one of {_CERT_REQS}, got {value!r}")
+        if name == "ssl_check_hostname":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"ssl_check_hostname must be true or false, got {value!r}")
+            options.append((name, value.lower() in ("true", "1", "yes")))
+        else:
+            options.append((name, value.lower() if name == "ssl_cert_reqs" else unquote(value)))
+    return tuple(options)
 
 
 def keys_for(url: str | None, namespace: str) -> Keys:
@@ -196,6 +228,7 @@ def connect(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, block_ms: int = 0
     options = {"retry": Retry(_backoff(), _RETRIES), **connection_options(timeout_s, block_ms)}
     if target.kind == SINGLE:
         return redis.Redis.from_url(target.url, **options)
+    options.update(target.tls)
     if target.kind == CLUSTER:
         nodes = [redis.cluster.ClusterNode(h, p) for h, p in target.nodes]
         return redis.cluster.RedisCluster(
@@ -234,6 +267,7 @@ def connect_async(
     }
     if target.kind == SINGLE:
         return aioredis.Redis.from_url(target.url, **options)
+    options.update(target.tls)
     if target.kind == CLUSTER:
         nodes = [aiocluster.ClusterNode(h, p) for h, p in target.nodes]
         return aiocluster.RedisCluster(
@@ -255,6 +289,7 @@ def is_cluster(client: Any) -> bool:
 def _sentinel_kwargs(target: RedisTarget, timeout_s: float) -> dict[str, Any]:
     """Options of the connections to the sentinels themselves (quick to give up on one)."""
     kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    kwargs.update(target.tls)  # rediss+sentinel://: the sentinels speak TLS too
     if target.sentinel_password:
         kwargs["password"] = target.sentinel_password
     return kwargs

@@ -136,9 +136,41 @@ def test_sentinel_urls_name_the_sentinels_and_the_primary() -> None:
     assert parse_url("redis+sentinel://s1/m?db=3").db == 3
 
 
+def test_tls_cluster_and_sentinel_urls_carry_redis_py_ssl_options() -> None:
+    target = parse_url(
+        "rediss+cluster://h1:7000,h2:7001?ssl_ca_certs=/etc/ca%20dir/ca.pem&ssl_cert_reqs=Required"
+        "&ssl_check_hostname=false&shards=2"
+    )
+    assert target.kind == CLUSTER and target.shards == 2
+    assert dict(target.tls) == {
+        "ssl": True,
+        "ssl_ca_certs": "/etc/ca dir/ca.pem",
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": False,
+    }
+    assert parse_url("redis+cluster://h1:7000?ssl_ca_certs=/x").tls == ()  # plain: ignored
+    sentinel = parse_url("rediss+sentinel://s1,s2/mymaster?ssl_certfile=c.pem&ssl_keyfile=k.pem")
+    assert sentinel.kind == SENTINEL and sentinel.service == "mymaster"
+    assert dict(sentinel.tls) == {"ssl": True, "ssl_certfile": "c.pem", "ssl_keyfile": "k.pem"}
+
+
+def test_tls_sentinel_clients_speak_tls_to_the_sentinels_and_the_primary() -> None:
+    """No server needed: the options of the connections redis-py would open."""
+    url = "rediss+sentinel://127.0.0.1:1/mymaster?ssl_ca_certs=/ca.pem"
+    for client in (connect(url), connect_async(url)):
+        pool = client.connection_pool  # redis-py takes `ssl` to pick the connection class
+        assert pool.connection_class.__name__ == "SentinelManagedSSLConnection"
+        assert pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+        sentinel_pool = pool.sentinel_manager.sentinels[0].connection_pool
+        assert sentinel_pool.connection_class.__name__ == "SSLConnection"
+        assert sentinel_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+
+
 @pytest.mark.parametrize(
     "url",
     [
+        "rediss+cluster://h:7000?ssl_cert_reqs=maybe",
+        "rediss+sentinel://s1/m?ssl_check_hostname=perhaps",
         "redis+sentinel://s1:26379",  # no primary name
         "redis+cluster://h:7000/1",  # a cluster has db 0 only
         "redis+cluster://h:notaport",

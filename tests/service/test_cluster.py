@@ -1,5 +1,6 @@
-"""The service sharded (4 shards) on a 3-primary Redis Cluster and on one node: submit/result, cancel,
-reclaim after kill -9, dead letter, bulk resume, a layout mismatch refused, a primary failover.
+"""The service sharded (4 shards) on a 3-primary Redis Cluster (plain and TLS) and on one node:
+submit/result, cancel, reclaim after kill -9, dead letter, bulk resume, a layout mismatch
+refused, a primary failover.
 
 Entries are routed as producers route them (`Keys.job_stream`), results read from each
 shard's reply stream, so every check also proves that no script crossed a slot.
@@ -46,11 +47,14 @@ CLIENT = "test"
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
 
 
-@pytest.fixture(params=["cluster", "one node"])
+@pytest.fixture(params=["cluster", "tls cluster", "one node"])
 def url(request: pytest.FixtureRequest) -> str:
-    """The 3-primary cluster, or one node sharded the same way (`?shards=4`): both flushed."""
+    """The 3-primary cluster (plain, or over TLS: `rediss+cluster://`), or one node sharded
+    the same way (`?shards=4`): all flushed."""
     if request.param == "cluster":
         return request.getfixturevalue("cluster_url")
+    if request.param == "tls cluster":
+        return request.getfixturevalue("tls_cluster_url")
     return request.getfixturevalue("redis_url") + "?shards=4"
 
 

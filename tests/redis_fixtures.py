@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from bench.local_redis import LocalCluster, cluster_capable_server, make_tls_files, start_cluster
+from bench.local_redis import (
+    LocalCluster,
+    cluster_capable_server,
+    make_tls_files,
+    start_cluster,
+    supports_tls,
+)
 from worker.embedded import EmbeddedRedis, bundled_redis_server, start_embedded_redis
 
 
@@ -119,8 +125,11 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 def redis_tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """The same cluster over TLS (`rediss+cluster://`: TLS ports announced, TLS bus), with a
     throwaway CA; fails (never skips) where redis-server or openssl cannot run one."""
+    binary = deployment_server()
+    if not supports_tls(binary):
+        pytest.fail(f"{binary} was built without TLS: install redis-server (>= 6.2, with TLS)")
     root = tmp_path_factory.mktemp("tls-cluster")
-    cluster = start_cluster(deployment_server(), root, tls=make_tls_files(root / "tls"))
+    cluster = start_cluster(binary, root, tls=make_tls_files(root / "tls"))
     try:
         yield cluster
     finally:

@@ -192,6 +192,7 @@ def test_a_worker_or_client_with_another_shard_count_is_refused(engine, url, cli
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("url", ["cluster", "one node"], indirect=True)  # TLS: bulk covers it
 def test_kill9_mid_generation_every_job_completes_once_elsewhere(
     model_dir, engine, url, client, keys, tmp_path
 ):

@@ -90,6 +90,12 @@ class Node:
     dir: Path
     tls_port: int | None = None
 
+    @property
+    def client_port(self) -> int:
+        """The port it announces to clients and the cluster bus (under tls-cluster, the
+        TLS one: its bus listens at that + 10000)."""
+        return self.port if self.tls_port is None else self.tls_port
+
     def client(self, **kwargs: object) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
 
@@ -200,10 +206,9 @@ class LocalCluster:
 
     def url(self, shards: int = 4) -> str:
         """redis+cluster://, or rediss+cluster:// (the TLS ports, trusting the test CA)."""
+        hosts = ",".join(f"127.0.0.1:{n.client_port}" for n in self.primaries)
         if self.tls is None:
-            hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.primaries)
             return f"redis+cluster://{hosts}?shards={shards}"
-        hosts = ",".join(f"127.0.0.1:{n.tls_port}" for n in self.primaries)
         return f"rediss+cluster://{hosts}?shards={shards}&ssl_ca_certs={self.tls.ca}"
 
     def flush(self) -> None:
@@ -244,9 +249,7 @@ def start_cluster(
                 client.execute_command("CLUSTER", "ADDSLOTS", *range(i * per, last + 1))
         with nodes[0].client() as first:
             for node in nodes[1:]:
-                # Under tls-cluster a node's bus listens at its TLS port + 10000.
-                port = node.port if node.tls_port is None else node.tls_port
-                first.execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.client_port)
         _wait_known(nodes)
         for i, replica in enumerate(cluster.replicas):
             with cluster.primaries[i % primaries].client() as client:

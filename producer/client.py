@@ -29,7 +29,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from producer.lost_jobs import REDIS_ERRORS, LostJobWatch, WatchConfig
+from producer.lost_jobs import LostJobWatch, WatchConfig
 from producer.replies import ClientClosedError, ReplyRouter
 from producer.submission import LOST, Submission, Submitter
 from worker.embedded import EmbeddedRedis, start_embedded_redis
@@ -162,6 +162,7 @@ class AsyncClient:
             ttl_s=self._reply_ttl_s,
             max_buffered=self._max_buffered,
             block_ms=self._block_ms,
+            on_read_failure=self._watch.data_may_be_lost if self._watch is not None else None,
         )
         self._router.start()
         if self._watch is not None:
@@ -342,7 +343,7 @@ class AsyncClient:
                 return stored
             sub = self._in_flight.get(job_id)
             if sub is not None and (await self.locate([sub])).get(job_id) == LOST:
-                self._report_lost([job_id])
+                await self._report_lost([job_id])
                 return await self._stored_or_lost(job_id)
             raise ResultTimeoutError(job_id, timeout) from None
 
@@ -413,30 +414,20 @@ class AsyncClient:
     # -- jobs Redis lost ------------------------------------------------------------
 
     async def _watch_lost(self, watch: LostJobWatch) -> None:
-        """Every check_s: did Redis restart or fail over (or did a read fail)? Then locate
-        this client's jobs in flight and report the lost ones. Runs until close()."""
-        router = self._live_router()
-        failures = router.read_failures
+        """Until close(): the lost-job watch over this client's jobs in flight, which locates
+        them after a new run_id or a failed read and reports (does not resubmit) the lost."""
         while True:
-            await asyncio.sleep(watch.config.check_s)
-            self._in_flight = {
-                i: sub for i, sub in self._in_flight.items() if router.is_outstanding(i)
-            }
-            if router.read_failures != failures:
-                failures = router.read_failures
-                watch.data_may_be_lost()
             try:
-                with contextlib.suppress(ResponseError):  # INFO may be disabled
-                    watch.saw_server(await self.server_run_id())
-                if watch.suspect and self._in_flight:
-                    self._report_lost(watch.lost(await self.locate(list(self._in_flight.values()))))
-                watch.redis_ok()
-            except REDIS_ERRORS as exc:
-                watch.redis_failed(exc)  # never raises here: redis_down_s is infinite
-            except Exception:
+                await watch.run(self, self._jobs_in_flight, self._report_lost)
+            except Exception:  # RedisGoneError cannot come (redis_down_s is infinite)
                 log.exception("lost-job watch failed; trying again")
 
-    def _report_lost(self, job_ids: list[str]) -> None:
+    def _jobs_in_flight(self) -> list[Submission]:
+        router = self._live_router()
+        self._in_flight = {i: sub for i, sub in self._in_flight.items() if router.is_outstanding(i)}
+        return list(self._in_flight.values())
+
+    async def _report_lost(self, job_ids: list[str]) -> None:
         router = self._live_router()
         new = [i for i in dict.fromkeys(job_ids) if i not in self._lost_ids]
         for job_id in new:

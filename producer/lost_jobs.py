@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -106,11 +107,6 @@ class LostJobWatch:
                 f"Redis unreachable for {now - self._down_since:.0f} s: {error}"
             ) from error
 
-    @property
-    def suspect(self) -> bool:
-        """Whether something since the last `lost()` says Redis may have lost data."""
-        return self._suspect
-
     def data_may_be_lost(self) -> None:
         """A sign from elsewhere (e.g. a reader's failed call): locate every job next time."""
         self._suspect = True
@@ -162,7 +158,9 @@ class LostJobWatch:
         in_flight: Callable[[], list[Submission]],
         resubmit: Callable[[list[str]], Awaitable[None]],
     ) -> None:
-        """Check every `check_s` until cancelled. Raises RedisGoneError."""
+        """Check every `check_s` until cancelled; `resubmit` gets the lost jobs' ids (a client
+        reports them instead). With an infinite `lost_after_s` jobs are located only after a
+        sign of lost data. Raises RedisGoneError."""
         while True:
             await asyncio.sleep(self.config.check_s)
             try:
@@ -179,8 +177,11 @@ class LostJobWatch:
         in_flight: Callable[[], list[Submission]],
         resubmit: Callable[[list[str]], Awaitable[None]],
     ) -> None:
+        jobs = in_flight()
         with contextlib.suppress(ResponseError):  # INFO may be disabled: locations still tell
             self.saw_server(await client.server_run_id())
-        lost = self.lost(await client.locate(in_flight()))
+        if math.isinf(self.config.lost_after_s) and not self._suspect:
+            return  # only a sign of lost data makes a job lost: nothing to locate
+        lost = self.lost(await client.locate(jobs))
         if lost:
             await resubmit(lost)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -44,6 +44,7 @@ class ReplyRouter:
         ttl_s: int,
         max_buffered: int,
         block_ms: int,
+        on_read_failure: Callable[[], None] | None = None,
     ) -> None:
         self._redis = redis
         self._streams = tuple(streams)
@@ -56,9 +57,9 @@ class ReplyRouter:
         self._finals: OrderedDict[str, Result] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[Result]]] = {}
         self._queues: dict[str, asyncio.Queue[Result | BaseException | None]] = {}
-        # Failed reads so far: the client's lost-job watch takes one as a sign that Redis
-        # may have restarted or failed over.
-        self.read_failures = 0
+        # Told of every failed read: the client's lost-job watch takes one as a sign that
+        # Redis may have restarted or failed over.
+        self._on_read_failure = on_read_failure
 
     def start(self) -> None:
         self._tasks = [
@@ -175,7 +176,8 @@ class ReplyRouter:
                     await self._redis.xtrim(stream, minid=last_id)
                 backoff = 0.1
             except Exception as exc:
-                self.read_failures += 1
+                if self._on_read_failure is not None:
+                    self._on_read_failure()
                 # The stream may be gone with Redis's data: give it its TTL again once back.
                 refresh_at = 0.0
                 # A dead reader would leave every waiter hanging: log and go on.

@@ -59,6 +59,7 @@ _SCHEMES = {
 # arguments of the same names; `rediss://` URLs go to redis-py whole, which reads them).
 _TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 _CERT_REQS = ("none", "optional", "required")
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 # Shards of a cluster deployment whose URL names none: enough to spread over a few primaries.
 DEFAULT_CLUSTER_SHARDS = 8
 MAX_SHARDS = 1024
@@ -139,21 +140,21 @@ def parse_url(url: str) -> RedisTarget:
 
 
 def _tls_options(params: dict[str, str]) -> tuple[tuple[str, Any], ...]:
-    """redis-py's ssl keyword arguments from a rediss+cluster/sentinel URL's query."""
-    options: list[tuple[str, Any]] = [("ssl", True)]
-    for name in _TLS_PARAMS:
-        value = params.get(name)
-        if value is None:
-            continue
-        if name == "ssl_cert_reqs" and value.lower() not in _CERT_REQS:
-            raise ValueError(f"ssl_cert_reqs must be one of {_CERT_REQS}, got {value!r}")
-        if name == "ssl_check_hostname":
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"ssl_check_hostname must be true or false, got {value!r}")
-            options.append((name, value.lower() in ("true", "1", "yes")))
-        else:
-            options.append((name, value.lower() if name == "ssl_cert_reqs" else unquote(value)))
-    return tuple(options)
+    """redis-py's ssl keyword arguments from a rediss+cluster/sentinel URL's query (values
+    already unquoted by parse_qsl)."""
+    options: dict[str, Any] = {"ssl": True, **{k: params[k] for k in _TLS_PARAMS if k in params}}
+    if "ssl_cert_reqs" in options:
+        options["ssl_cert_reqs"] = options["ssl_cert_reqs"].lower()
+        if options["ssl_cert_reqs"] not in _CERT_REQS:
+            raise ValueError(
+                f"ssl_cert_reqs must be one of {_CERT_REQS}, got {params['ssl_cert_reqs']!r}"
+            )
+    if "ssl_check_hostname" in options:
+        flag = options["ssl_check_hostname"].lower()
+        if flag not in _BOOLS:
+            raise ValueError(f"ssl_check_hostname must be true or false, got {flag!r}")
+        options["ssl_check_hostname"] = _BOOLS[flag]
+    return tuple(options.items())
 
 
 def keys_for(url: str | None, namespace: str) -> Keys:

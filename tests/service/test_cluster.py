@@ -108,6 +108,33 @@ def pending(client: Any, keys: Keys, consumer: str | None = None) -> int:
     )
 
 
+def busy_worker(
+    url: str,
+    model_dir: Path,
+    client: Any,
+    keys: Keys,
+    tmp_path: Path,
+    name: str,
+    jobs: list[Job],
+    holding: int,
+    *flags: str,
+) -> subprocess.Popen[bytes]:
+    """A `headrace worker` process (consumer `name`, log in tmp_path), up, given `jobs`, and
+    generating at least `holding` of them."""
+    log = tmp_path / f"{name}.log"
+    proc = spawn_worker(url, model_dir, log, "--consumer", name, *flags)
+    try:
+        wait_for(lambda: consumer_alive(client, name) or proc.poll() is not None, 90, "up")
+        assert proc.poll() is None, log.read_text()
+        push(client, keys, jobs)
+        wait_for(lambda: pending(client, keys, name) >= holding, 60, f"{name} holding jobs")
+        time.sleep(1.0)  # generating
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 def spread(keys: Keys, prefix: str, n: int) -> list[str]:
     ids = [f"{prefix}{i}" for i in range(n)]
     assert len({keys.shard_of(i) for i in ids}) >= 3, "the ids must land on several shards"
@@ -196,17 +223,11 @@ def test_a_worker_or_client_with_another_shard_count_is_refused(engine, url, cli
 def test_kill9_mid_generation_every_job_completes_once_elsewhere(
     model_dir, engine, url, client, keys, tmp_path
 ):
-    flags = ("--consumer", "victim", "--max-inflight", "4", "--max-num-seqs", "4")
-    victim = spawn_worker(
-        url, model_dir, tmp_path / "victim.log", *flags, "--claim-idle-ms", "1000"
-    )
+    ids = spread(keys, "k", 8)
+    jobs = [job(keys, i, f"Story {i}", stream=True, **LONG) for i in ids]
+    flags = ("--max-inflight", "4", "--max-num-seqs", "4", "--claim-idle-ms", "1000")
+    victim = busy_worker(url, model_dir, client, keys, tmp_path, "victim", jobs, 4, *flags)
     try:
-        wait_for(lambda: consumer_alive(client, "victim") or victim.poll() is not None, 90, "up")
-        assert victim.poll() is None, (tmp_path / "victim.log").read_text()
-        ids = spread(keys, "k", 8)
-        push(client, keys, [job(keys, i, f"Story {i}", stream=True, **LONG) for i in ids])
-        wait_for(lambda: pending(client, keys, "victim") >= 4, 60, "victim holding jobs")
-        time.sleep(1.0)  # generating
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
@@ -230,15 +251,11 @@ def test_kill9_mid_generation_every_job_completes_once_elsewhere(
 def test_sigterm_drains_inflight_in_every_shard_and_leaves_the_rest(
     model_dir, engine, url, client, keys, tmp_path
 ):
-    flags = ("--consumer", "drainer", "--max-inflight", "3", "--drain-timeout", "60")
-    drainer = spawn_worker(url, model_dir, tmp_path / "drainer.log", *flags)
+    ids = spread(keys, "d", 9)
+    jobs = [job(keys, i, f"Essay {i}", stream=True, **LONG) for i in ids]
+    flags = ("--max-inflight", "3", "--drain-timeout", "60")
+    drainer = busy_worker(url, model_dir, client, keys, tmp_path, "drainer", jobs, 3, *flags)
     try:
-        wait_for(lambda: consumer_alive(client, "drainer") or drainer.poll() is not None, 90, "up")
-        assert drainer.poll() is None, (tmp_path / "drainer.log").read_text()
-        ids = spread(keys, "d", 9)
-        push(client, keys, [job(keys, i, f"Essay {i}", stream=True, **LONG) for i in ids])
-        wait_for(lambda: pending(client, keys, "drainer") >= 3, 60, "drainer holding jobs")
-        time.sleep(1.0)  # generating
         drainer.send_signal(signal.SIGTERM)
         assert drainer.wait(60) == 0, (tmp_path / "drainer.log").read_text()
     finally:

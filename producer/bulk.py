@@ -34,6 +34,7 @@ from producer.bulk_local import LocalStack
 from producer.client import AsyncClient, JobLostError, ResultTimeoutError
 from producer.lost_jobs import REDIS_ERRORS, LostJobWatch, WatchConfig
 from producer.submission import Submission
+from producer.tasks import cancel_and_wait
 from worker.errors import RequestError
 from worker.keys import Keys
 from worker.protocol import STATUS_OK, Result
@@ -178,6 +179,9 @@ class _Run:
     async def feed(self) -> None:
         batch: list[BulkItem] = []
         for line_no, raw in input_lines(self.config.input_path):
+            if self.interrupted or self.failure is not None:
+                # Its cancel was lost in a redis call (producer/tasks.py): stop here instead.
+                raise asyncio.CancelledError
             item = parse_line(self.fmt, raw, line_no, self.config.defaults)
             if item.key in self.out.done_keys:
                 self._counts["skipped"] += 1
@@ -296,10 +300,7 @@ class _Run:
 
     async def close(self) -> None:
         """Stop waiting, cancel unanswered jobs on shared Redis, stop the local stack."""
-        watchers = [t for t in (self._watchdog, self._watch_task) if t is not None]
-        for task in [*self._waiters, *watchers]:
-            task.cancel()
-        await asyncio.gather(*self._waiters, *watchers, return_exceptions=True)
+        await cancel_and_wait([*self._waiters, self._watchdog, self._watch_task])
         if self._client is not None:
             if self._inflight and self._local is None:
                 # Nobody will read these results: free the shared workers from them.

@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 from producer.lost_jobs import LostJobWatch, WatchConfig
 from producer.replies import ClientClosedError, ReplyRouter
 from producer.submission import LOST, Submission, Submitter
+from producer.tasks import cancel_and_wait
 from worker.embedded import EmbeddedRedis, start_embedded_redis
 from worker.layout import agree_layout
 from worker.params import SamplingParams, check_length_hint
@@ -176,10 +177,7 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+        await cancel_and_wait([self._watch_task])
         if self._router is not None:
             await self._router.stop()
         if self._redis is not None:

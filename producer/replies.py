@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.tasks import cancel_and_wait
 from worker.keys import RESULT_FIELD
 from worker.protocol import Result, decode_result
 
@@ -80,10 +81,7 @@ class ReplyRouter:
                 await pipe.execute()
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=self._block_ms / 1000 + 1)
-            for task in pending:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(pending)
         for futures in self._waiters.values():
             for fut in futures:
                 if not fut.done():

@@ -200,7 +200,8 @@ def _check_decode_attention(
 
 @needs_packed_gemm
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
+# 157 rows: several row blocks of the AVX2 driver (12 chunks each), the last one partial.
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40, 157])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_bf16_linear_matches_float_math(m: int, n: int, k: int, bias: bool) -> None:
     gen = torch.Generator().manual_seed(6)
@@ -216,7 +217,7 @@ def test_packed_bf16_linear_matches_float_math(m: int, n: int, k: int, bias: boo
 
 @needs_packed_gemm
 @pytest.mark.parametrize(("inner", "k"), [(1536, 576), (48, 100)])
-@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("m", [1, 17, 40, 157])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_gate_up_with_silu_equals_the_two_steps(
     inner: int, k: int, m: int, bias: bool
@@ -237,7 +238,7 @@ def test_packed_gate_up_with_silu_equals_the_two_steps(
 
 @needs_packed_gemm
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("m", [1, 17, 40])
+@pytest.mark.parametrize("m", [1, 17, 40, 157])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_w8a8_gate_up_with_silu_equals_the_two_steps(
     dtype: torch.dtype, m: int, bias: bool
@@ -265,7 +266,7 @@ def test_packed_w8a8_gate_up_with_silu_equals_the_two_steps(
 
 @needs_packed_gemm
 @pytest.mark.parametrize(("n", "k"), [(960, 576), (50, 100), (576, 1536)])
-@pytest.mark.parametrize("m", [1, 12, 17, 40])
+@pytest.mark.parametrize("m", [1, 12, 17, 40, 157])
 @pytest.mark.parametrize("out_dtype", FLOATS)
 def test_packed_int8_linear_is_bit_exact(m: int, n: int, k: int, out_dtype: torch.dtype) -> None:
     from ops.quant import int8_gemm, quantize_symmetric

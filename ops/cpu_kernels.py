@@ -23,7 +23,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("attention.cpp", "decode_layers.cpp", "elementwise.cpp", "gemm.cpp", "quant.cpp")
+SOURCES = (
+    "attention.cpp",
+    "decode_layers.cpp",
+    "elementwise.cpp",
+    "gemm.cpp",
+    "prefill_attention.cpp",
+    "quant.cpp",
+)
 _SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cpu"
 
 
@@ -136,3 +143,9 @@ def available() -> bool:
 def use_cpu_kernels(tensor: torch.Tensor) -> bool:
     """Run the C++ kernel for `tensor`'s op: CPU tensors, once the kernels are loaded."""
     return tensor.device.type == "cpu" and available()
+
+
+@functools.cache
+def has_bf16_prefill_attention() -> bool:
+    """Whether the kernels were built with `paged_prefill_attention` (AVX512-BF16 hosts)."""
+    return available() and bool(torch.ops.headrace_cpu.has_bf16_prefill_attention())

@@ -12,3 +12,8 @@ needs_packed_gemm = pytest.mark.skipif(
     reason="this CPU (or build) has none of AMX, AVX512-VNNI + AVX512-BF16 and AVX2: the packed "
     "GEMMs (and the C++ decode loop over them) cannot run",
 )
+
+needs_bf16_prefill_attention = pytest.mark.skipif(
+    not cpu_kernels.has_bf16_prefill_attention(),
+    reason="this CPU (or build) lacks AVX512-BF16: bf16 prefill attention runs on SDPA there",
+)

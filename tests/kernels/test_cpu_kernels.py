@@ -144,18 +144,36 @@ def test_paged_decode_attention_matches_sdpa_over_the_pages(
 
 
 # The register-blocked path (token-minor keys) tiles by GQA ratio: 1-3 query heads per kv
-# head take 4 slices / vectors at once, 4-6 take 2, 7-8 take 1.
+# head take 4 slices / vectors at once, 4-6 take 2, 7-8 take 1; 96 dims leave a remainder
+# after the 4-vector blocks.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("int8", [False, True], ids=["fp", "int8"])
-@pytest.mark.parametrize("heads", [2, 10, 16])
-def test_paged_decode_attention_gqa_ratios(int8: bool, heads: int) -> None:
-    _check_decode_attention(torch.float32, int8, True, 64, heads)
+@pytest.mark.parametrize("heads", [2, 6, 10, 16])
+@pytest.mark.parametrize("dim", [64, 96])
+def test_paged_decode_attention_gqa_ratios(
+    dtype: torch.dtype, int8: bool, heads: int, dim: int
+) -> None:
+    _check_decode_attention(dtype, int8, True, dim, heads)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_paged_decode_attention_ignores_slots_past_the_context(block_size: int) -> None:
+    """Slots after a sequence's last token (stale data of an earlier sequence, here NaN)
+    never reach its output, though the key pass reads whole 16-token slices."""
+    _check_decode_attention(torch.bfloat16, False, True, 64, 6, block_size, poison=True)
 
 
 def _check_decode_attention(
-    dtype: torch.dtype, int8: bool, token_minor: bool, dim: int, heads: int
+    dtype: torch.dtype,
+    int8: bool,
+    token_minor: bool,
+    dim: int,
+    heads: int,
+    block_size: int = 16,
+    poison: bool = False,
 ) -> None:
     lengths = [1, 15, 16, 17, 70, 203]
-    kv_heads, block_size = 2, 16
+    kv_heads = 2
     paged = make_paged_kv(
         lengths,
         block_size,
@@ -167,6 +185,12 @@ def _check_decode_attention(
         head_major=True,
         token_minor_keys=token_minor,
     )
+    if poison:
+        for n, table in zip(lengths, paged.block_tables.tolist(), strict=True):
+            if n % block_size:  # the rest of the last page
+                page = table[(n - 1) // block_size]
+                paged.key_cache[page, n % block_size :] = float("nan")
+                paged.value_cache[page, n % block_size :] = float("nan")
     gen = torch.Generator().manual_seed(5)
     query = torch.randn(len(lengths), heads, dim, generator=gen).to(dtype)
     context_lens = torch.tensor(lengths, dtype=torch.int32)

@@ -195,7 +195,7 @@ class ModelRunner:
             decode_groups=self._decode_groups(decodes),
             workspace=self.workspace,
             prefill_lens_on_device=device_lens(cu_seqlens, context_lens, self.device)
-            if prefills and self.device.type == "cuda"
+            if prefills
             else None,
         )
 

@@ -345,14 +345,15 @@ def prefill_attention(
             key_scale_cache,
             value_scale_cache,
         )
+    if _bf16_prefill_kernel_fits(query, key_cache, value_cache, key_scale_cache):
+        if lens_on_device is None:
+            lens_on_device = device_lens(cu_seqlens, context_lens, query.device)
+        cu, ctx = lens_on_device
+        return torch.ops.headrace_cpu.paged_prefill_attention(
+            query, key_cache, value_cache, block_tables, cu, ctx, scale,
+            key_scale_cache, value_scale_cache,
+        )  # fmt: skip
     if key_scale_cache is None or value_scale_cache is None:
-        if _bf16_prefill_kernel_fits(query, key_cache, value_cache):
-            if lens_on_device is None:
-                lens_on_device = device_lens(cu_seqlens, context_lens, query.device)
-            cu, ctx = lens_on_device
-            return torch.ops.headrace_cpu.paged_prefill_attention(
-                query, key_cache, value_cache, block_tables, cu, ctx, scale
-            )
         return fp_ops.prefill_attention(
             query, key, value, key_cache, value_cache, cu_seqlens, context_lens, block_tables, scale
         )
@@ -372,15 +373,21 @@ def prefill_attention(
 
 
 def _bf16_prefill_kernel_fits(
-    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key_scale_cache: torch.Tensor | None,
 ) -> bool:
     """Whether the AVX512-BF16 prefill kernel takes this step (kernels/cpu/prefill_attention.cpp):
-    bf16 query and pages, token-minor keys, 16-token slices, whole 32-dim vectors, 1-8 query
-    heads per kv head. Elsewhere (float32, float16, AVX2 hosts) the SDPA path runs."""
+    bf16 query, bf16 pages or int8 ones (scale pools with tokens at unit stride), token-minor
+    keys, 16-token slices, whole 32-dim vectors, 1-8 query heads per kv head. Elsewhere
+    (float32, float16, AVX2 hosts) the torch path runs."""
     head_dim, kv_heads = query.shape[2], key_cache.shape[2]
+    pages = torch.int8 if key_scale_cache is not None else torch.bfloat16
     return (
         query.dtype == torch.bfloat16
-        and key_cache.dtype == value_cache.dtype == torch.bfloat16
+        and key_cache.dtype == value_cache.dtype == pages
+        and (key_scale_cache is None or key_scale_cache.stride(1) == 1)
         and use_cpu_kernels(query)
         and cpu_kernels.has_bf16_prefill_attention()
         and key_cache.stride(1) == 1

@@ -1,4 +1,4 @@
-// Causal prefill attention over paged bf16 K/V on AVX512-BF16 (Zen 4, Cooper Lake, Sapphire
+// Causal prefill attention over paged K/V (bf16, or int8 codes with scales) on AVX512-BF16 (Zen 4, Cooper Lake, Sapphire
 // Rapids): every chunk of a step attends to its sequence's cached tokens (prefix + itself),
 // read in place from the pages, with the dot products on vdpbf16ps.
 //
@@ -33,13 +33,30 @@ using BF16 = c10::BFloat16;
 constexpr int64_t kKeys = 16;    // keys per block: one score vector per row
 constexpr int64_t kMaxDim = 256;  // head_dim bound of the per-block buffers
 
+// One layer's pools (strides in elements). int8 pages carry one scale per (token, kv head)
+// in scale pools whose tokens sit at unit stride (ops.kv_cache.allocate_kv_scales).
+template <typename C, typename S>
 struct Pools {
-  const BF16* k;
-  const BF16* v;
+  const C* k;
+  const C* v;
   int64_t k_block, k_head, k_dim;    // token-minor keys: tokens at unit stride
   int64_t v_block, v_head, v_token;  // token-major values: dims at unit stride
   int64_t block_size;
+  const S* ks = nullptr;  // int8 only: key / value scales, [block][head][token]
+  const S* vs = nullptr;
+  int64_t s_block = 0, s_head = 0;
 };
+
+// Two float32 vectors of integers (int8 codes, exact in bf16) as bf16 pairs: lane t =
+// (a[t], b[t]). An integer-valued float's bf16 is its top 16 bits.
+inline __m512i pair_exact(__m512 a, __m512 b) {
+  return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(_mm512_castps_si512(a), 16),
+                                 _mm512_castps_si512(b));
+}
+
+inline __m512 codes16(const int8_t* p, __mmask16 keep = 0xffff) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(keep, p)));
+}
 
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
@@ -57,6 +74,14 @@ inline void key_pairs(const BF16* col, int64_t stride, int64_t half, __m512i* kp
     const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
     const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + stride));
     kp[i] = _mm512_permutexvar_epi16(index, _mm512_inserti64x4(_mm512_castsi256_si512(d0), d1, 1));
+  }
+}
+
+// int8 codes: the same pairs, converted exactly (the key scales multiply the scores).
+inline void key_pairs(const int8_t* col, int64_t stride, int64_t half, __m512i* kp) {
+  for (int64_t i = 0; i < half; ++i) {
+    const int8_t* row = col + 2 * i * stride;
+    kp[i] = pair_exact(codes16(row), codes16(row + stride));
   }
 }
 
@@ -79,10 +104,23 @@ inline void value_pairs(const BF16* rows, int64_t stride, int64_t dim, int64_t v
   }
 }
 
+// int8 codes: lane d of vp[j * vecs + c] = (v[2j][16c + d], v[2j + 1][16c + d]), dims in
+// natural order (the value scales multiply the probabilities).
+inline void value_pairs(const int8_t* rows, int64_t stride, int64_t dim, int64_t valid, __m512i* vp) {
+  const int64_t vecs = dim / 16;
+  for (int64_t j = 0; j < kKeys / 2; ++j) {
+    const int8_t* r0 = rows + 2 * j * stride;
+    const __mmask16 m0 = 2 * j < valid ? 0xffff : 0, m1 = 2 * j + 1 < valid ? 0xffff : 0;
+    for (int64_t c = 0; c < vecs; ++c) {
+      vp[j * vecs + c] = pair_exact(codes16(r0 + 16 * c, m0), codes16(r0 + stride + 16 * c, m1));
+    }
+  }
+}
+
 // One item: query positions [p0, p0 + kPos) of a chunk (capped at `rows_pos`), at absolute
 // positions prefix + p, × kGroups heads. q: the chunk's first query token; out likewise.
-template <int kGroups, int kPos>
-void attend_tile(const Pools& pools, const int64_t* table, int64_t kv_head, int64_t prefix,
+template <int kGroups, int kPos, typename C, typename S>
+void attend_tile(const Pools<C, S>& pools, const int64_t* table, int64_t kv_head, int64_t prefix,
                  int64_t p0, int64_t rows_pos, const BF16* q, int64_t qs0, int64_t qs1, BF16* out,
                  int64_t os0, int64_t os1, int64_t dim, float scale) {
   constexpr int kRows = kGroups * kPos;
@@ -108,6 +146,15 @@ void attend_tile(const Pools& pools, const int64_t* table, int64_t kv_head, int6
   for (int64_t k0 = 0; k0 <= last_key; k0 += kKeys) {
     const int64_t page = table[k0 / pools.block_size], off = k0 % pools.block_size;
     key_pairs(pools.k + page * pools.k_block + kv_head * pools.k_head + off, pools.k_dim, half, kp);
+    constexpr bool kInt8 = std::is_same_v<C, int8_t>;
+    const int64_t valid = last_key + 1 - k0;  // keys of this block any row may see
+    Vec kscale = vscale, vscale_k(1.0f);
+    if constexpr (kInt8) {
+      const int64_t at = page * pools.s_block + kv_head * pools.s_head + off;
+      const __mmask16 live = valid >= kKeys ? 0xffff : static_cast<__mmask16>((1u << valid) - 1);
+      kscale = Vec(_mm512_maskz_mov_ps(live, load_float(pools.ks + at))) * vscale;
+      vscale_k = _mm512_maskz_mov_ps(live, load_float(pools.vs + at));
+    }
     __m512 s[kRows];
     for (int r = 0; r < kRows; ++r) s[r] = _mm512_setzero_ps();
     for (int64_t i = 0; i < half; ++i) {
@@ -117,7 +164,7 @@ void attend_tile(const Pools& pools, const int64_t* table, int64_t kv_head, int6
     }
     for (int r = 0; r < kRows; ++r) {
       const int64_t qpos = prefix + std::min<int64_t>(p0 + r / kGroups, p0 + rows_pos - 1);
-      Vec x = Vec(s[r]) * vscale;
+      Vec x = Vec(s[r]) * kscale;
       if (k0 + kKeys - 1 > qpos) {  // the causal edge: keys past the query's position
         const __mmask16 past = _mm512_cmpgt_epi32_mask(
             _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(k0))),
@@ -131,12 +178,11 @@ void attend_tile(const Pools& pools, const int64_t* table, int64_t kv_head, int6
       alpha[r] = std::exp(m[r] - m_new);
       m[r] = m_new;
       l[r] = _mm512_fmadd_ps(l[r], _mm512_set1_ps(alpha[r]), p);
-      const __m256bh packed = _mm512_cvtneps_pbh(p);
+      const __m256bh packed = _mm512_cvtneps_pbh(kInt8 ? Vec(p * vscale_k) : p);
       std::memcpy(pp[r], &packed, sizeof(packed));
     }
-    const int64_t voff = k0 % pools.block_size;
-    value_pairs(pools.v + page * pools.v_block + kv_head * pools.v_head + voff * pools.v_token,
-                pools.v_token, dim, last_key + 1 - k0, vp);
+    value_pairs(pools.v + page * pools.v_block + kv_head * pools.v_head + off * pools.v_token,
+                pools.v_token, dim, valid, vp);
     for (int64_t c = 0; c < vecs; ++c) {
       __m512 a[kRows];
       for (int r = 0; r < kRows; ++r) a[r] = _mm512_mul_ps(_mm512_load_ps(acc[r] + 16 * c), _mm512_set1_ps(alpha[r]));
@@ -148,7 +194,8 @@ void attend_tile(const Pools& pools, const int64_t* table, int64_t kv_head, int6
       for (int r = 0; r < kRows; ++r) _mm512_store_ps(acc[r] + 16 * c, a[r]);
     }
   }
-  // acc holds each 32 dims as (unpacklo: 0-3, 8-11, 16-19, 24-27 | unpackhi: the rest).
+  // bf16 pages: acc holds each 32 dims as (unpacklo: 0-3, 8-11, 16-19, 24-27 | unpackhi: the
+  // rest); int8 pages: in order.
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29,
                                            30, 31);
@@ -158,16 +205,21 @@ void attend_tile(const Pools& pools, const int64_t* table, int64_t kv_head, int6
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(l[r]));
     for (int64_t z = 0; z < dim / 32; ++z) {
       const __m512 lo = _mm512_load_ps(acc[r] + 32 * z), hi = _mm512_load_ps(acc[r] + 32 * z + 16);
-      _mm512_store_ps(row + 32 * z, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv));
-      _mm512_store_ps(row + 32 * z + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv));
+      if constexpr (std::is_same_v<C, int8_t>) {
+        _mm512_store_ps(row + 32 * z, _mm512_mul_ps(lo, inv));
+        _mm512_store_ps(row + 32 * z + 16, _mm512_mul_ps(hi, inv));
+      } else {
+        _mm512_store_ps(row + 32 * z, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), inv));
+        _mm512_store_ps(row + 32 * z + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv));
+      }
     }
     const int64_t pos = p0 + r / kGroups;
     from_float(row, out + pos * os0 + (kv_head * kGroups + r % kGroups) * os1, dim);
   }
 }
 
-template <int kGroups>
-void run_prefill(const at::Tensor& query, const Pools& pools, const int64_t* tables, int64_t width,
+template <int kGroups, typename C, typename S>
+void run_prefill(const at::Tensor& query, const Pools<C, S>& pools, const int64_t* tables, int64_t width,
                  const int64_t* cu, const int64_t* ctx, int64_t num_seqs, int64_t kv_heads,
                  float scale, at::Tensor& out) {
   constexpr int kPos = std::max(1, 12 / kGroups);
@@ -208,41 +260,18 @@ bool has_bf16_prefill_attention() {
 #endif
 }
 
-// query: [T, H, D] bf16 (the chunks of a step, back to back); pools: [num_blocks, block_size,
-// KVH, D] bf16, keys token-minor; cu_seqlens: [S + 1] int64; context_lens: [S] int64 (prefix +
-// chunk); block_tables: [S, max_blocks] int64. Returns [T, H, D] bf16.
-at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& key_cache,
-                                   const at::Tensor& value_cache, const at::Tensor& block_tables,
-                                   const at::Tensor& cu_seqlens, const at::Tensor& context_lens,
-                                   double scale) {
-  TORCH_CHECK(has_bf16_prefill_attention(), "paged_prefill_attention needs AVX512-BF16");
 #ifdef HEADRACE_PREFILL_BF16
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.scalar_type() == at::kBFloat16,
-              "query: [T, H, D] bf16 with a unit last stride");
-  TORCH_CHECK(key_cache.scalar_type() == at::kBFloat16 && value_cache.scalar_type() == at::kBFloat16);
-  TORCH_CHECK(key_cache.stride(1) == 1 && value_cache.stride(3) == 1,
-              "keys token-minor, values token-major");
-  const int64_t dim = query.size(2), kv_heads = key_cache.size(2), groups = query.size(1) / kv_heads;
-  const int64_t block_size = key_cache.size(1);
-  TORCH_CHECK(dim % 32 == 0 && dim <= kMaxDim && block_size % kKeys == 0);
-  TORCH_CHECK(query.size(1) % kv_heads == 0 && groups >= 1 && groups <= 8, "1-8 query heads per kv head");
-  const at::Tensor tables = block_tables.to(at::kLong).contiguous();
-  const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
-  const at::Tensor ctx = context_lens.to(at::kLong).contiguous();
-  const int64_t num_seqs = ctx.size(0);
-  TORCH_CHECK(cu.size(0) == num_seqs + 1 && tables.size(0) == num_seqs);
-  at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
-  if (query.size(0) == 0) return out;
-  const Pools pools{key_cache.data_ptr<BF16>(), value_cache.data_ptr<BF16>(), key_cache.stride(0),
-                    key_cache.stride(2), key_cache.stride(3), value_cache.stride(0),
-                    value_cache.stride(2), value_cache.stride(1), block_size};
+template <typename C, typename S>
+void dispatch_groups(const at::Tensor& query, const Pools<C, S>& pools, const at::Tensor& tables,
+                     const at::Tensor& cu, const at::Tensor& ctx, int64_t kv_heads, double scale,
+                     at::Tensor& out) {
   auto run = [&](auto groups_tag) {
     constexpr int kGroups = decltype(groups_tag)::value;
     run_prefill<kGroups>(query, pools, tables.data_ptr<int64_t>(), tables.size(1),
-                         cu.data_ptr<int64_t>(), ctx.data_ptr<int64_t>(), num_seqs, kv_heads,
+                         cu.data_ptr<int64_t>(), ctx.data_ptr<int64_t>(), ctx.size(0), kv_heads,
                          static_cast<float>(scale), out);
   };
-  switch (groups) {
+  switch (query.size(1) / kv_heads) {
     case 1: run(std::integral_constant<int, 1>{}); break;
     case 2: run(std::integral_constant<int, 2>{}); break;
     case 3: run(std::integral_constant<int, 3>{}); break;
@@ -252,6 +281,57 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& ke
     case 7: run(std::integral_constant<int, 7>{}); break;
     default: run(std::integral_constant<int, 8>{}); break;
   }
+}
+#endif
+
+// query: [T, H, D] bf16 (the chunks of a step, back to back); pools: [num_blocks, block_size,
+// KVH, D], bf16 or int8 codes (with scale pools [num_blocks, block_size, KVH], tokens at unit
+// stride), keys token-minor; cu_seqlens: [S + 1]; context_lens: [S] (prefix + chunk);
+// block_tables: [S, max_blocks]. Returns [T, H, D] bf16.
+at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& key_cache,
+                                   const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                   const at::Tensor& cu_seqlens, const at::Tensor& context_lens,
+                                   double scale, const std::optional<at::Tensor>& key_scale,
+                                   const std::optional<at::Tensor>& value_scale) {
+  TORCH_CHECK(has_bf16_prefill_attention(), "paged_prefill_attention needs AVX512-BF16");
+#ifdef HEADRACE_PREFILL_BF16
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.scalar_type() == at::kBFloat16,
+              "query: [T, H, D] bf16 with a unit last stride");
+  TORCH_CHECK(key_cache.stride(1) == 1 && value_cache.stride(3) == 1,
+              "keys token-minor, values token-major");
+  const int64_t dim = query.size(2), kv_heads = key_cache.size(2), groups = query.size(1) / kv_heads;
+  const int64_t block_size = key_cache.size(1);
+  TORCH_CHECK(dim % 32 == 0 && dim <= kMaxDim && block_size % kKeys == 0);
+  TORCH_CHECK(query.size(1) % kv_heads == 0 && groups >= 1 && groups <= 8, "1-8 query heads per kv head");
+  const at::Tensor tables = block_tables.to(at::kLong).contiguous();
+  const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
+  const at::Tensor ctx = context_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(cu.size(0) == ctx.size(0) + 1 && tables.size(0) == ctx.size(0));
+  at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
+  if (query.size(0) == 0) return out;
+  const int64_t kb = key_cache.stride(0), kh = key_cache.stride(2), kd = key_cache.stride(3);
+  const int64_t vb = value_cache.stride(0), vh = value_cache.stride(2), vt = value_cache.stride(1);
+  if (key_cache.scalar_type() == at::kChar) {
+    TORCH_CHECK(value_cache.scalar_type() == at::kChar && key_scale && value_scale,
+                "int8 pages need scale pools");
+    TORCH_CHECK(key_scale->strides() == value_scale->strides() && key_scale->stride(1) == 1,
+                "scale pools: tokens at unit stride, keys and values alike");
+    HEADRACE_DISPATCH_FLOAT(key_scale->scalar_type(), "prefill_int8", [&] {
+      Pools<int8_t, scalar_t> pools{key_cache.data_ptr<int8_t>(), value_cache.data_ptr<int8_t>(),
+                                    kb, kh, kd, vb, vh, vt, block_size};
+      pools.ks = key_scale->data_ptr<scalar_t>();
+      pools.vs = value_scale->data_ptr<scalar_t>();
+      pools.s_block = key_scale->stride(0);
+      pools.s_head = key_scale->stride(2);
+      dispatch_groups(query, pools, tables, cu, ctx, kv_heads, scale, out);
+    });
+    return out;
+  }
+  TORCH_CHECK(key_cache.scalar_type() == at::kBFloat16 && value_cache.scalar_type() == at::kBFloat16,
+              "pages: bf16, or int8 with scale pools");
+  const Pools<BF16, float> pools{key_cache.data_ptr<BF16>(), value_cache.data_ptr<BF16>(),
+                                 kb, kh, kd, vb, vh, vt, block_size};
+  dispatch_groups(query, pools, tables, cu, ctx, kv_heads, scale, out);
   return out;
 #else
   return query;
@@ -264,7 +344,8 @@ TORCH_LIBRARY_FRAGMENT(headrace_cpu, m) {
   m.def("has_bf16_prefill_attention() -> bool");
   m.def(
       "paged_prefill_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
-      "Tensor block_tables, Tensor cu_seqlens, Tensor context_lens, float scale) -> Tensor");
+      "Tensor block_tables, Tensor cu_seqlens, Tensor context_lens, float scale, "
+      "Tensor? key_scale=None, Tensor? value_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {

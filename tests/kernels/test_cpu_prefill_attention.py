@@ -1,5 +1,6 @@
 """The AVX512-BF16 prefill attention kernel (`kernels/cpu/prefill_attention.cpp`) against
-float32 causal attention over the same cached K/V, and its dispatch from `ops.kv_cache`."""
+float32 causal attention over the same cached K/V (bf16 pages, or int8 codes times their
+scales), and its dispatch from `ops.kv_cache`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ops import cpu_kernels
 from ops import kv_cache as kv_ops
 from tests.kernels.paged_data import make_paged_kv
 from tests.markers import needs_bf16_prefill_attention
 
 pytestmark = needs_bf16_prefill_attention
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    # The skip above is for CPUs without AVX512-BF16; a build that fails must not pass as one.
+    assert cpu_kernels.load(), "the CPU kernels did not build (see the log)"
 
 
 def _expected(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -37,6 +45,7 @@ def _run(
     dim: int,
     block_size: int = 16,
     poison: bool = False,
+    int8: bool = False,
 ) -> None:
     paged = make_paged_kv(
         lengths,
@@ -44,7 +53,7 @@ def _run(
         kv_heads,
         dim,
         torch.bfloat16,
-        False,
+        int8,
         torch.device("cpu"),
         head_major=True,
         token_minor_keys=True,
@@ -53,8 +62,10 @@ def _run(
         for n, table in zip(lengths, paged.block_tables.tolist(), strict=True):
             if n % block_size:
                 page = table[(n - 1) // block_size]
-                paged.key_cache[page, n % block_size :] = float("nan")
-                paged.value_cache[page, n % block_size :] = float("nan")
+                for pool in (paged.key_cache, paged.value_cache):
+                    pool[page, n % block_size :] = 127 if int8 else float("nan")
+                for pool in (paged.key_scales, paged.value_scales) if int8 else ():
+                    pool[page, n % block_size :] = float("nan")
     gen = torch.Generator().manual_seed(7)
     query = torch.randn(sum(chunks), heads, dim, generator=gen).to(torch.bfloat16)
     cu = [0]
@@ -73,6 +84,8 @@ def _run(
         lengths,
         paged.block_tables,
         scale,
+        paged.key_scales,
+        paged.value_scales,
     )
     assert out.shape == query.shape and out.dtype == torch.bfloat16
     direct = torch.ops.headrace_cpu.paged_prefill_attention(
@@ -83,6 +96,8 @@ def _run(
         torch.tensor(cu),
         torch.tensor(lengths),
         scale,
+        paged.key_scales,
+        paged.value_scales,
     )
     assert torch.equal(out, direct), "ops.kv_cache did not take the kernel"
     tol = 2 * torch.finfo(torch.bfloat16).eps
@@ -98,19 +113,25 @@ LENGTHS = [1, 16, 17, 40, 100, 203]
 CHUNKS = [1, 16, 5, 40, 33, 150]
 
 
+INT8 = pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+
+
+@INT8
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 2), (10, 2), (16, 2), (14, 2)])
-def test_matches_causal_attention_over_the_pages(heads: int, kv_heads: int) -> None:
-    _run(LENGTHS, CHUNKS, heads, kv_heads, 64)
+def test_matches_causal_attention_over_the_pages(heads: int, kv_heads: int, int8: bool) -> None:
+    _run(LENGTHS, CHUNKS, heads, kv_heads, 64, int8=int8)
 
 
+@INT8
 @pytest.mark.parametrize("dim", [32, 96, 128])
-def test_head_dims(dim: int) -> None:
-    _run(LENGTHS, CHUNKS, 6, 2, dim)
+def test_head_dims(dim: int, int8: bool) -> None:
+    _run(LENGTHS, CHUNKS, 6, 2, dim, int8=int8)
 
 
+@INT8
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_slots_past_the_context_never_reach_the_output(block_size: int) -> None:
-    _run(LENGTHS, CHUNKS, 9, 3, 64, block_size, poison=True)
+def test_slots_past_the_context_never_reach_the_output(block_size: int, int8: bool) -> None:
+    _run(LENGTHS, CHUNKS, 9, 3, 64, block_size, poison=True, int8=int8)
 
 
 def test_a_query_gets_the_same_result_whatever_chunk_it_arrives_in() -> None:

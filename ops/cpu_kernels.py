@@ -149,3 +149,12 @@ def use_cpu_kernels(tensor: torch.Tensor) -> bool:
 def has_bf16_prefill_attention() -> bool:
     """Whether the kernels were built with `paged_prefill_attention` (AVX512-BF16 hosts)."""
     return available() and bool(torch.ops.headrace_cpu.has_bf16_prefill_attention())
+
+
+@functools.cache
+def use_bf16_prefill_attention() -> bool:
+    """Whether prefill attention should take that kernel: AVX512-BF16 hosts whose GEMMs run
+    on vdpbf16ps, where it measured 1.1x end to end over SDPA. Not on AMX hosts (unmeasured
+    there): SDPA's flash kernel multiplies its blocks on AMX tiles, and an earlier vector
+    kernel of ours ran 2.8x slower than it on such a host (README, prefix caching)."""
+    return has_bf16_prefill_attention() and torch.ops.headrace_cpu.gemm_kernel() != "amx"

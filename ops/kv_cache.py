@@ -380,8 +380,9 @@ def _bf16_prefill_kernel_fits(
 ) -> bool:
     """Whether the AVX512-BF16 prefill kernel takes this step (kernels/cpu/prefill_attention.cpp):
     bf16 query, bf16 pages or int8 ones (scale pools with tokens at unit stride), token-minor
-    keys, 16-token slices, whole 32-dim vectors, 1-8 query heads per kv head. Elsewhere
-    (float32, float16, AVX2 hosts) the torch path runs."""
+    keys, 16-token slices, whole 32-dim vectors, 1-8 query heads per kv head, on the hosts
+    `cpu_kernels.use_bf16_prefill_attention` names. Elsewhere (float32, float16, AVX2 and AMX
+    hosts) the torch path runs."""
     head_dim, kv_heads = query.shape[2], key_cache.shape[2]
     pages = torch.int8 if key_scale_cache is not None else torch.bfloat16
     return (
@@ -389,7 +390,7 @@ def _bf16_prefill_kernel_fits(
         and key_cache.dtype == value_cache.dtype == pages
         and (key_scale_cache is None or key_scale_cache.stride(1) == 1)
         and use_cpu_kernels(query)
-        and cpu_kernels.has_bf16_prefill_attention()
+        and cpu_kernels.use_bf16_prefill_attention()
         and key_cache.stride(1) == 1
         and value_cache.stride(3) == 1
         and key_cache.shape[1] % 16 == 0

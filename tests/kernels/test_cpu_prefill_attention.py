@@ -99,12 +99,13 @@ def _run(
         paged.key_scales,
         paged.value_scales,
     )
-    assert torch.equal(out, direct), "ops.kv_cache did not take the kernel"
+    if cpu_kernels.use_bf16_prefill_attention():  # not on AMX hosts, which keep SDPA
+        assert torch.equal(out, direct), "ops.kv_cache did not take the kernel"
     tol = 2 * torch.finfo(torch.bfloat16).eps
     for i in range(len(lengths)):
         k, v = paged.dequantized(i)
         expected = _expected(query[cu[i] : cu[i + 1]], k, v, scale)
-        torch.testing.assert_close(out[cu[i] : cu[i + 1]].float(), expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(direct[cu[i] : cu[i + 1]].float(), expected, rtol=tol, atol=tol)
 
 
 # Whole prompts (chunk == context), chunks after a cached prefix (ending mid-page, on a page

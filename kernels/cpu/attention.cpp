@@ -465,17 +465,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache,
     });
   };
   // The usual GQA ratios get accumulators in registers; any other takes the generic path.
-  switch (groups) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 3: run(std::integral_constant<int, 3>{}); break;
-    case 4: run(std::integral_constant<int, 4>{}); break;
-    case 5: run(std::integral_constant<int, 5>{}); break;
-    case 6: run(std::integral_constant<int, 6>{}); break;
-    case 7: run(std::integral_constant<int, 7>{}); break;
-    case 8: run(std::integral_constant<int, 8>{}); break;
-    default: run(std::integral_constant<int, 0>{}); break;
-  }
+  with_gqa_ratio(groups, run);
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,

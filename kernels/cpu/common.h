@@ -298,6 +298,23 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
 
 // x ← softmax(x), in place, float32 (vectorized exp: a scalar one cost more than the dot
 // products of decode attention).
+// f(std::integral_constant<int, G>{}) for a GQA ratio of 1-8 query heads per kv head (their
+// accumulators sized at compile time), G = 0 for any other (the caller's generic path).
+template <typename F>
+inline void with_gqa_ratio(int64_t groups, const F& f) {
+  switch (groups) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 inline void softmax_inplace(float* x, int64_t n) {
   const float max = at::vec::reduce_all<float>(
       [](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);

@@ -1,6 +1,6 @@
-// Causal prefill attention over paged K/V (bf16, or int8 codes with scales) on AVX512-BF16 (Zen 4, Cooper Lake, Sapphire
-// Rapids): every chunk of a step attends to its sequence's cached tokens (prefix + itself),
-// read in place from the pages, with the dot products on vdpbf16ps.
+// Causal prefill attention over paged K/V (bf16, or int8 codes with scales) on AVX512-BF16
+// (Zen 4, Cooper Lake): every chunk of a step attends to its sequence's cached tokens (prefix
+// + itself), read in place from the pages, with the dot products on vdpbf16ps.
 //
 // Why: the torch path (ops/attention.py: one SDPA call per sequence, a gather and a masked
 // SDPA after a cached prefix, a copy into the output) was ~13% of the mixed benchmark on a
@@ -14,8 +14,9 @@
 // float32 sums, the output rounded once. Every query's result depends only on its own keys,
 // in the same order, whatever chunk it arrives in.
 //
-// The torch reference is ops/attention.py `prefill_attention`; tests/kernels/test_cpu_kernels.py
-// compares them. Layouts as attention.cpp: token-minor key pages ([head_dim, block_size] per
+// The torch path it replaces is ops/attention.py `prefill_attention`;
+// tests/kernels/test_cpu_prefill_attention.py compares the kernel with float32 causal attention
+// over the same pages. Layouts as attention.cpp: token-minor key pages ([head_dim, block_size] per
 // page and head, block_size % 16 == 0), token-major value pages.
 #include <atomic>
 
@@ -124,11 +125,15 @@ void attend_tile(const Pools<C, S>& pools, const int64_t* table, int64_t kv_head
                  int64_t p0, int64_t rows_pos, const BF16* q, int64_t qs0, int64_t qs1, BF16* out,
                  int64_t os0, int64_t os1, int64_t dim, float scale) {
   constexpr int kRows = kGroups * kPos;
+  constexpr bool kInt8 = std::is_same_v<C, int8_t>;
   const int64_t half = dim / 2, vecs = dim / 16;
+  // Row r: position r / kGroups of the tile (rows past the chunk's end repeat its last
+  // position, and are not written), query head r % kGroups of the kv head.
+  int64_t pos[kRows];
   alignas(64) uint32_t qp[kRows][kMaxDim / 2];
   for (int r = 0; r < kRows; ++r) {
-    const int64_t pos = std::min<int64_t>(p0 + r / kGroups, p0 + rows_pos - 1);
-    std::memcpy(qp[r], q + pos * qs0 + (kv_head * kGroups + r % kGroups) * qs1, dim * sizeof(BF16));
+    pos[r] = std::min<int64_t>(p0 + r / kGroups, p0 + rows_pos - 1);
+    std::memcpy(qp[r], q + pos[r] * qs0 + (kv_head * kGroups + r % kGroups) * qs1, dim * sizeof(BF16));
   }
   alignas(64) float acc[kRows][kMaxDim];
   alignas(64) uint32_t pp[kRows][kKeys / 2];
@@ -146,7 +151,6 @@ void attend_tile(const Pools<C, S>& pools, const int64_t* table, int64_t kv_head
   for (int64_t k0 = 0; k0 <= last_key; k0 += kKeys) {
     const int64_t page = table[k0 / pools.block_size], off = k0 % pools.block_size;
     key_pairs(pools.k + page * pools.k_block + kv_head * pools.k_head + off, pools.k_dim, half, kp);
-    constexpr bool kInt8 = std::is_same_v<C, int8_t>;
     const int64_t valid = last_key + 1 - k0;  // keys of this block any row may see
     Vec kscale = vscale, vscale_k(1.0f);
     if constexpr (kInt8) {
@@ -163,7 +167,7 @@ void attend_tile(const Pools<C, S>& pools, const int64_t* table, int64_t kv_head
       }
     }
     for (int r = 0; r < kRows; ++r) {
-      const int64_t qpos = prefix + std::min<int64_t>(p0 + r / kGroups, p0 + rows_pos - 1);
+      const int64_t qpos = prefix + pos[r];
       Vec x = Vec(s[r]) * kscale;
       if (k0 + kKeys - 1 > qpos) {  // the causal edge: keys past the query's position
         const __mmask16 past = _mm512_cmpgt_epi32_mask(
@@ -205,7 +209,7 @@ void attend_tile(const Pools<C, S>& pools, const int64_t* table, int64_t kv_head
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(l[r]));
     for (int64_t z = 0; z < dim / 32; ++z) {
       const __m512 lo = _mm512_load_ps(acc[r] + 32 * z), hi = _mm512_load_ps(acc[r] + 32 * z + 16);
-      if constexpr (std::is_same_v<C, int8_t>) {
+      if constexpr (kInt8) {
         _mm512_store_ps(row + 32 * z, _mm512_mul_ps(lo, inv));
         _mm512_store_ps(row + 32 * z + 16, _mm512_mul_ps(hi, inv));
       } else {
@@ -213,8 +217,7 @@ void attend_tile(const Pools<C, S>& pools, const int64_t* table, int64_t kv_head
         _mm512_store_ps(row + 32 * z + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), inv));
       }
     }
-    const int64_t pos = p0 + r / kGroups;
-    from_float(row, out + pos * os0 + (kv_head * kGroups + r % kGroups) * os1, dim);
+    from_float(row, out + pos[r] * os0 + (kv_head * kGroups + r % kGroups) * os1, dim);
   }
 }
 
@@ -265,22 +268,15 @@ template <typename C, typename S>
 void dispatch_groups(const at::Tensor& query, const Pools<C, S>& pools, const at::Tensor& tables,
                      const at::Tensor& cu, const at::Tensor& ctx, int64_t kv_heads, double scale,
                      at::Tensor& out) {
-  auto run = [&](auto groups_tag) {
+  // The caller checked 1-8 query heads per kv head: no generic path (G = 0) here.
+  with_gqa_ratio(query.size(1) / kv_heads, [&](auto groups_tag) {
     constexpr int kGroups = decltype(groups_tag)::value;
-    run_prefill<kGroups>(query, pools, tables.data_ptr<int64_t>(), tables.size(1),
-                         cu.data_ptr<int64_t>(), ctx.data_ptr<int64_t>(), ctx.size(0), kv_heads,
-                         static_cast<float>(scale), out);
-  };
-  switch (query.size(1) / kv_heads) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 3: run(std::integral_constant<int, 3>{}); break;
-    case 4: run(std::integral_constant<int, 4>{}); break;
-    case 5: run(std::integral_constant<int, 5>{}); break;
-    case 6: run(std::integral_constant<int, 6>{}); break;
-    case 7: run(std::integral_constant<int, 7>{}); break;
-    default: run(std::integral_constant<int, 8>{}); break;
-  }
+    if constexpr (kGroups > 0) {
+      run_prefill<kGroups>(query, pools, tables.data_ptr<int64_t>(), tables.size(1),
+                           cu.data_ptr<int64_t>(), ctx.data_ptr<int64_t>(), ctx.size(0), kv_heads,
+                           static_cast<float>(scale), out);
+    }
+  });
 }
 #endif
 

@@ -303,11 +303,12 @@ void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t
   // step come from DRAM, and a stream fetched only as the first chunk reaches it left that
   // chunk waiting (lm_head at 64 rows: 0.7x oneDNN's speed before, ~1x after).
   const int64_t pf_lines = (group_bytes / 64 + kblocks * chunks - 1) / (kblocks * chunks);
-  // One chunk (<= 12 rows, decode steps of a few sequences) is bound by the weight stream,
-  // which runs faster prefetched into L2 (1 row, SmolLM2's 212 MB of layer weights, 2 threads
-  // on Zen 4: 22.7 -> 25.9 GB/s); with several chunks the later ones reread each line, and
-  // prefetching into L1 is faster (64 rows: 8%).
-  const bool pf_l2 = chunks == 1;
+  // One or two chunks (<= 24 rows, decode steps of a few sequences) are bound by the weight
+  // stream, which runs faster prefetched into L2 (1 row, SmolLM2's 212 MB of layer weights,
+  // 2 threads on Zen 4: 22.7 -> 25.9 GB/s; 16 rows 15.4 -> 12.7 ms and 24 rows 16.9 -> 15.2
+  // ms for the 120 projections, alternating in one process); with more chunks the later ones
+  // reread each line, and prefetching into L1 is faster (64 rows: 8%).
+  const bool pf_l2 = chunks <= 2;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[kDotRows * 32];
     for (int64_t g = begin; g < end; ++g) {

@@ -28,7 +28,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -152,6 +152,28 @@ def _best(results: Sequence[Result]) -> list[Result]:
         if r.workload not in best or r.output_tok_s > best[r.workload].output_tok_s:
             best[r.workload] = r
     return list(best.values())
+
+
+def median_of_rounds(rounds: Sequence[Sequence[Result]]) -> list[Result]:
+    """Per (engine, workload), the run of median output tok/s over the rounds (the lower of
+    the two middle ones for an even count), its note listing every round's figure.
+
+    Rounds alternate the engines, so a slow spell of a shared host (+-30% between minutes on
+    the 2-core VMs this runs on) falls on one round of each engine, not on one engine.
+    """
+    runs: dict[tuple[str, str], list[Result]] = {}
+    for results in rounds:
+        for r in results:
+            runs.setdefault((r.engine, r.workload), []).append(r)
+    out = []
+    for group in runs.values():
+        ordered = sorted(group, key=lambda r: r.output_tok_s)
+        mid = ordered[(len(ordered) - 1) // 2]
+        if len(group) > 1:
+            figures = " / ".join(_fmt(r.output_tok_s) for r in group)
+            mid = replace(mid, note=f"{mid.note}; median of {len(group)} rounds: {figures}")
+        out.append(mid)
+    return out
 
 
 def _p50_ms(values: Sequence[float]) -> float | None:
@@ -650,6 +672,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="llama.cpp -fa values to try (on, off, auto); the best is reported",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every engine this many times, alternating, and report each one's median",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="one JSON object on stdout (tables go to stderr)"
     )
     args = parser.parse_args(argv)
@@ -715,9 +743,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         {w.label: w.name for w in workloads},
         [],
     )
-    for engine in engines:
-        _log(f"running {engine}")
-        report.results.extend(runners[engine]())
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    rounds: list[list[Result]] = []
+    for i in range(args.rounds):
+        rounds.append([])
+        for engine in engines:
+            _log(f"round {i + 1}/{args.rounds}: running {engine}")
+            rounds[-1].extend(runners[engine]())
+    report.results = median_of_rounds(rounds)
     report.print_tables(sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(asdict(report)))

@@ -171,7 +171,8 @@ def median_of_rounds(rounds: Sequence[Sequence[Result]]) -> list[Result]:
         mid = ordered[(len(ordered) - 1) // 2]
         if len(group) > 1:
             figures = " / ".join(_fmt(r.output_tok_s) for r in group)
-            mid = replace(mid, note=f"{mid.note}; median of {len(group)} rounds: {figures}")
+            rounds_note = f"median of {len(group)} rounds: {figures}"
+            mid = replace(mid, note=f"{mid.note}; {rounds_note}" if mid.note else rounds_note)
         out.append(mid)
     return out
 

@@ -296,8 +296,6 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// x ← softmax(x), in place, float32 (vectorized exp: a scalar one cost more than the dot
-// products of decode attention).
 // f(std::integral_constant<int, G>{}) for a GQA ratio of 1-8 query heads per kv head (their
 // accumulators sized at compile time), G = 0 for any other (the caller's generic path).
 template <typename F>
@@ -315,6 +313,8 @@ inline void with_gqa_ratio(int64_t groups, const F& f) {
   }
 }
 
+// x ← softmax(x), in place, float32 (vectorized exp: a scalar one cost more than the dot
+// products of decode attention).
 inline void softmax_inplace(float* x, int64_t n) {
   const float max = at::vec::reduce_all<float>(
       [](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n);

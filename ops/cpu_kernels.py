@@ -28,6 +28,7 @@ SOURCES = (
     "decode_layers.cpp",
     "elementwise.cpp",
     "gemm.cpp",
+    "logit_screen.cpp",
     "prefill_attention.cpp",
     "quant.cpp",
 )

@@ -108,6 +108,35 @@ inline std::vector<float> widen_rows(const char* a, int64_t m, int64_t lda, int6
   return wide;
 }
 
+// The first index of the row's maximum (NaN counts as the maximum, as in torch.argmax).
+inline int64_t first_argmax(const float* row, int64_t n) {
+  const float max = at::vec::reduce_all<float>(
+      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, n);
+  int64_t index = 0;
+  if (std::isnan(max)) {
+    while (!std::isnan(row[index])) ++index;
+  } else {
+    while (row[index] != max) ++index;
+  }
+  return index;
+}
+
+// Lanes of a >= b (ordered: NaN compares false) as bits, lane i in bit i.
+inline int ge_mask(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return static_cast<int>(_mm512_cmp_ps_mask(a, b, _CMP_GE_OQ));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ));
+#else
+  float x[Vec::size()], y[Vec::size()];
+  a.store(x);
+  b.store(y);
+  int mask = 0;
+  for (int64_t i = 0; i < Vec::size(); ++i) mask |= (x[i] >= y[i]) << i;
+  return mask;
+#endif
+}
+
 // Round to T (nearest even); at::vec's vector conversion (a scalar c10 rounding per element
 // was the largest cost of the row kernels at prefill sizes).
 template <typename T>

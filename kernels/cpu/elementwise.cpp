@@ -209,19 +209,6 @@ TORCH_LIBRARY_IMPL(headrace_cpu, CPU, m) {
 namespace headrace_cpu {
 namespace {
 
-// The first index of the row's maximum (NaN counts as the maximum, as in torch.argmax).
-inline int64_t first_argmax(const float* row, int64_t n) {
-  const float max = at::vec::reduce_all<float>(
-      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, n);
-  int64_t index = 0;
-  if (std::isnan(max)) {
-    while (!std::isnan(row[index])) ++index;
-  } else {
-    while (row[index] != max) ++index;
-  }
-  return index;
-}
-
 template <typename T>
 void argmax_impl(const at::Tensor& x, at::Tensor& out) {
   const int64_t rows = x.size(0), n = x.size(1);

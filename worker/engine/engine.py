@@ -330,7 +330,8 @@ class Engine:
         try:
             while seq.num_computed_tokens < len(token_ids):
                 n = min(chunk_size, len(token_ids) - seq.num_computed_tokens)
-                logits, _ = self.runner.execute([ScheduledChunk(seq, n)], all_logits=True)
+                step, _ = self.runner.execute([ScheduledChunk(seq, n)], all_logits=True)
+                logits = step.full()
                 rows.append(logits.float())
                 seq.num_computed_tokens += n
         finally:

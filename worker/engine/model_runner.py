@@ -23,6 +23,7 @@ from ops.kv_cache import (
 )
 from worker.config import CacheConfig
 from worker.engine.cuda_graphs import DecodeGraphs
+from worker.engine.logits import StepLogits
 from worker.engine.scheduler import ScheduledChunk
 from worker.models.attention import AttentionMetadata, DecodeGroup, LayerKVCache
 from worker.models.llama import LlamaForCausalLM
@@ -130,12 +131,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, chunks: Seq[ScheduledChunk], all_logits: bool = False
-    ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+    ) -> tuple[StepLogits, list[ScheduledChunk]]:
         """Run one forward pass over `chunks`.
 
         Returns:
-            logits [num_sampled, vocab] (model dtype) and the chunks they belong to
-            (those that reach their sequence's last token), in that row order.
+            the logits of the sampled positions ([num_sampled, vocab], computed as the
+            sampler asks) and the chunks they belong to (those that reach their sequence's
+            last token), in that row order.
             With `all_logits` (teacher-forced scoring): logits of every token of the step,
             [num_tokens, vocab], prefill chunks first in their given order, then decodes.
         """
@@ -172,9 +174,10 @@ class ModelRunner:
         else:
             meta = self._metadata(prefills, decodes, slots)
             hidden = self.model(self._long(input_ids), self._long(positions), self.kv_caches, meta)
+        vocab = self.model.args.vocab_size
         if all_logits:
-            return self.model.compute_logits(hidden), ordered
-        logits = self.model.compute_logits(hidden[self._long(sample_rows)])
+            return StepLogits(self.model, hidden, vocab), ordered
+        logits = StepLogits(self.model, hidden[self._long(sample_rows)], vocab)
         return logits, [c for c in ordered if c.samples]
 
     def _metadata(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ops.sampling import argmax, invert_cdf, sample_rows
+from worker.engine.logits import StepLogits
 from worker.engine.sequence import Sequence, TokenLogprobs
 from worker.params import SamplingParams
 
@@ -57,11 +58,33 @@ class Sampler:
     @torch.inference_mode()
     def __call__(
         self,
-        logits: torch.Tensor,
+        logits: torch.Tensor | StepLogits,
         seqs: abc.Sequence[Sequence],
         eos_token_ids: frozenset[int],
     ) -> SamplerOutput:
-        """logits: [len(seqs), >= vocab_size], any float dtype; extra (padded) columns are ignored."""
+        """logits: [len(seqs), >= vocab_size], any float dtype (extra, padded columns are
+        ignored), or a step's `StepLogits`: its plainly greedy rows (`_plain_greedy`) then
+        take the model's `greedy_tokens` where it has a logit screen, the rest full rows."""
+        if isinstance(logits, torch.Tensor):
+            return self._from_rows(logits, seqs, eos_token_ids)
+        plain = [i for i, s in enumerate(seqs) if logits.screened and _plain_greedy(s)]
+        if not plain:
+            return self._from_rows(logits.full(), seqs, eos_token_ids)
+        token_ids = [0] * len(seqs)
+        lps: list[TokenLogprobs | None] = [None] * len(seqs)
+        for i, token in zip(plain, logits.argmax(plain), strict=True):
+            token_ids[i] = token
+        rest = sorted(set(range(len(seqs))) - set(plain))
+        if rest:
+            out = self._from_rows(logits.rows(rest), [seqs[i] for i in rest], eos_token_ids)
+            for i, token, lp in zip(rest, out.token_ids, out.logprobs, strict=True):
+                token_ids[i], lps[i] = token, lp
+        return SamplerOutput(token_ids, lps)
+
+    def _from_rows(
+        self, logits: torch.Tensor, seqs: abc.Sequence[Sequence], eos_token_ids: frozenset[int]
+    ) -> SamplerOutput:
+        """Every row from its full logits: [len(seqs), >= vocab_size], any float dtype."""
         # Greedy rows without penalties take the argmax of the raw logits: widening
         # [rows, 49k] bf16 logits to float32 first cost more than the argmax.
         raw = logits[:, : self.vocab_size]
@@ -269,6 +292,19 @@ def _logprobs(
         top = tuple(zip(top_i[j][:n], top_v[j][:n], strict=True))
         out[i] = TokenLogprobs(token_id=token_ids[i], logprob=chosen[j], top=top)
     return out
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """A greedy row that needs only its argmax: no penalty or min_tokens mask changes its
+    logits (`apply_penalties`) and it asks for no logprobs."""
+    p = seq.params
+    return (
+        p.temperature < _GREEDY_EPS
+        and p.repetition_penalty == 1.0
+        and not ((p.presence_penalty or p.frequency_penalty) and seq.output_token_ids)
+        and seq.num_output_tokens >= p.min_tokens
+        and p.logprobs is None
+    )
 
 
 def _has_filter(p: SamplingParams, vocab: int) -> bool:

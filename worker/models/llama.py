@@ -15,6 +15,7 @@ from torch import nn
 from ops.activation import silu_and_mul
 from ops.decode_layers import ProjectionOperands
 from ops.linear import PackedCopy, gated_packed_weight, linear, linear_silu, packed_weight
+from ops.logit_screen import LogitScreen, build_logit_screen, screened_argmax
 from ops.norm import fused_add_rms_norm, rms_norm
 from ops.rotary import apply_rotary_at
 from worker.models.attention import AttentionMetadata, LayerKVCache, PagedAttention
@@ -240,6 +241,7 @@ class LlamaForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.fused_decode = FusedDecode()  # decode-only steps in one C++ call, where it runs
+        self.logit_screen: LogitScreen | None = None  # `enable_logit_screen`
 
     def forward(
         self,
@@ -278,3 +280,18 @@ class LlamaForCausalLM(nn.Module):
         """hidden: [S, hidden] (only the positions being sampled) → logits [S, vocab] in the
         model dtype (the sampler widens what it needs: greedy rows never are)."""
         return self.lm_head(hidden)
+
+    def enable_logit_screen(self) -> bool:
+        """From now on, `greedy_tokens` rules out most of the vocabulary with an int8 copy of
+        the lm_head (ops.logit_screen) and scores the rest exactly; False where that cannot
+        run (the lm_head then computes every logit). Call once the weights are final."""
+        self.logit_screen = build_logit_screen(self.lm_head.weight)
+        return self.logit_screen is not None
+
+    def greedy_tokens(self, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+        """hidden: [S, hidden] → [S] int64, each row's first largest logit among the first
+        `vocab`: of the float32 logits with a logit screen, else of `compute_logits`."""
+        screen = self.logit_screen
+        if screen is None:
+            return self.compute_logits(hidden)[:, :vocab].argmax(dim=-1)
+        return screened_argmax(hidden.to(screen.weight.dtype), screen, vocab)

@@ -120,6 +120,11 @@ def load_model(
             gemm_dtype,
             _mib(model),
         )
+    scheme = stored.scheme if stored is not None else asked
+    if scheme == "w8a8" and model.enable_logit_screen():
+        # Greedy rows' tokens from an int8 copy of the lm_head, checked exactly: with int8
+        # layers, a bf16 lm_head was up to half of a step (ops.logit_screen).
+        log.info("greedy tokens through an int8 screen of the lm_head (exact argmax)")
     return model
 
 

@@ -280,15 +280,12 @@ at::Tensor packed_linear_int8_silu(const at::Tensor& x, const at::Tensor& x_scal
 }
 
 // Which driver `packed_linear_*` run on: "amx", "avx512" (VNNI + BF16 dot products),
-// "avx512vnni" (VNNI for int8, FMAs on widened bf16), "avx2" (FMA and vpmaddubsw) or "".
+// "avx512vnni" (VNNI for int8, FMAs on widened bf16: CPUs without AVX512-BF16 or with a slow
+// vdpbf16ps, gemm::bf16_on_fma), "avx2" (FMA and vpmaddubsw) or "".
 std::string gemm_kernel() {
   if (gemm::amx_ready()) return "amx";
 #ifdef HEADRACE_AVX512_DOT
-#ifdef HEADRACE_AVX512_BF16
-  return "avx512";
-#else
-  return "avx512vnni";
-#endif
+  return gemm::bf16_on_fma() ? "avx512vnni" : "avx512";
 #endif
   return gemm::avx2_ready() ? "avx2" : "";
 }

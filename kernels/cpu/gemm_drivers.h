@@ -14,13 +14,15 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
 #define HEADRACE_AMX 1
 #include <sys/syscall.h>
-
-#include <cstdlib>
-#include <string>
 #include <unistd.h>
 #endif
+
+#include <chrono>
+#include <cstdlib>
+#include <string>
+
 // The AVX-512 driver needs VNNI (int8); its bf16 GEMM runs on vdpbf16ps where the CPU has
-// AVX512-BF16, else on FMAs (`fma_tile`).
+// AVX512-BF16 and issues it fast enough (`bf16_on_fma`), else on FMAs (`fma_tile`).
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HEADRACE_AVX512_DOT 1
 #if defined(__AVX512BF16__)
@@ -53,6 +55,66 @@ inline bool dot_ready() {
   return true;
 #else
   return false;
+#endif
+}
+
+#ifdef HEADRACE_AVX512_BF16
+// Issue rate (instructions per second, best of a few tries) of `kChains` independent
+// accumulator chains of vdpbf16ps (Dot) or vfmadd231ps on one core.
+template <bool Dot>
+double issue_rate() {
+  constexpr int kChains = 24, kIters = 4000;
+  __m512 c[kChains];
+  for (int i = 0; i < kChains; ++i) c[i] = _mm512_set1_ps(1e-3f * i);
+  __m512 a = _mm512_set1_ps(1.0f), b = _mm512_set1_ps(0.5f);
+  double best = 0.0;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int n = 0; n < kIters; ++n) {
+#pragma GCC unroll 24
+      for (int i = 0; i < kChains; ++i) {
+        if constexpr (Dot) {
+          c[i] = _mm512_dpbf16_ps(c[i], (__m512bh)_mm512_castps_si512(a),
+                                  (__m512bh)_mm512_castps_si512(b));
+        } else {
+          c[i] = _mm512_fmadd_ps(a, b, c[i]);
+        }
+      }
+      __asm__ volatile("" : "+v"(a));  // keeps the loop from being folded
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, kChains * static_cast<double>(kIters) / s);
+  }
+  float sink = 0.0f;
+  for (int i = 0; i < kChains; ++i) sink += _mm512_reduce_add_ps(c[i]);
+  __asm__ volatile("" : : "x"(sink));
+  return best;
+}
+#endif
+
+// bf16 GEMMs on FMAs over widened weights (`fma_tile`) instead of vdpbf16ps: where the CPU
+// lacks AVX512-BF16, and where it issues vdpbf16ps (32 multiply-adds) at under half the rate
+// of FMAs (16): on a 2-core Xeon (model 207, AVX512-BF16 without AMX) 1.35 G/s against 5.5
+// G/s per core, and the FMA route ran prefill-sized bf16 GEMMs ~1.8x faster. Measured once
+// (a few ms, at the first bf16 GEMM); HEADRACE_CPU_BF16=fma|dot decides instead.
+inline bool bf16_on_fma() {
+#ifndef HEADRACE_AVX512_BF16
+  return true;
+#else
+  static const bool fma = [] {
+    const char* forced = std::getenv("HEADRACE_CPU_BF16");
+    if (forced != nullptr && std::string(forced) == "fma") return true;
+    if (forced != nullptr && std::string(forced) == "dot") return false;
+    // Alternated, so that a frequency change or a busy spell falls on both.
+    double dot = 0.0, fma_rate = 0.0;
+    for (int round = 0; round < 3; ++round) {
+      dot = std::max(dot, issue_rate<true>());
+      fma_rate = std::max(fma_rate, issue_rate<false>());
+    }
+    // The FMA route also widens each weight vector (2 more vector ops per 24 FMAs at 12 rows).
+    return 16.0 * fma_rate > 1.25 * 32.0 * dot;
+  }();
+  return fma;
 #endif
 }
 
@@ -274,9 +336,9 @@ inline void dot_rows(int64_t rows, const char* a, int64_t lda, const char* b, in
   if constexpr (R > 1) {
     if (rows < R) return dot_rows<Int8, R - 1>(rows, a, lda, b, kblocks, row_sums, pf, acc);
   }
-#ifndef HEADRACE_AVX512_BF16
-  if constexpr (!Int8) return fma_tile<R>(a, lda, b, kblocks, pf, acc);
-#endif
+  if constexpr (!Int8) {
+    if (bf16_on_fma()) return fma_tile<R>(a, lda, b, kblocks, pf, acc);
+  }
   dot_tile<Int8, R>(a, lda, b, kblocks, row_sums, pf, acc);
 }
 
@@ -285,16 +347,14 @@ template <bool Int8, typename Epilogue>
 void dot_gemm(const char* a, int64_t m, int64_t lda, const char* packed, int64_t groups,
               int64_t kblocks, const int32_t* row_sums, const Epilogue& epilogue) {
   const int64_t group_bytes = kblocks * 2 * kTileBytes;
-#ifndef HEADRACE_AVX512_BF16
   // fma_tile reads x as float32: widened once, into a buffer all threads read.
   std::vector<float> wide;
-  if constexpr (!Int8) {
+  if (!Int8 && bf16_on_fma()) {
     const int64_t k = kblocks * kTileRows * 2;
     wide = widen_rows(a, m, lda, k);
     a = reinterpret_cast<const char*>(wide.data());
     lda = k * sizeof(float);
   }
-#endif
   // Chunks of equal size (64 rows: 6 x 10-11, not 5 x 12 + 4): a short chunk has too few
   // independent accumulators to hide the dot instructions' latency.
   const int64_t chunks = (m + kDotRows - 1) / kDotRows;

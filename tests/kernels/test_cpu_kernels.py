@@ -398,3 +398,34 @@ def test_narrower_builds_pass_these_tests(isa: str) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", __file__]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@needs_packed_gemm
+@pytest.mark.parametrize("route", ["dot", "fma"])
+def test_both_bf16_gemm_routes_pass_the_gemm_tests(route: str) -> None:
+    """AVX512-BF16 hosts pick vdpbf16ps or FMAs on widened bf16 by their issue rates
+    (gemm::bf16_on_fma); HEADRACE_CPU_BF16 forces either, and both pass the bf16 GEMM tests."""
+    import os
+    import subprocess
+    import sys
+
+    if "avx512_bf16" not in cpu_kernels.cpu_flags() or ops().gemm_kernel() == "amx":
+        pytest.skip("only the AVX-512 driver on AVX512-BF16 hosts has both routes")
+    env = {**os.environ, "HEADRACE_CPU_BF16": route}
+    kind = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, ops.cpu_kernels as k; k.load(); "
+            "print(torch.ops.headrace_cpu.gemm_kernel())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout.split()
+    assert kind and kind[-1] == {"dot": "avx512", "fma": "avx512vnni"}[route]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-k", "packed and bf16 or gate_up", __file__]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout

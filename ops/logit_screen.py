@@ -14,13 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ops.cpu_kernels import use_cpu_kernels
-from ops.quant import (
-    INT8_MAX,
-    MIN_SCALE,
-    packed_int8_weight,
-    quantize_activations,
-    round_half_up,
-)
+from ops.quant import packed_int8_weight, quantize_activations, quantize_symmetric
 from ops.rotation import hadamard, rotate, rotation_block
 
 
@@ -48,21 +42,20 @@ def build_logit_screen(weight: torch.Tensor) -> LogitScreen | None:
         return None
     w = weight.detach()
     rotation = rotation_block(w.shape[1])
-    # In float64, so that W R, its norms and its quantization error are those of the exact
-    # rotation (the bound's slack covers float32 rounding of the per-step side only).
+    # W R in float64, so that its quantization error below is that of the exact rotation (the
+    # bound's slack covers float32 rounding of the per-step side only); the codes and the
+    # float32 scales the GEMM applies may come from any rounding: the error is measured.
     h = hadamard(rotation).double()
     wr = (w.double().reshape(w.shape[0], -1, rotation) @ h).reshape(w.shape)
-    # The float32 scale the GEMM applies is the one the codes and the error are taken with.
-    scale = (wr.abs().amax(dim=1) / INT8_MAX).clamp(min=MIN_SCALE).float().double()
-    codes = round_half_up(wr / scale[:, None]).clamp(-INT8_MAX, INT8_MAX)
-    packed = packed_int8_weight(codes.to(torch.int8))
+    codes, scale = quantize_symmetric(wr)
+    packed = packed_int8_weight(codes)
     if packed is None:
         return None
-    err = wr - codes * scale[:, None]
+    err = wr - codes.double() * scale.double()[:, None]
     return LogitScreen(
         rotation=rotation,
         packed=packed,
-        scale=scale.float().contiguous(),
+        scale=scale.contiguous(),
         weight=w.contiguous(),
         norms=w.double().norm(dim=1).float().contiguous(),
         error_norms=err.norm(dim=1).float().contiguous(),

@@ -74,15 +74,15 @@ int64_t screened_row(const float* x, const float* approx, const T* weight, int64
     const Vec l = Vec::loadu(approx + j);
     return a * Vec::loadu(norms + j) + b * Vec::loadu(error_norms + j) + rel * l.abs();
   };
+  auto margin_at = [&](int64_t j) {  // B_j of one token (the tail past whole vectors)
+    return bound.a * norms[j] + bound.b * error_norms[j] + kApproxRounding * std::abs(approx[j]);
+  };
   Vec low(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + kW <= v; j += kW) low = at::vec::maximum(low, Vec::loadu(approx + j) - margin(j));
   float lower = at::vec::vec_reduce_all<float>(
       [](Vec p, Vec q) { return at::vec::maximum(p, q); }, low);
-  for (; j < v; ++j) {
-    const float m = bound.a * norms[j] + bound.b * error_norms[j] + kApproxRounding * std::abs(approx[j]);
-    lower = std::max(lower, approx[j] - m);
-  }
+  for (; j < v; ++j) lower = std::max(lower, approx[j] - margin_at(j));
   if (!std::isfinite(lower) || !std::isfinite(bound.a) || !std::isfinite(bound.b)) {
     scratch.resize(v);  // no usable bound: every token exactly, torch.argmax's NaN rule
     for (int64_t t = 0; t < v; ++t) scratch[t] = dot_row(x, weight + t * k, k);
@@ -107,8 +107,7 @@ int64_t screened_row(const float* x, const float* approx, const T* weight, int64
     }
   }
   for (; j < v; ++j) {
-    const float m = bound.a * norms[j] + bound.b * error_norms[j] + kApproxRounding * std::abs(approx[j]);
-    if (approx[j] + m >= lower) score(j);
+    if (approx[j] + margin_at(j) >= lower) score(j);
   }
   return best_j;
 }

@@ -41,12 +41,15 @@ class StepLogits:
 
     def rows(self, rows: abc.Sequence[int]) -> torch.Tensor:
         """[len(rows), >= vocab] logits of those rows only."""
-        if self._full is not None or len(rows) == len(self):
-            return self.full()[self._index(rows)] if len(rows) < len(self) else self.full()
+        if len(rows) == len(self):
+            return self.full()
+        if self._full is not None:
+            return self._full[self._index(rows)]
         return self._model.compute_logits(self._hidden[self._index(rows)])
 
     def argmax(self, rows: abc.Sequence[int]) -> list[int]:
-        """The greedy token of each of `rows`: the first index of its largest logit."""
+        """The greedy token of each of `rows` (the first index of its largest float32 logit),
+        through the model's logit screen: only while `screened`."""
         hidden = self._hidden if len(rows) == len(self) else self._hidden[self._index(rows)]
         return self._model.greedy_tokens(hidden, self.vocab).tolist()
 

@@ -147,13 +147,9 @@ def apply_penalties(
     min_tokens masks the stop tokens (EOS unless ignore_eos, and stop_token_ids).
     """
     vocab = logits.shape[1]
-    rep = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
-    occ = [
-        i
-        for i, s in enumerate(seqs)
-        if (s.params.presence_penalty or s.params.frequency_penalty) and s.output_token_ids
-    ]
-    short = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+    rep = [i for i, s in enumerate(seqs) if _repetition_penalized(s)]
+    occ = [i for i, s in enumerate(seqs) if _occurrence_penalized(s)]
+    short = [i for i, s in enumerate(seqs) if _below_min_tokens(s)]
     if not (rep or occ or short):
         return logits
     out = logits.to(torch.float32, copy=True)
@@ -294,16 +290,26 @@ def _logprobs(
     return out
 
 
-def _plain_greedy(seq: Sequence) -> bool:
-    """A greedy row that needs only its argmax: no penalty or min_tokens mask changes its
-    logits (`apply_penalties`) and it asks for no logprobs."""
+def _repetition_penalized(seq: Sequence) -> bool:
+    return seq.params.repetition_penalty != 1.0
+
+
+def _occurrence_penalized(seq: Sequence) -> bool:
     p = seq.params
+    return bool((p.presence_penalty or p.frequency_penalty) and seq.output_token_ids)
+
+
+def _below_min_tokens(seq: Sequence) -> bool:
+    return seq.num_output_tokens < seq.params.min_tokens
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """A greedy row that needs only its argmax: `apply_penalties` leaves its logits alone and
+    it asks for no logprobs."""
     return (
-        p.temperature < _GREEDY_EPS
-        and p.repetition_penalty == 1.0
-        and not ((p.presence_penalty or p.frequency_penalty) and seq.output_token_ids)
-        and seq.num_output_tokens >= p.min_tokens
-        and p.logprobs is None
+        seq.params.temperature < _GREEDY_EPS
+        and seq.params.logprobs is None
+        and not (_repetition_penalized(seq) or _occurrence_penalized(seq) or _below_min_tokens(seq))
     )
 
 

@@ -289,9 +289,8 @@ class LlamaForCausalLM(nn.Module):
         return self.logit_screen is not None
 
     def greedy_tokens(self, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
-        """hidden: [S, hidden] → [S] int64, each row's first largest logit among the first
-        `vocab`: of the float32 logits with a logit screen, else of `compute_logits`."""
+        """hidden: [S, hidden] → [S] int64, each row's first largest float32 logit among the
+        first `vocab`, through the logit screen (`enable_logit_screen` must have succeeded)."""
         screen = self.logit_screen
-        if screen is None:
-            return self.compute_logits(hidden)[:, :vocab].argmax(dim=-1)
+        assert screen is not None, "greedy_tokens needs a logit screen"
         return screened_argmax(hidden.to(screen.weight.dtype), screen, vocab)
